@@ -1,0 +1,9 @@
+//! Rollouts: KV-cached sampling with per-token log-probs, and teacher-forced scoring.
+
+mod generate;
+mod sampling;
+mod scoring;
+
+pub use generate::{generate, Generation, GenerationConfig, CACHE_BUCKET};
+pub use sampling::{argmax, log_softmax_at, sample, Rng, Sampling};
+pub use scoring::{completion_logprobs, prompt_completion_batch};

@@ -1,0 +1,216 @@
+//! `Qwen2VLForConditionalGeneration`: vision tower + text decoder + LM head.
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+use crate::config::Qwen2VLConfig;
+use crate::error::Qwen2VLError;
+use crate::params::{linear, ParamSource, RandomInit};
+use crate::positions::{rope_index, RopePositions, TokenBatch, VisionTokens};
+use crate::text::{causal_padding_mask, position_axes, TextDecoder};
+use crate::vision::{VisionTower, VisionTrace};
+
+#[derive(Module, Debug)]
+pub struct Qwen2VL<B: Backend> {
+    pub visual: VisionTower<B>,
+    pub text: TextDecoder<B>,
+    /// Absent when tied to the token embeddings.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: Qwen2VLConfig,
+}
+
+/// Images of a batch: patch rows of all images concatenated in row order, and their grids.
+#[derive(Debug, Clone)]
+pub struct Images<B: Backend> {
+    pub pixel_values: Tensor<B, 2>,
+    pub grids: Vec<[usize; 3]>,
+}
+
+/// Intermediate activations of one forward, for parity checks.
+#[derive(Debug, Clone)]
+pub struct ModelTrace<B: Backend> {
+    pub vision: VisionTrace<B>,
+    pub image_embeds: Option<Tensor<B, 2>>,
+    pub inputs_embeds: Option<Tensor<B, 3>>,
+    pub positions: Option<RopePositions>,
+    pub rope_cos: Option<Tensor<B, 4>>,
+    pub rope_sin: Option<Tensor<B, 4>>,
+    pub layers: Vec<Tensor<B, 3>>,
+    pub final_norm: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Default for ModelTrace<B> {
+    fn default() -> Self {
+        Self {
+            vision: VisionTrace::default(),
+            image_embeds: None,
+            inputs_embeds: None,
+            positions: None,
+            rope_cos: None,
+            rope_sin: None,
+            layers: Vec::new(),
+            final_norm: None,
+        }
+    }
+}
+
+impl<B: Backend> Qwen2VL<B> {
+    /// Builds the model from a parameter source using checkpoint (hub) names.
+    pub fn load_from<S: ParamSource<B>>(
+        src: &mut S,
+        config: &Qwen2VLConfig,
+    ) -> Result<Self, Qwen2VLError> {
+        let visual = VisionTower::load(src, "visual", &config.vision)?;
+        let text = TextDecoder::load(src, "model", &config.text)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            let t = &config.text;
+            Some(linear(src, "lm_head", t.hidden_size, t.vocab_size, false)?)
+        };
+        Ok(Self {
+            visual,
+            text,
+            lm_head,
+            config: config.clone(),
+        })
+    }
+
+    /// A freshly initialised model (normal(0, 0.02) weights, as transformers initialises).
+    pub fn random(config: &Qwen2VLConfig, device: &B::Device) -> Self {
+        let mut src = RandomInit {
+            std: 0.02,
+            device: device.clone(),
+        };
+        Self::load_from(&mut src, config).expect("random initialisation cannot fail")
+    }
+
+    pub fn vision_tokens(&self) -> VisionTokens {
+        VisionTokens {
+            image_token_id: self.config.image_token_id,
+            video_token_id: self.config.video_token_id,
+            spatial_merge_size: self.config.vision.spatial_merge_size,
+        }
+    }
+
+    /// Token embeddings with each image placeholder replaced, in order, by the image embeddings.
+    pub fn embed(
+        &self,
+        batch: &TokenBatch,
+        image_embeds: Option<Tensor<B, 2>>,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 3>, Qwen2VLError> {
+        let vocab = self.config.text.vocab_size;
+        if let Some(bad) = batch.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Qwen2VLError::Input(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        let (b, l) = (batch.batch, batch.len);
+        let d = self.config.text.hidden_size;
+        let ids: Vec<i64> = batch.ids.iter().map(|&i| i as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, l]), device);
+        let text = self.text.embed_tokens.forward(ids);
+        let image_token = self.config.image_token_id;
+        let slots: Vec<usize> = (0..b * l)
+            .filter(|&i| batch.ids[i] == image_token)
+            .collect();
+        let n_images = image_embeds.as_ref().map_or(0, |e| e.dims()[0]);
+        if slots.len() != n_images {
+            return Err(Qwen2VLError::Input(format!(
+                "the token ids hold {} image placeholders but the images give {n_images} embeddings",
+                slots.len()
+            )));
+        }
+        let Some(image_embeds) = image_embeds.filter(|_| n_images > 0) else {
+            return Ok(text);
+        };
+        // Gather from [text rows | image rows]: slot p takes text row p or image row k.
+        let mut index: Vec<i64> = (0..(b * l) as i64).collect();
+        for (k, &p) in slots.iter().enumerate() {
+            index[p] = (b * l + k) as i64;
+        }
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * l]), device);
+        let rows = Tensor::cat(vec![text.reshape([b * l, d]), image_embeds], 0);
+        Ok(rows.select(0, index).reshape([b, l, d]))
+    }
+
+    /// Final-normed hidden states `[batch, len, hidden]` of a left-padded batch.
+    pub fn forward_hidden(
+        &self,
+        batch: &TokenBatch,
+        images: Option<&Images<B>>,
+        mut trace: Option<&mut ModelTrace<B>>,
+    ) -> Result<Tensor<B, 3>, Qwen2VLError> {
+        batch.validate()?;
+        let device = match images {
+            Some(im) => im.pixel_values.device(),
+            None => self.text.embed_tokens.weight.val().device(),
+        };
+        let grids: &[[usize; 3]] = images.map_or(&[], |im| &im.grids);
+        let positions = rope_index(batch, grids, self.vision_tokens())?;
+        let image_embeds = match images {
+            Some(im) if !im.grids.is_empty() => {
+                let [rows, cols] = im.pixel_values.dims();
+                self.visual.validate(rows, cols, &im.grids)?;
+                let vt = trace.as_deref_mut().map(|t| &mut t.vision);
+                Some(
+                    self.visual
+                        .forward_traced(im.pixel_values.clone(), &im.grids, vt),
+                )
+            }
+            _ => None,
+        };
+        if let Some(t) = trace.as_deref_mut() {
+            t.image_embeds = image_embeds.clone();
+        }
+        let embeds = self.embed(batch, image_embeds, &device)?;
+        let rope =
+            self.text
+                .rope_tables(position_axes(&positions), batch.batch, batch.len, &device);
+        let masked = causal_padding_mask::<B>(batch, &device);
+        let layers = match trace.as_deref_mut() {
+            Some(t) => {
+                t.inputs_embeds = Some(embeds.clone());
+                t.rope_cos = Some(rope.cos.clone());
+                t.rope_sin = Some(rope.sin.clone());
+                t.positions = Some(positions.clone());
+                Some(&mut t.layers)
+            }
+            None => None,
+        };
+        let hidden = self.text.forward(embeds, &rope, Some(masked), layers);
+        if let Some(t) = trace {
+            t.final_norm = Some(hidden.clone());
+        }
+        Ok(hidden)
+    }
+
+    /// Logits from final hidden states: `[.., hidden] -> [.., vocab]`.
+    pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let w = self.text.embed_tokens.weight.val();
+                let dims = hidden.dims();
+                let d = dims[D - 1];
+                let rows: usize = dims[..D - 1].iter().product();
+                let out = hidden.reshape([rows, d]).matmul(w.transpose());
+                let mut shape = dims;
+                shape[D - 1] = self.config.text.vocab_size;
+                out.reshape(shape)
+            }
+        }
+    }
+
+    /// Logits `[batch, len, vocab]` of a left-padded batch.
+    pub fn forward(
+        &self,
+        batch: &TokenBatch,
+        images: Option<&Images<B>>,
+    ) -> Result<Tensor<B, 3>, Qwen2VLError> {
+        Ok(self.logits(self.forward_hidden(batch, images, None)?))
+    }
+}

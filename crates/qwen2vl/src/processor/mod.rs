@@ -1,0 +1,114 @@
+//! Qwen2VLProcessor: images -> `pixel_values` + grids, chat messages -> token ids with each
+//! `<|image_pad|>` expanded to the image's merged-patch count.
+
+mod chat;
+mod image;
+mod resize;
+mod tokenizer;
+
+pub use self::image::{
+    load_image, preprocess, preprocess_rgb, smart_resize, to_rgb, ImageProcessorConfig,
+    ProcessedImage,
+};
+pub use chat::{render_chat, Content, ContentItem, Message, DEFAULT_SYSTEM};
+pub use resize::{pil_bicubic_resize, Rgb8};
+pub use tokenizer::TextTokenizer;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+    #[error("{file}: {message}")]
+    Config { file: String, message: String },
+    #[error("image: {0}")]
+    Image(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("prompt: {0}")]
+    Prompt(String),
+}
+
+/// Tokenizer + image settings of one checkpoint.
+pub struct Processor {
+    pub tokenizer: TextTokenizer,
+    pub image: ImageProcessorConfig,
+    pub image_pad_id: u32,
+    pub video_pad_id: u32,
+}
+
+impl Processor {
+    pub fn new(
+        tokenizer: TextTokenizer,
+        image: ImageProcessorConfig,
+    ) -> Result<Self, ProcessorError> {
+        let id = |t: &str| {
+            tokenizer.token_id(t).ok_or_else(|| {
+                ProcessorError::Tokenizer(format!(
+                    "the tokenizer has no `{t}` token: not a Qwen2-VL tokenizer"
+                ))
+            })
+        };
+        let image_pad_id = id("<|image_pad|>")?;
+        let video_pad_id = id("<|video_pad|>")?;
+        Ok(Self {
+            tokenizer,
+            image,
+            image_pad_id,
+            video_pad_id,
+        })
+    }
+
+    /// `tokenizer.json` and (when present) `preprocessor_config.json` of a checkpoint directory.
+    pub fn from_dir(dir: &Path) -> Result<Self, ProcessorError> {
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let pp = dir.join("preprocessor_config.json");
+        let image = if pp.is_file() {
+            ImageProcessorConfig::from_file(&pp)?
+        } else {
+            ImageProcessorConfig::default()
+        };
+        Self::new(tokenizer, image)
+    }
+
+    /// Token ids of a rendered chat whose `<|image_pad|>` placeholders stand for `images`, in
+    /// order: each placeholder becomes `t*h*w/merge²` copies.
+    pub fn expand_ids(
+        &self,
+        rendered: &str,
+        images: &[ProcessedImage],
+    ) -> Result<Vec<u32>, ProcessorError> {
+        let ids = self.tokenizer.encode(rendered)?;
+        let placeholders = ids.iter().filter(|&&i| i == self.image_pad_id).count();
+        if placeholders != images.len() {
+            return Err(ProcessorError::Prompt(format!(
+                "the prompt has {placeholders} image placeholder(s) but {} image(s) were given",
+                images.len()
+            )));
+        }
+        let merge = self.image.merge_size;
+        let mut out = Vec::with_capacity(
+            ids.len() + images.iter().map(|i| i.num_tokens(merge)).sum::<usize>(),
+        );
+        let mut next = images.iter();
+        for id in ids {
+            if id == self.image_pad_id {
+                let img = next.next().expect("counted above");
+                out.extend(std::iter::repeat_n(id, img.num_tokens(merge)));
+            } else {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Chat messages + their images -> model input ids (generation prompt appended).
+    pub fn prompt_ids(
+        &self,
+        messages: &[Message],
+        images: &[ProcessedImage],
+    ) -> Result<Vec<u32>, ProcessorError> {
+        self.expand_ids(&render_chat(messages, true, false), images)
+    }
+}

@@ -1,0 +1,121 @@
+//! One Qwen2 decoder layer: RMSNorm, grouped-query attention with q/k/v bias and M-RoPE,
+//! RMSNorm, SwiGLU MLP.
+
+use burn::module::Module;
+use burn::nn::{Linear, RmsNorm};
+use burn::tensor::{activation::silu, backend::Backend, Bool, Tensor};
+
+use crate::attention::{apply_rotary, scaled_dot_product};
+use crate::config::TextConfig;
+use crate::error::Qwen2VLError;
+use crate::params::{linear, rms_norm, ParamSource};
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One layer's cached keys and values, `[batch, kv_heads, capacity, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerKv<B: Backend> {
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+}
+
+/// Rotary tables for the tokens of one forward, `[batch, 1, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn load<S: ParamSource<B>>(
+        src: &mut S,
+        prefix: &str,
+        c: &TextConfig,
+    ) -> Result<Self, Qwen2VLError> {
+        let d = c.hidden_size;
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let i = c.intermediate_size;
+        let eps = c.rms_norm_eps;
+        Ok(Self {
+            input_layernorm: rms_norm(src, &format!("{prefix}.input_layernorm.weight"), d, eps)?,
+            q_proj: linear(src, &format!("{prefix}.self_attn.q_proj"), d, q, true)?,
+            k_proj: linear(src, &format!("{prefix}.self_attn.k_proj"), d, kv, true)?,
+            v_proj: linear(src, &format!("{prefix}.self_attn.v_proj"), d, kv, true)?,
+            o_proj: linear(src, &format!("{prefix}.self_attn.o_proj"), q, d, false)?,
+            post_attention_layernorm: rms_norm(
+                src,
+                &format!("{prefix}.post_attention_layernorm.weight"),
+                d,
+                eps,
+            )?,
+            gate_proj: linear(src, &format!("{prefix}.mlp.gate_proj"), d, i, false)?,
+            up_proj: linear(src, &format!("{prefix}.mlp.up_proj"), d, i, false)?,
+            down_proj: linear(src, &format!("{prefix}.mlp.down_proj"), i, d, false)?,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    /// `x` is `[batch, len, hidden]`; `masked` is `[batch, 1, len, keys]`, true where a query
+    /// may not attend. Without a cache the keys are `x`'s own; with one, the post-RoPE keys and
+    /// values of `x` are written into it at its fill offset and the queries attend over its
+    /// whole (fixed) capacity, so every decoding step has the same shapes.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        masked: Option<Tensor<B, 4, Bool>>,
+        cache: Option<(&mut LayerKv<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let [b, l, _] = x.dims();
+        let a = self.input_layernorm.forward(x.clone());
+        let heads = |t: Tensor<B, 3>, n: usize| -> Tensor<B, 4> {
+            t.reshape([b, l, n, self.head_dim]).swap_dims(1, 2)
+        };
+        let q = heads(self.q_proj.forward(a.clone()), self.num_heads);
+        let k = heads(self.k_proj.forward(a.clone()), self.num_kv_heads);
+        let v = heads(self.v_proj.forward(a), self.num_kv_heads);
+        let q = apply_rotary(q, rope.cos.clone(), rope.sin.clone());
+        let k = apply_rotary(k, rope.cos.clone(), rope.sin.clone());
+        let (k_all, v_all) = match cache {
+            Some((kv, offset)) => {
+                let range = [
+                    0..b,
+                    0..self.num_kv_heads,
+                    offset..offset + l,
+                    0..self.head_dim,
+                ];
+                kv.k = kv.k.clone().slice_assign(range.clone(), k);
+                kv.v = kv.v.clone().slice_assign(range, v);
+                (kv.k.clone(), kv.v.clone())
+            }
+            None => (k, v),
+        };
+        let o = scaled_dot_product(q, k_all, v_all, masked);
+        let o = o
+            .swap_dims(1, 2)
+            .reshape([b, l, self.num_heads * self.head_dim]);
+        let x = x + self.o_proj.forward(o);
+        let m = self.post_attention_layernorm.forward(x.clone());
+        let m = self
+            .down_proj
+            .forward(silu(self.gate_proj.forward(m.clone())) * self.up_proj.forward(m));
+        x + m
+    }
+}

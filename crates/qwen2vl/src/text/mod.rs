@@ -1,0 +1,170 @@
+//! The Qwen2 text decoder with multimodal rotary positions.
+
+mod layer;
+
+pub use layer::{DecoderLayer, LayerKv, RopeTables};
+
+use burn::module::Module;
+use burn::nn::{Embedding, RmsNorm};
+use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+
+use crate::config::TextConfig;
+use crate::error::Qwen2VLError;
+use crate::params::{embedding, rms_norm, ParamSource};
+use crate::positions::{RopePositions, TokenBatch};
+use crate::rope::mrope_tables;
+
+#[derive(Module, Debug)]
+pub struct TextDecoder<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    #[module(skip)]
+    pub config: TextConfig,
+}
+
+impl<B: Backend> TextDecoder<B> {
+    pub fn load<S: ParamSource<B>>(
+        src: &mut S,
+        prefix: &str,
+        c: &TextConfig,
+    ) -> Result<Self, Qwen2VLError> {
+        let embed_tokens = embedding(
+            src,
+            &format!("{prefix}.embed_tokens.weight"),
+            c.vocab_size,
+            c.hidden_size,
+        )?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::load(src, &format!("{prefix}.layers.{i}"), c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = rms_norm(
+            src,
+            &format!("{prefix}.norm.weight"),
+            c.hidden_size,
+            c.rms_norm_eps,
+        )?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            config: c.clone(),
+        })
+    }
+
+    /// Rotary tables `[batch, 1, len, head_dim]` for positions laid out `[3][batch * len]`.
+    pub fn rope_tables(
+        &self,
+        positions: [&[i64]; 3],
+        batch: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> RopeTables<B> {
+        let c = &self.config;
+        let (cos, sin) = mrope_tables(positions, c.head_dim, c.rope_theta, c.mrope_section);
+        let shape = [batch, 1, len, c.head_dim];
+        RopeTables {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+        }
+    }
+
+    /// Runs every layer over `embeds` (`[batch, len, hidden]`); returns the final-normed hidden
+    /// states and, when asked, each layer's output.
+    pub fn forward(
+        &self,
+        embeds: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        masked: Option<Tensor<B, 4, Bool>>,
+        mut layer_outputs: Option<&mut Vec<Tensor<B, 3>>>,
+    ) -> Tensor<B, 3> {
+        let mut h = embeds;
+        for layer in &self.layers {
+            h = layer.forward(h, rope, masked.clone(), None);
+            if let Some(out) = layer_outputs.as_deref_mut() {
+                out.push(h.clone());
+            }
+        }
+        self.norm.forward(h)
+    }
+}
+
+/// Causal attention mask with key padding, `[batch, 1, len, len]`, true where masked.
+/// A query always sees itself, so padded rows stay finite.
+pub fn causal_padding_mask<B: Backend>(
+    batch: &TokenBatch,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let l = batch.len;
+    let mut masked = Vec::with_capacity(batch.batch * l * l);
+    for b in 0..batch.batch {
+        let valid = batch.mask_row(b);
+        for i in 0..l {
+            masked.extend(
+                valid
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| j > i || (v == 0 && j != i)),
+            );
+        }
+    }
+    Tensor::from_data(TensorData::new(masked, [batch.batch, 1, l, l]), device)
+}
+
+/// Positions as `[3][batch * len]` slices.
+pub fn position_axes(p: &RopePositions) -> [&[i64]; 3] {
+    [&p.axes[0], &p.axes[1], &p.axes[2]]
+}
+
+/// Keys and values of every layer for a batch, pre-allocated at a fixed capacity. `len` slots
+/// are filled; attention masks the rest, so shapes stay the same from step to step.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<LayerKv<B>>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(config: &TextConfig, batch: usize, capacity: usize, device: &B::Device) -> Self {
+        let shape = [batch, config.num_key_value_heads, capacity, config.head_dim];
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| LayerKv {
+                k: Tensor::zeros(shape, device),
+                v: Tensor::zeros(shape, device),
+            })
+            .collect();
+        Self {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+}
+
+impl<B: Backend> TextDecoder<B> {
+    /// Runs `embeds` (`[batch, len, hidden]`) as the next tokens after the cache's content,
+    /// appending their keys and values. `masked` covers the cache's whole capacity:
+    /// `[batch, 1, len, capacity]`.
+    pub fn forward_cached(
+        &self,
+        embeds: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        masked: Tensor<B, 4, Bool>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let l = embeds.dims()[1];
+        assert!(
+            cache.len + l <= cache.capacity,
+            "KV cache overflow: {} + {l} > {}",
+            cache.len,
+            cache.capacity
+        );
+        let mut h = embeds;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward(h, rope, Some(masked.clone()), Some((kv, cache.len)));
+        }
+        cache.len += l;
+        self.norm.forward(h)
+    }
+}

@@ -1,0 +1,179 @@
+//! The Qwen2-VL vision tower: Conv3d patch embedding (as a matrix product), 2-D rotary ViT
+//! blocks with per-image attention, and the PatchMerger.
+
+mod block;
+mod merger;
+
+pub use block::{quick_gelu, VisionBlock};
+pub use merger::PatchMerger;
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::config::VisionConfig;
+use crate::error::Qwen2VLError;
+use crate::params::{ParamKind, ParamSource};
+use crate::rope::{vision_patch_positions, vision_tables};
+
+#[derive(Module, Debug)]
+pub struct VisionTower<B: Backend> {
+    /// The Conv3d kernel flattened to `[patch_dim, embed_dim]`: kernel = stride, so the
+    /// convolution is one matrix product per patch.
+    pub patch_embed: Linear<B>,
+    pub blocks: Vec<VisionBlock<B>>,
+    pub merger: PatchMerger<B>,
+    #[module(skip)]
+    pub config: VisionConfig,
+}
+
+/// Intermediate activations, for parity checks.
+#[derive(Debug, Clone)]
+pub struct VisionTrace<B: Backend> {
+    pub patch_embed: Option<Tensor<B, 2>>,
+    pub rot_cos: Option<Tensor<B, 2>>,
+    pub rot_sin: Option<Tensor<B, 2>>,
+    pub blocks: Vec<Tensor<B, 2>>,
+    pub merger_ln_q: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Default for VisionTrace<B> {
+    fn default() -> Self {
+        Self {
+            patch_embed: None,
+            rot_cos: None,
+            rot_sin: None,
+            blocks: Vec::new(),
+            merger_ln_q: None,
+        }
+    }
+}
+
+impl<B: Backend> VisionTower<B> {
+    pub fn load<S: ParamSource<B>>(
+        src: &mut S,
+        prefix: &str,
+        config: &VisionConfig,
+    ) -> Result<Self, Qwen2VLError> {
+        let c = config;
+        let e = c.embed_dim;
+        let kernel = [
+            e,
+            c.in_channels,
+            c.temporal_patch_size,
+            c.patch_size,
+            c.patch_size,
+        ];
+        let patch_dim: usize = kernel[1..].iter().product();
+        let w: Tensor<B, 5> = src.tensor(
+            &format!("{prefix}.patch_embed.proj.weight"),
+            kernel,
+            ParamKind::Weight,
+        )?;
+        let patch_embed = Linear {
+            weight: burn::module::Param::from_tensor(w.reshape([e, patch_dim]).transpose()),
+            bias: None,
+        };
+        let mlp_dim = (e as f64 * c.mlp_ratio) as usize;
+        let blocks = (0..c.depth)
+            .map(|i| {
+                VisionBlock::load(
+                    src,
+                    &format!("{prefix}.blocks.{i}"),
+                    e,
+                    c.num_heads,
+                    mlp_dim,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let merger = PatchMerger::load(
+            src,
+            &format!("{prefix}.merger"),
+            e,
+            c.spatial_merge_size,
+            c.hidden_size,
+        )?;
+        Ok(Self {
+            patch_embed,
+            blocks,
+            merger,
+            config: config.clone(),
+        })
+    }
+
+    /// Checks `pixel_values` against the grids before any work is done.
+    pub fn validate(
+        &self,
+        pixel_rows: usize,
+        pixel_cols: usize,
+        grids: &[[usize; 3]],
+    ) -> Result<(), Qwen2VLError> {
+        let c = &self.config;
+        let patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size;
+        if pixel_cols != patch_dim {
+            return Err(Qwen2VLError::Input(format!(
+                "pixel_values rows have {pixel_cols} values, the vision tower expects {patch_dim}"
+            )));
+        }
+        let m = c.spatial_merge_size;
+        for (i, [t, h, w]) in grids.iter().enumerate() {
+            if *t == 0 || h % m != 0 || w % m != 0 {
+                return Err(Qwen2VLError::Input(format!(
+                    "image {i}: grid (t={t}, h={h}, w={w}) must have h and w divisible by {m}"
+                )));
+            }
+        }
+        let expected: usize = grids.iter().map(|[t, h, w]| t * h * w).sum();
+        if expected != pixel_rows {
+            return Err(Qwen2VLError::Input(format!(
+                "pixel_values has {pixel_rows} patch rows but the image grids describe {expected}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `pixel_values` `[n_patches, patch_dim]` -> image embeddings `[n_patches / merge², hidden]`.
+    pub fn forward(&self, pixel_values: Tensor<B, 2>, grids: &[[usize; 3]]) -> Tensor<B, 2> {
+        self.forward_traced(pixel_values, grids, None)
+    }
+
+    pub fn forward_traced(
+        &self,
+        pixel_values: Tensor<B, 2>,
+        grids: &[[usize; 3]],
+        mut trace: Option<&mut VisionTrace<B>>,
+    ) -> Tensor<B, 2> {
+        let device = pixel_values.device();
+        let n = pixel_values.dims()[0];
+        let c = &self.config;
+        let hd = c.embed_dim / c.num_heads;
+        let positions = vision_patch_positions(grids, c.spatial_merge_size);
+        let (cos, sin) = vision_tables(&positions, hd, c.rope_theta);
+        let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [n, hd]), &device);
+        let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [n, hd]), &device);
+        let segments: Vec<usize> = grids
+            .iter()
+            .flat_map(|[t, h, w]| std::iter::repeat_n(h * w, *t))
+            .collect();
+
+        let mut x = self.patch_embed.forward(pixel_values);
+        if let Some(t) = trace.as_deref_mut() {
+            t.patch_embed = Some(x.clone());
+            t.rot_cos = Some(cos.clone());
+            t.rot_sin = Some(sin.clone());
+        }
+        let cos3 = cos.reshape([n, 1, hd]);
+        let sin3 = sin.reshape([n, 1, hd]);
+        for block in &self.blocks {
+            x = block.forward(x, cos3.clone(), sin3.clone(), &segments);
+            if let Some(t) = trace.as_deref_mut() {
+                t.blocks.push(x.clone());
+            }
+        }
+        let (normed, merged) = self.merger.forward(x);
+        if let Some(t) = trace {
+            t.merger_ln_q = Some(normed);
+        }
+        merged
+    }
+}

@@ -1,0 +1,46 @@
+//! Run-time backend choice. Each backend is compiled in only when its Cargo feature is on, so
+//! generic code is monomorphised only for the backends a build enables.
+
+use clap::ValueEnum;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    /// Pure-Rust CPU backend (feature `flex`, the default).
+    Flex,
+    /// WGPU: Vulkan, Metal or DX12 (feature `wgpu`).
+    Wgpu,
+    /// NVIDIA CUDA (feature `cuda`).
+    Cuda,
+}
+
+/// Work that runs on whichever backend the user picked.
+pub trait BackendTask {
+    type Output;
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output;
+}
+
+/// Runs `task` on the backend `kind`, or says which feature the build lacks.
+pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::Output> {
+    match kind {
+        #[cfg(feature = "flex")]
+        DeviceKind::Flex => Ok(task.run::<burn::backend::Flex>(Default::default())),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => Ok(task.run::<burn::backend::Wgpu>(Default::default())),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Ok(task.run::<burn::backend::Cuda>(Default::default())),
+        #[allow(unreachable_patterns)]
+        other => anyhow::bail!(
+            "this medr1 was built without the `{}` backend: rebuild with `--features {}`",
+            feature_name(other),
+            feature_name(other)
+        ),
+    }
+}
+
+fn feature_name(kind: DeviceKind) -> &'static str {
+    match kind {
+        DeviceKind::Flex => "flex",
+        DeviceKind::Wgpu => "wgpu",
+        DeviceKind::Cuda => "cuda",
+    }
+}

@@ -1,0 +1,70 @@
+//! `medr1`: Med-R1 (GRPO on Qwen2-VL for medical VQA) on Burn.
+
+mod backend;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use backend::DeviceKind;
+
+#[derive(Parser)]
+#[command(
+    name = "medr1",
+    version,
+    about = "Med-R1 in Rust: GRPO training of Qwen2-VL for medical VQA, on Burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the model against reference fixture directories made with transformers
+    /// (`make_fixtures.py` format); one line per check, non-zero exit on any failure.
+    Verify {
+        /// Fixture directories (manifest.json, fixtures.safetensors, hf_model/, ...).
+        #[arg(required = true)]
+        fixtures: Vec<std::path::PathBuf>,
+        /// Backend to run the model on.
+        #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
+        device: DeviceKind,
+    },
+    /// Summarise a checkpoint directory (or a config.json): architecture, parameters per tower,
+    /// dtype and key layout on disk.
+    Inspect {
+        /// A checkpoint directory or a config.json file.
+        path: std::path::PathBuf,
+    },
+    /// Train with GRPO (not available yet: the learner is being built).
+    Train {
+        /// Run configuration (TOML).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Verify { fixtures, device } => commands::verify::run(&fixtures, device),
+        Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),
+        Command::Train { .. } => {
+            eprintln!(
+                "medr1 train: not yet available. The model (`medr1 verify`, `medr1 inspect`) is in \
+                 place; GRPO training lands with the learner. See README.md."
+            );
+            Ok(false)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

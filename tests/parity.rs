@@ -1,0 +1,93 @@
+//! Parity with HuggingFace transformers on the tiny reference fixture
+//! (`tests/fixtures/qwen2vl-tiny-seed0`, copied from `shared/fixtures`, made by
+//! `make_fixtures.py --seed 0` with transformers 5.24, float32, eager attention).
+
+mod common;
+
+use common::{fixture_dir, Flex};
+use qwen2vl::verify::{verify_fixture, Report};
+
+/// Every check named here must be present and pass: a port that silently skips a stage fails.
+const REQUIRED: &[&str] = &[
+    "load.unused_keys",
+    "single.position_ids",
+    "single.rope_deltas",
+    "single.vision.patch_embed",
+    "single.vision.rot_cos",
+    "single.vision.rot_sin",
+    "single.vision.block0",
+    "single.vision.block1",
+    "single.vision.merger_ln_q",
+    "single.vision.last_hidden_state",
+    "single.image_embeds",
+    "single.inputs_embeds",
+    "single.text.rope_cos",
+    "single.text.layer0",
+    "single.text.layer1",
+    "single.text.final_norm",
+    "single.logits",
+    "single.gen.full_logits",
+    "single.gen.token_logprobs",
+    "multi.position_ids",
+    "multi.rope_deltas",
+    "multi.vision.block1",
+    "multi.image_embeds",
+    "multi.text.layer1",
+    "multi.logits",
+    "multi.gen.token_logprobs",
+    "batch.position_ids",
+    "batch.rope_deltas",
+    "batch.completion_logits",
+    "batch.token_logprobs",
+    "layout.hub_config.unused_keys",
+    "layout.hub_config.single.logits",
+    "layout.hub_config.multi.logits",
+    "layout.runtime_layout.unused_keys",
+    "layout.runtime_layout.single.logits",
+    "layout.runtime_layout.multi.logits",
+];
+
+pub fn assert_report(report: &Report) {
+    let mut problems = Vec::new();
+    for name in REQUIRED {
+        match report.get(name) {
+            None => problems.push(format!("{name}: missing")),
+            Some(c) if !c.ok() => problems.push(format!(
+                "{name}: max abs err {:e} > {:e} {}",
+                c.max_abs_err,
+                c.tolerance,
+                c.note.clone().unwrap_or_default()
+            )),
+            Some(_) => {}
+        }
+    }
+    for c in report.checks.iter().filter(|c| !c.ok()) {
+        problems.push(format!(
+            "{}: {:e} > {:e}",
+            c.name, c.max_abs_err, c.tolerance
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "parity failures:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn tiny_fixture_matches_transformers_on_flex() {
+    let report = verify_fixture::<Flex>(&fixture_dir(), &Default::default()).unwrap();
+    for c in &report.checks {
+        eprintln!("{:<45} {:.3e}", c.name, c.max_abs_err);
+    }
+    assert_report(&report);
+}
+
+/// The laptop-GPU path: the same checks on WGPU (software Vulkan in CI).
+#[cfg(feature = "wgpu")]
+#[test]
+fn tiny_fixture_matches_transformers_on_wgpu() {
+    let report =
+        verify_fixture::<burn::backend::Wgpu>(&fixture_dir(), &Default::default()).unwrap();
+    assert_report(&report);
+}
