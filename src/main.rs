@@ -26,8 +26,14 @@ enum Command {
     /// (`make_fixtures.py` format); one line per check, non-zero exit on any failure.
     Verify {
         /// Fixture directories (manifest.json, fixtures.safetensors, hf_model/, ...).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "chat_cases")]
         fixtures: Vec<std::path::PathBuf>,
+        /// Chat-template/tokenizer reference cases (`qwen-chat/cases.json` format).
+        #[arg(long, requires = "tokenizer")]
+        chat_cases: Option<std::path::PathBuf>,
+        /// tokenizer.json to check the chat cases with.
+        #[arg(long, requires = "chat_cases")]
+        tokenizer: Option<std::path::PathBuf>,
         /// Backend to run the model on.
         #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
@@ -37,6 +43,36 @@ enum Command {
     Inspect {
         /// A checkpoint directory or a config.json file.
         path: std::path::PathBuf,
+    },
+    /// Answer a prompt about one image with a Qwen2-VL checkpoint directory.
+    Generate {
+        /// Checkpoint directory: config.json, *.safetensors, tokenizer.json
+        /// (preprocessor_config.json and generation_config.json when present).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// PNG or JPEG image.
+        #[arg(long)]
+        image: std::path::PathBuf,
+        /// The user's text, placed after the image in one user turn.
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
+        device: DeviceKind,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 decodes greedily.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// 0 keeps every token.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also print the generated token ids (to stderr).
+        #[arg(long)]
+        show_ids: bool,
     },
     /// Train with GRPO (not available yet: the learner is being built).
     Train {
@@ -49,7 +85,36 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Verify { fixtures, device } => commands::verify::run(&fixtures, device),
+        Command::Verify {
+            fixtures,
+            device,
+            chat_cases,
+            tokenizer,
+        } => commands::verify::run(&fixtures, chat_cases.zip(tokenizer), device),
+        Command::Generate {
+            model,
+            image,
+            prompt,
+            device,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            show_ids,
+        } => commands::generate::run(commands::generate::GenerateArgs {
+            model,
+            image,
+            prompt,
+            device,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            show_ids,
+        })
+        .map(|_| true),
         Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),
         Command::Train { .. } => {
             eprintln!(

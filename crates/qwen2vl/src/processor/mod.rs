@@ -1,6 +1,7 @@
 //! Qwen2VLProcessor: images -> `pixel_values` + grids, chat messages -> token ids with each
 //! `<|image_pad|>` expanded to the image's merged-patch count.
 
+mod byte_tokenizer;
 mod chat;
 mod image;
 mod resize;
@@ -10,6 +11,7 @@ pub use self::image::{
     load_image, preprocess, preprocess_rgb, smart_resize, to_rgb, ImageProcessorConfig,
     ProcessedImage,
 };
+pub use byte_tokenizer::{byte_tokenizer_json, BYTE_SPECIAL_BASE, QWEN_SPECIAL_TOKENS};
 pub use chat::{render_chat, Content, ContentItem, Message, DEFAULT_SYSTEM};
 pub use resize::{pil_bicubic_resize, Rgb8};
 pub use tokenizer::TextTokenizer;
@@ -72,30 +74,27 @@ impl Processor {
         Self::new(tokenizer, image)
     }
 
-    /// Token ids of a rendered chat whose `<|image_pad|>` placeholders stand for `images`, in
-    /// order: each placeholder becomes `t*h*w/merge²` copies.
+    /// Token ids of a rendered chat whose `<|image_pad|>` placeholders stand for images of
+    /// `image_tokens[k]` merged patches each (`t*h*w/merge²`), in order.
     pub fn expand_ids(
         &self,
         rendered: &str,
-        images: &[ProcessedImage],
+        image_tokens: &[usize],
     ) -> Result<Vec<u32>, ProcessorError> {
         let ids = self.tokenizer.encode(rendered)?;
         let placeholders = ids.iter().filter(|&&i| i == self.image_pad_id).count();
-        if placeholders != images.len() {
+        if placeholders != image_tokens.len() {
             return Err(ProcessorError::Prompt(format!(
                 "the prompt has {placeholders} image placeholder(s) but {} image(s) were given",
-                images.len()
+                image_tokens.len()
             )));
         }
-        let merge = self.image.merge_size;
-        let mut out = Vec::with_capacity(
-            ids.len() + images.iter().map(|i| i.num_tokens(merge)).sum::<usize>(),
-        );
-        let mut next = images.iter();
+        let mut out = Vec::with_capacity(ids.len() + image_tokens.iter().sum::<usize>());
+        let mut next = image_tokens.iter();
         for id in ids {
             if id == self.image_pad_id {
-                let img = next.next().expect("counted above");
-                out.extend(std::iter::repeat_n(id, img.num_tokens(merge)));
+                let n = *next.next().expect("counted above");
+                out.extend(std::iter::repeat_n(id, n));
             } else {
                 out.push(id);
             }
@@ -109,6 +108,8 @@ impl Processor {
         messages: &[Message],
         images: &[ProcessedImage],
     ) -> Result<Vec<u32>, ProcessorError> {
-        self.expand_ids(&render_chat(messages, true, false), images)
+        let merge = self.image.merge_size;
+        let counts: Vec<usize> = images.iter().map(|i| i.num_tokens(merge)).collect();
+        self.expand_ids(&render_chat(messages, true, false), &counts)
     }
 }

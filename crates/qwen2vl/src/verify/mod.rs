@@ -2,7 +2,12 @@
 //! (`make_fixtures.py` format). Runs every check the directory supports; used by
 //! `medr1 verify` and by the parity tests.
 
+mod chat;
 mod fixture;
+mod generation;
+mod processor;
+
+pub use chat::verify_chat_cases;
 
 pub use fixture::{Fixture, RefTensor};
 
@@ -219,9 +224,13 @@ pub fn verify_fixture<B: Backend>(dir: &Path, device: &B::Device) -> Result<Repo
             fixture.has(&format!("{c}.input_ids")) && !fixture.has(&format!("{c}.attention_mask"))
         })
         .collect();
+    let proc_cfg = processor::processor_config(&fixture.manifest);
     for case in &single_cases {
+        ck.processor_case(case, &proc_cfg)?;
         check_case(&mut ck, &model, case, device)?;
+        ck.generation_case(&model, case, device)?;
     }
+    ck.decoded_images(&cases)?;
     for case in cases
         .iter()
         .filter(|c| fixture.has(&format!("{c}.attention_mask")))
@@ -423,6 +432,7 @@ fn check_batch<B: Backend>(
         batch: ids.len(),
         len: ids[0].len(),
     };
+    ck.batch_scoring(model, case, &owners, device)?;
     let images = images::<B>(fx, &owners, device)?;
     let mut trace = ModelTrace::default();
     let hidden = model.forward_hidden(&batch, images.as_ref(), Some(&mut trace))?;

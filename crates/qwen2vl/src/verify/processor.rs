@@ -1,0 +1,150 @@
+//! Processor checks: from each case's original pixels, the resized image (byte-identical),
+//! `pixel_values` and grids; and the fixture's PNG files decode to those original pixels.
+
+use serde_json::Value;
+
+use super::{compare, Check, Checker};
+use crate::error::Qwen2VLError;
+use crate::processor::{load_image, preprocess_rgb, to_rgb, ImageProcessorConfig, Rgb8};
+
+/// Pixel values are bit-exact in practice; 1e-6 allows a last-bit difference.
+pub const PIXEL_TOLERANCE: f64 = 1e-6;
+
+/// The image processor settings the fixture was made with (`manifest.image_processor`).
+pub fn processor_config(manifest: &Value) -> ImageProcessorConfig {
+    let mut c = ImageProcessorConfig::default();
+    let ip = &manifest["image_processor"];
+    let num = |k: &str| ip.get(k).and_then(Value::as_u64).map(|n| n as usize);
+    if let Some(n) = num("min_pixels") {
+        c.min_pixels = n;
+    }
+    if let Some(n) = num("max_pixels") {
+        c.max_pixels = n;
+    }
+    if let Some(n) = num("patch_size") {
+        c.patch_size = n;
+    }
+    if let Some(n) = num("temporal_patch_size") {
+        c.temporal_patch_size = n;
+    }
+    if let Some(n) = num("merge_size") {
+        c.merge_size = n;
+    }
+    let triple = |k: &str| -> Option<[f32; 3]> {
+        let a = ip.get(k)?.as_array()?;
+        Some([
+            a.first()?.as_f64()? as f32,
+            a.get(1)?.as_f64()? as f32,
+            a.get(2)?.as_f64()? as f32,
+        ])
+    };
+    if let Some(m) = triple("image_mean") {
+        c.image_mean = m;
+    }
+    if let Some(s) = triple("image_std") {
+        c.image_std = s;
+    }
+    c
+}
+
+impl Checker<'_> {
+    pub(super) fn processor_case(
+        &mut self,
+        case: &str,
+        cfg: &ImageProcessorConfig,
+    ) -> Result<(), Qwen2VLError> {
+        let fx = self.fixture;
+        let mut pixels = Vec::new();
+        let mut grids = Vec::new();
+        let mut k = 0;
+        while fx.has(&format!("{case}.image{k}.original_u8")) {
+            let orig = fx.get(&format!("{case}.image{k}.original_u8"))?;
+            let img = Rgb8 {
+                height: orig.shape[0],
+                width: orig.shape[1],
+                data: orig.values.iter().map(|&v| v as u8).collect(),
+            };
+            let p = preprocess_rgb(&img, cfg)
+                .map_err(|e| Qwen2VLError::Input(format!("{case} image {k}: {e}")))?;
+            let resized: Vec<f64> = p.resized.data.iter().map(|&v| v as f64).collect();
+            let shape = [p.resized.height, p.resized.width, 3];
+            let key = format!("{case}.image{k}.resized_u8");
+            if fx.has(&key) {
+                let want = fx.get(&key)?;
+                let mut check = compare(&key, &resized, &shape, &want, 0.0);
+                if want.shape != shape {
+                    check.max_abs_err = f64::INFINITY;
+                    check.note = Some(format!("resized to {shape:?}, reference {:?}", want.shape));
+                }
+                self.checks.push(check);
+            }
+            pixels.extend(p.pixel_values.iter().map(|&v| v as f64));
+            grids.extend(p.grid.iter().map(|&v| v as f64));
+            k += 1;
+        }
+        if k == 0 {
+            return Ok(());
+        }
+        self.host(
+            &format!("{case}.processor.pixel_values"),
+            &format!("{case}.pixel_values"),
+            &pixels,
+            PIXEL_TOLERANCE,
+        )?;
+        self.host(
+            &format!("{case}.processor.image_grid_thw"),
+            &format!("{case}.image_grid_thw"),
+            &grids,
+            0.0,
+        )
+    }
+
+    /// Every PNG/JPEG in `images/` must decode to the original pixels of some case image of its
+    /// size.
+    pub(super) fn decoded_images(&mut self, cases: &[String]) -> Result<(), Qwen2VLError> {
+        let fx = self.fixture;
+        let dir = fx.dir.join("images");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut originals = Vec::new();
+        for case in cases {
+            let mut k = 0;
+            while fx.has(&format!("{case}.image{k}.original_u8")) {
+                originals.push(fx.get(&format!("{case}.image{k}.original_u8"))?);
+                k += 1;
+            }
+        }
+        let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for path in paths {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            if !["png", "jpg", "jpeg"].contains(&ext.as_str()) {
+                continue;
+            }
+            let name = format!(
+                "decode.{}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            );
+            let img = to_rgb(&load_image(&path).map_err(|e| Qwen2VLError::Input(e.to_string()))?);
+            let shape = [img.height, img.width, 3];
+            let got: Vec<f64> = img.data.iter().map(|&v| v as f64).collect();
+            let best = originals
+                .iter()
+                .filter(|o| o.shape == shape)
+                .map(|o| compare(&name, &got, &shape, o, 0.0))
+                .min_by(|a, b| a.max_abs_err.total_cmp(&b.max_abs_err));
+            self.checks.push(best.unwrap_or(Check {
+                name,
+                max_abs_err: f64::INFINITY,
+                tolerance: 0.0,
+                note: Some(format!("no case image of shape {shape:?}")),
+            }));
+        }
+        Ok(())
+    }
+}

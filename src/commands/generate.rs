@@ -1,0 +1,127 @@
+//! `medr1 generate`: one image + one prompt -> a completion, with the checkpoint's own
+//! tokenizer and image settings.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use qwen2vl::generation::{generate, GenerationConfig, Sampling};
+use qwen2vl::processor::{load_image, preprocess, Message, Processor};
+use qwen2vl::{load_model, Images, TokenBatch};
+
+use crate::backend::{dispatch, BackendTask, DeviceKind};
+
+#[derive(Debug, Clone)]
+pub struct GenerateArgs {
+    pub model: PathBuf,
+    pub image: PathBuf,
+    pub prompt: String,
+    pub device: DeviceKind,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+    pub show_ids: bool,
+}
+
+/// EOS ids: `generation_config.json` when present (Instruct checkpoints list both
+/// `<|im_end|>` and `<|endoftext|>`), else the model config's.
+fn eos_ids(dir: &std::path::Path, fallback: &[u32]) -> anyhow::Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(fallback.to_vec());
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let ids = match &v["eos_token_id"] {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|n| n as u32)
+            .collect(),
+        serde_json::Value::Number(n) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    Ok(if ids.is_empty() {
+        fallback.to_vec()
+    } else {
+        ids
+    })
+}
+
+struct Task(GenerateArgs);
+
+impl BackendTask for Task {
+    type Output = anyhow::Result<String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let a = self.0;
+        if !a.model.is_dir() {
+            bail!("--model {}: not a checkpoint directory", a.model.display());
+        }
+        let processor = Processor::from_dir(&a.model)
+            .with_context(|| format!("loading the processor of {}", a.model.display()))?;
+        let img = load_image(&a.image).context("--image")?;
+        let processed = preprocess(&img, &processor.image)
+            .with_context(|| format!("preprocessing {}", a.image.display()))?;
+        let ids = processor
+            .prompt_ids(
+                &[Message::user_with_image(a.prompt.clone())],
+                std::slice::from_ref(&processed),
+            )
+            .context("building the prompt")?;
+        let (model, _) = load_model::<B>(&a.model, &device)
+            .with_context(|| format!("loading {}", a.model.display()))?;
+        let limit = model.config.text.max_position_embeddings;
+        if ids.len() + a.max_new_tokens > limit {
+            bail!(
+                "the prompt is {} tokens (image included) and --max-new-tokens is {}: more than the model's {limit} positions; shorten the prompt or lower --max-new-tokens",
+                ids.len(),
+                a.max_new_tokens
+            );
+        }
+        let rows = processed.grid.iter().product::<usize>();
+        let dim = processor.image.patch_dim();
+        let images = Images {
+            pixel_values: Tensor::from_data(
+                TensorData::new(processed.pixel_values, [rows, dim]),
+                &device,
+            ),
+            grids: vec![processed.grid],
+        };
+        let eos = eos_ids(&a.model, &model.config.eos_token_ids)?;
+        let cfg = GenerationConfig {
+            max_new_tokens: a.max_new_tokens,
+            sampling: Sampling {
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+            },
+            pad_token_id: model.config.bos_token_id.unwrap_or(0),
+            eos_token_ids: eos.clone(),
+            seed: a.seed,
+        };
+        let out = generate(&model, &TokenBatch::single(ids), Some(&images), &cfg, false)?;
+        if a.show_ids {
+            eprintln!("ids: {:?}", out.tokens[0]);
+        }
+        let mut tokens = out.tokens[0].clone();
+        if tokens.last().is_some_and(|t| eos.contains(t)) {
+            tokens.pop();
+        }
+        Ok(processor.tokenizer.decode(&tokens, true)?)
+    }
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let temperature_ok = args.temperature.is_finite() && args.temperature >= 0.0;
+    let top_p_ok = args.top_p > 0.0 && args.top_p <= 1.0;
+    if !(temperature_ok && top_p_ok) {
+        bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    let text = dispatch(args.device, Task(args))??;
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! The `medr1` binary as a user runs it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixture_dir;
+use qwen2vl::processor::byte_tokenizer_json;
+use qwen2vl::verify::Fixture;
+
+fn medr1(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_medr1"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The tiny fixture model with the project's byte-level tokenizer and the fixture's image
+/// settings: a complete checkpoint directory.
+fn tiny_checkpoint(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("medr1-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture_dir().join("hf_model").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        byte_tokenizer_json().to_string(),
+    )
+    .unwrap();
+    let pp = r#"{"min_pixels": 3136, "max_pixels": 12544, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}"#;
+    std::fs::write(dir.join("preprocessor_config.json"), pp).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn generate_reproduces_the_reference_greedy_tokens() {
+    let dir = tiny_checkpoint("generate");
+    let image = fixture_dir().join("images/image_A_56x84.png");
+    let (ok, _, err) = medr1(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--image",
+        s(&image),
+        "--prompt",
+        "Describe this image.",
+        "--max-new-tokens",
+        "8",
+        "--show-ids",
+    ]);
+    assert!(ok, "{err}");
+    let want = Fixture::open(&fixture_dir())
+        .unwrap()
+        .id_rows("single.gen.new_tokens")
+        .unwrap()
+        .remove(0);
+    assert!(err.contains(&format!("ids: {want:?}")), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn generate_explains_bad_input() {
+    let dir = tiny_checkpoint("bad");
+    let image = fixture_dir().join("images/image_A_56x84.png");
+    let (ok, _, err) = medr1(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--image",
+        "/nonexistent/x.png",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok && err.contains("/nonexistent/x.png"), "{err}");
+    let (ok, _, err) = medr1(&[
+        "generate",
+        "--model",
+        "/nonexistent-model",
+        "--image",
+        s(&image),
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok && err.contains("/nonexistent-model"), "{err}");
+    let (ok, _, err) = medr1(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--image",
+        s(&image),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "5000",
+    ]);
+    assert!(!ok && err.contains("positions"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn verify_prints_one_line_per_check_and_fails_on_a_bad_directory() {
+    let (ok, out, err) = medr1(&["verify", s(&fixture_dir())]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("single.logits") && l.ends_with("ok")),
+        "{out}"
+    );
+    assert!(
+        out.contains("summary:") && out.contains(" 0 failed"),
+        "{out}"
+    );
+    let (ok, _, err) = medr1(&["verify", "/nonexistent-fixture"]);
+    assert!(!ok && err.contains("manifest.json"), "{err}");
+}
+
+#[test]
+fn inspect_counts_the_2b_parameters_from_its_config() {
+    let cfg = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen2_vl_2b_instruct_config.json");
+    let (ok, out, err) = medr1(&["inspect", s(&cfg)]);
+    assert!(ok, "{err}");
+    assert!(out.contains("total  2,208,985,600"), "{out}");
+}
