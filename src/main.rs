@@ -74,6 +74,9 @@ enum Command {
         #[arg(long)]
         show_ids: bool,
     },
+    /// Med-VQA data: summary, synth, convert.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
     /// Train with GRPO (not available yet: the learner is being built).
     Train {
         /// Run configuration (TOML).
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
             show_ids,
         })
         .map(|_| true),
+        Command::Data(cmd) => commands::data::run(cmd),
         Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),
         Command::Train { .. } => {
             eprintln!(

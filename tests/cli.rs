@@ -134,3 +134,48 @@ fn inspect_counts_the_2b_parameters_from_its_config() {
     assert!(ok, "{err}");
     assert!(out.contains("total  2,208,985,600"), "{out}");
 }
+
+#[test]
+fn data_commands_summarise_synthesise_and_convert() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data");
+    let (ok, out, err) = medr1(&["data", "summary", s(&data), "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["total"], 8);
+    assert_eq!(v["by_modality"]["CT"], 3);
+
+    let dir = std::env::temp_dir().join(format!("medr1-cli-{}-synth", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ok, out, err) = medr1(&[
+        "data",
+        "synth",
+        "--out",
+        s(&dir),
+        "--n",
+        "20",
+        "--seed",
+        "3",
+        "--image-size",
+        "56",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("16 train + 4 test"), "{out}");
+    assert_eq!(std::fs::read_dir(dir.join("images")).unwrap().count(), 20);
+
+    let converted = dir.join("omni.json");
+    let (ok, out, err) = medr1(&[
+        "data",
+        "convert",
+        "--input",
+        s(&data.join("omnimed_qa.json")),
+        "--out",
+        s(&converted),
+        "--shuffle-seed",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("converted 3 items"), "{out}");
+    let (ok, _, err) = medr1(&["data", "summary", s(&data.join("missing.json"))]);
+    assert!(!ok && err.contains("missing.json"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,3 +1,4 @@
+pub mod data;
 pub mod generate;
 pub mod inspect;
 pub mod verify;
