@@ -1,0 +1,13 @@
+//! GRPO for vision-language models: the RL math as small pure functions (advantages, masks,
+//! per-token losses and their aggregation), rule-based rewards, and the learner that drives
+//! rollouts and updates.
+
+pub mod advantages;
+pub mod loss;
+pub mod mask;
+pub mod rewards;
+
+pub use advantages::{group_advantages, zero_std_fraction, ScaleRewards};
+pub use loss::{aggregate, per_token_loss, LossConfig, LossType};
+pub use mask::completion_mask;
+pub use rewards::{AccuracyReward, FormatReward, LetterAccuracyReward, Reward, WeightedRewards};
