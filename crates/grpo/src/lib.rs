@@ -3,6 +3,7 @@
 //! rollouts and updates.
 
 pub mod advantages;
+pub mod learner;
 pub mod loss;
 pub mod mask;
 pub mod rewards;

@@ -152,7 +152,15 @@ pub fn generate<B: Backend>(
                 fed.push(cfg.pad_token_id);
                 continue;
             }
-            let tok = sample(&logits, &cfg.sampling, &mut rng);
+            // Image/video placeholders are never generated: a completion holding one could not
+            // be scored again (it would need an image). Their log-probs stay those of the model.
+            let mut allowed = logits.clone();
+            for id in [model.config.image_token_id, model.config.video_token_id] {
+                if let Some(v) = allowed.get_mut(id as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            let tok = sample(&allowed, &cfg.sampling, &mut rng);
             out.tokens[r].push(tok as u32);
             out.logprobs[r].push(log_softmax_at(&logits, tok) as f32);
             if let Some(keep) = out.step_logits.as_mut() {

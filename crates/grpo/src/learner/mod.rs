@@ -1,0 +1,309 @@
+//! One GRPO iteration: roll out a group of completions per prompt on the inference backend,
+//! reward each against its own record, compute group advantages, then update the policy with
+//! the clipped surrogate and the KL penalty to a frozen reference.
+
+mod clip;
+
+pub use clip::clip_global_norm;
+
+use burn::optim::{GradientsParams, Optimizer};
+use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};
+use medvqa::VqaRecord;
+use qwen2vl::generation::{completion_logprobs, generate, GenerationConfig, Sampling};
+use qwen2vl::processor::TextTokenizer;
+use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
+
+use crate::advantages::{group_advantages, zero_std_fraction, ScaleRewards};
+use crate::loss::{aggregate, masked_mean, per_token_loss, LossConfig};
+use crate::mask::batch_mask;
+use crate::rewards::WeightedRewards;
+
+/// One prompt, ready for the model: token ids, its images' patches and grids, its record.
+#[derive(Debug, Clone)]
+pub struct PromptInput {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// `[patches, patch_dim]` row-major, all images of the prompt.
+    pub pixels: Vec<f32>,
+    pub grids: Vec<[usize; 3]>,
+    pub patch_dim: usize,
+    pub record: VqaRecord,
+}
+
+/// The learner's settings; defaults are Med-R1's.
+#[derive(Debug, Clone)]
+pub struct GrpoConfig {
+    pub num_generations: usize,
+    pub sampling: Sampling,
+    pub max_completion_length: usize,
+    pub loss: LossConfig,
+    pub scale_rewards: ScaleRewards,
+    pub mask_truncated_completions: bool,
+    pub learning_rate: f64,
+    pub max_grad_norm: f32,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: u32,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        Self {
+            num_generations: 4,
+            sampling: Sampling {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            max_completion_length: 256,
+            loss: LossConfig::default(),
+            scale_rewards: ScaleRewards::Group,
+            mask_truncated_completions: false,
+            learning_rate: 1e-6,
+            max_grad_norm: 1.0,
+            eos_token_ids: vec![151645, 151643],
+            pad_token_id: 151643,
+        }
+    }
+}
+
+/// A group of completions per prompt with their rewards and advantages.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// Prompt index of each completion (completions come group after group).
+    pub prompt_of: Vec<usize>,
+    pub completions: Vec<Vec<u32>>,
+    pub texts: Vec<String>,
+    pub masks: Vec<Vec<bool>>,
+    pub rewards: Vec<f32>,
+    pub per_reward: Vec<(String, Vec<f32>)>,
+    pub advantages: Vec<f32>,
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepMetrics {
+    pub loss: f32,
+    pub reward_mean: f32,
+    pub reward_std: f32,
+    pub per_reward_mean: Vec<(String, f32)>,
+    pub kl: f32,
+    pub clip_ratio: f32,
+    pub completion_len_mean: f32,
+    pub completion_len_min: usize,
+    pub completion_len_max: usize,
+    pub zero_std_groups: f32,
+    pub grad_norm: f32,
+}
+
+fn images<B: Backend>(prompts: &[&PromptInput], device: &B::Device) -> Option<Images<B>> {
+    let grids: Vec<[usize; 3]> = prompts
+        .iter()
+        .flat_map(|p| p.grids.iter().copied())
+        .collect();
+    if grids.is_empty() {
+        return None;
+    }
+    let dim = prompts
+        .iter()
+        .find(|p| !p.grids.is_empty())
+        .map_or(0, |p| p.patch_dim);
+    let pixels: Vec<f32> = prompts
+        .iter()
+        .flat_map(|p| p.pixels.iter().copied())
+        .collect();
+    let rows = pixels.len() / dim;
+    Some(Images {
+        pixel_values: Tensor::from_data(TensorData::new(pixels, [rows, dim]), device),
+        grids,
+    })
+}
+
+/// Samples `num_generations` completions per prompt on an inference model and scores them.
+pub fn rollout<B: Backend>(
+    model: &Qwen2VL<B>,
+    prompts: &[PromptInput],
+    tokenizer: &TextTokenizer,
+    rewards: &WeightedRewards,
+    cfg: &GrpoConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Rollout, Qwen2VLError> {
+    let g = cfg.num_generations;
+    let repeated: Vec<&PromptInput> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, g))
+        .collect();
+    let rows: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
+    let batch = TokenBatch::left_padded(&rows, cfg.pad_token_id);
+    let gen_cfg = GenerationConfig {
+        max_new_tokens: cfg.max_completion_length,
+        sampling: cfg.sampling,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        pad_token_id: cfg.pad_token_id,
+        seed,
+    };
+    let out = generate(
+        model,
+        &batch,
+        images::<B>(&repeated, device).as_ref(),
+        &gen_cfg,
+        false,
+    )?;
+    let texts: Vec<String> = out
+        .tokens
+        .iter()
+        .map(|t| tokenizer.decode(t, true).unwrap_or_default())
+        .collect();
+    let prompt_texts: Vec<String> = repeated.iter().map(|p| p.text.clone()).collect();
+    let records: Vec<&VqaRecord> = repeated.iter().map(|p| &p.record).collect();
+    let scores = rewards.score(&prompt_texts, &texts, &records);
+    let advantages = group_advantages(&scores.total, g, cfg.scale_rewards);
+    let width = out.tokens.iter().map(Vec::len).max().unwrap_or(0);
+    Ok(Rollout {
+        prompt_of: (0..repeated.len()).map(|i| i / g).collect(),
+        masks: batch_mask(
+            &out.tokens,
+            &cfg.eos_token_ids,
+            cfg.mask_truncated_completions,
+            width,
+        ),
+        completions: out.tokens,
+        texts,
+        rewards: scores.total,
+        per_reward: scores.per_reward,
+        advantages,
+    })
+}
+
+/// One optimizer step on a rollout (one update per rollout: the ratio is 1 and clipping is
+/// inactive, as in Med-R1).
+#[allow(clippy::too_many_arguments)]
+pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
+    policy: Qwen2VL<B>,
+    reference: Option<&Qwen2VL<B::InnerBackend>>,
+    optimizer: &mut O,
+    prompts: &[PromptInput],
+    roll: &Rollout,
+    cfg: &GrpoConfig,
+    device: &B::Device,
+) -> Result<(Qwen2VL<B>, StepMetrics), Qwen2VLError> {
+    let n = roll.completions.len();
+    let width = roll.masks.first().map_or(0, Vec::len);
+    let repeated: Vec<&PromptInput> = roll.prompt_of.iter().map(|&i| &prompts[i]).collect();
+    let prompt_ids: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
+    // Empty completions (immediate stop) still need one slot to score.
+    let completions: Vec<Vec<u32>> = roll
+        .completions
+        .iter()
+        .map(|c| {
+            if c.is_empty() {
+                vec![cfg.pad_token_id]
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    let t = completions
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(1)
+        .max(width);
+    let mask_values: Vec<f32> = roll
+        .masks
+        .iter()
+        .flat_map(|m| {
+            (0..t).map(move |i| {
+                if m.get(i).copied().unwrap_or(false) {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_values, [n, t]), device);
+    let logp = completion_logprobs(
+        &policy,
+        &prompt_ids,
+        &completions,
+        images::<B>(&repeated, device).as_ref(),
+        cfg.pad_token_id,
+    )?;
+    let logp = pad_to(logp, t);
+    let ref_logp = match (reference, cfg.loss.beta != 0.0) {
+        (Some(r), true) => {
+            let inner = completion_logprobs(
+                r,
+                &prompt_ids,
+                &completions,
+                images::<B::InnerBackend>(&repeated, &device.clone()).as_ref(),
+                cfg.pad_token_id,
+            )?;
+            Some(pad_to(Tensor::<B, 2>::from_inner(inner), t))
+        }
+        _ => None,
+    };
+    let adv = Tensor::<B, 1>::from_data(TensorData::new(roll.advantages.clone(), [n]), device);
+    let pt = per_token_loss(
+        logp.clone(),
+        logp.clone().detach(),
+        ref_logp,
+        adv,
+        &cfg.loss,
+    );
+    let loss = aggregate(pt.loss, mask.clone(), &cfg.loss, None);
+    let loss_value: f32 = loss.clone().into_scalar().elem();
+    let kl = pt
+        .kl
+        .map(|k| {
+            masked_mean(k.detach(), mask.clone(), true)
+                .into_scalar()
+                .elem::<f32>()
+        })
+        .unwrap_or(0.0);
+    let clip_ratio: f32 = masked_mean(pt.clipped.detach(), mask, false)
+        .into_scalar()
+        .elem();
+    let grads = loss.backward();
+    let mut grads = GradientsParams::from_grads(grads, &policy);
+    let grad_norm = clip_global_norm(&policy, &mut grads, cfg.max_grad_norm);
+    let policy = optimizer.step(cfg.learning_rate, policy, grads);
+
+    let lens: Vec<usize> = roll
+        .masks
+        .iter()
+        .map(|m| m.iter().filter(|&&b| b).count())
+        .collect();
+    let mean = roll.rewards.iter().sum::<f32>() / n as f32;
+    let metrics = StepMetrics {
+        loss: loss_value,
+        reward_mean: mean,
+        reward_std: crate::advantages::std_unbiased(&roll.rewards),
+        per_reward_mean: roll
+            .per_reward
+            .iter()
+            .map(|(name, v)| (name.clone(), v.iter().sum::<f32>() / v.len().max(1) as f32))
+            .collect(),
+        kl,
+        clip_ratio,
+        completion_len_mean: lens.iter().sum::<usize>() as f32 / n as f32,
+        completion_len_min: lens.iter().copied().min().unwrap_or(0),
+        completion_len_max: lens.iter().copied().max().unwrap_or(0),
+        zero_std_groups: zero_std_fraction(&roll.rewards, cfg.num_generations),
+        grad_norm,
+    };
+    Ok((policy, metrics))
+}
+
+use burn::tensor::ElementConversion;
+
+/// Pads `[n, t0]` with zeros to `[n, t]` on the right.
+fn pad_to<B: Backend>(x: Tensor<B, 2>, t: usize) -> Tensor<B, 2> {
+    let [n, t0] = x.dims();
+    if t0 >= t {
+        return x;
+    }
+    let device = x.device();
+    Tensor::cat(vec![x, Tensor::zeros([n, t - t0], &device)], 1)
+}
