@@ -131,3 +131,138 @@ fn grpo_raises_the_mean_reward_of_a_tiny_model() {
     eprintln!("reward means: {means:?}");
     assert!(last > first + 0.15, "mean reward {first:.3} -> {last:.3}");
 }
+
+#[test]
+fn sft_teaches_a_tiny_model_the_answer_format() {
+    use grpo::sft::sft_step;
+    use qwen2vl::generation::{generate, GenerationConfig};
+    use qwen2vl::TokenBatch;
+
+    let device = Default::default();
+    Ad::seed(&device, 3);
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/qwen2vl-tiny-seed0/hf_model/config.json"
+    ))
+    .unwrap();
+    let config = Qwen2VLConfig::from_json_str(&text, "tiny").unwrap();
+    let mut model: Qwen2VL<Ad> = Qwen2VL::random(&config, &device);
+    let tokenizer =
+        TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap();
+    let prompt_text = "<|im_start|>user\nAnswer.<|im_end|>\n<|im_start|>assistant\n";
+    let prompt = PromptInput {
+        ids: tokenizer.encode(prompt_text).unwrap(),
+        text: prompt_text.into(),
+        pixels: Vec::new(),
+        grids: Vec::new(),
+        patch_dim: 0,
+        record: record(),
+    };
+    let target = tokenizer.encode("<answer> A </answer><|im_end|>").unwrap();
+    let mut optim = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.0)
+        .init();
+    let mut losses = Vec::new();
+    for _ in 0..40 {
+        let (m, loss, _) = sft_step(
+            model,
+            &mut optim,
+            std::slice::from_ref(&prompt),
+            std::slice::from_ref(&target),
+            3e-3,
+            1.0,
+            256,
+            &device,
+        )
+        .unwrap();
+        model = m;
+        losses.push(loss);
+    }
+    assert!(losses[39] < losses[0] * 0.1, "{losses:?}");
+    let cfg = GenerationConfig {
+        max_new_tokens: 30,
+        sampling: Sampling::GREEDY,
+        eos_token_ids: vec![258],
+        pad_token_id: 256,
+        seed: 0,
+    };
+    let out = generate(
+        &model.valid(),
+        &TokenBatch::single(prompt.ids.clone()),
+        None,
+        &cfg,
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        tokenizer.decode(&out.tokens[0], false).unwrap(),
+        "<answer> A </answer><|im_end|>"
+    );
+}
+
+#[test]
+fn evaluation_runs_end_to_end_on_synthetic_images() {
+    use grpo::eval::{evaluate, EvalConfig};
+    use grpo::prompt::prepare_prompt;
+    use medvqa::synth::{write_synthetic, SynthConfig};
+    use medvqa::PromptTemplate;
+    use qwen2vl::processor::{ImageProcessorConfig, Processor};
+
+    let dir = std::env::temp_dir().join(format!("medr1-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, test) = write_synthetic(
+        &SynthConfig {
+            n: 40,
+            seed: 2,
+            image_size: 56,
+            ..Default::default()
+        },
+        &dir,
+        0.4,
+    )
+    .unwrap();
+    let tokenizer = || {
+        TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap()
+    };
+    let image = ImageProcessorConfig {
+        min_pixels: 3136,
+        max_pixels: 12544,
+        ..Default::default()
+    };
+    let processor = Processor::new(tokenizer(), image).unwrap();
+    let template = PromptTemplate::named("eval_nothink").unwrap();
+    let prompts: Vec<PromptInput> = test
+        .iter()
+        .map(|r| prepare_prompt(r, &template, &processor, &dir).unwrap())
+        .collect();
+    assert_eq!(prompts[0].grids, vec![[1, 4, 4]]);
+
+    let device = Default::default();
+    let (model, _) = qwen2vl::load_model::<Flex>(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/qwen2vl-tiny-seed0/hf_model"
+        )
+        .as_ref(),
+        &device,
+    )
+    .unwrap();
+    let cfg = EvalConfig {
+        batch_size: 8,
+        max_new_tokens: 12,
+        eos_token_ids: vec![258],
+        pad_token_id: 256,
+    };
+    let report = evaluate(&model, &prompts, &tokenizer(), &cfg, &device).unwrap();
+    assert_eq!(report.overall.total, 16);
+    assert_eq!(report.predictions.len(), 16);
+    // A random model does not write `<answer> X </answer>`: everything is unparsable, nothing correct.
+    assert_eq!((report.overall.correct, report.overall.unparsable), (0, 16));
+    assert_eq!(
+        report.by_modality.values().map(|t| t.total).sum::<usize>(),
+        16
+    );
+    assert!(report.to_markdown("random").contains("| Model |"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -3,10 +3,14 @@
 //! rollouts and updates.
 
 pub mod advantages;
+pub mod eval;
 pub mod learner;
 pub mod loss;
 pub mod mask;
+pub mod prompt;
 pub mod rewards;
+pub mod schedule;
+pub mod sft;
 
 pub use advantages::{group_advantages, zero_std_fraction, ScaleRewards};
 pub use loss::{aggregate, per_token_loss, LossConfig, LossType};

@@ -95,7 +95,8 @@ pub struct StepMetrics {
     pub grad_norm: f32,
 }
 
-fn images<B: Backend>(prompts: &[&PromptInput], device: &B::Device) -> Option<Images<B>> {
+/// The images of `prompts`, concatenated in order, on `device`.
+pub fn images_of<B: Backend>(prompts: &[&PromptInput], device: &B::Device) -> Option<Images<B>> {
     let grids: Vec<[usize; 3]> = prompts
         .iter()
         .flat_map(|p| p.grids.iter().copied())
@@ -145,7 +146,7 @@ pub fn rollout<B: Backend>(
     let out = generate(
         model,
         &batch,
-        images::<B>(&repeated, device).as_ref(),
+        images_of::<B>(&repeated, device).as_ref(),
         &gen_cfg,
         false,
     )?;
@@ -227,7 +228,7 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
         &policy,
         &prompt_ids,
         &completions,
-        images::<B>(&repeated, device).as_ref(),
+        images_of::<B>(&repeated, device).as_ref(),
         cfg.pad_token_id,
     )?;
     let logp = pad_to(logp, t);
@@ -237,7 +238,7 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
                 r,
                 &prompt_ids,
                 &completions,
-                images::<B::InnerBackend>(&repeated, &device.clone()).as_ref(),
+                images_of::<B::InnerBackend>(&repeated, &device.clone()).as_ref(),
                 cfg.pad_token_id,
             )?;
             Some(pad_to(Tensor::<B, 2>::from_inner(inner), t))
