@@ -266,3 +266,92 @@ fn evaluation_runs_end_to_end_on_synthetic_images() {
     assert!(report.to_markdown("random").contains("| Model |"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn several_updates_per_rollout_use_the_sampling_log_probs() {
+    let device = Default::default();
+    Ad::seed(&device, 11);
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/qwen2vl-tiny-seed0/hf_model/config.json"
+    ))
+    .unwrap();
+    let config = Qwen2VLConfig::from_json_str(&text, "tiny").unwrap();
+    let policy: Qwen2VL<Ad> = Qwen2VL::random(&config, &device);
+    let tokenizer =
+        TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap();
+    let prompt_text = "<|im_start|>user\nGo.<|im_end|>\n<|im_start|>assistant\n";
+    let prompts = vec![PromptInput {
+        ids: tokenizer.encode(prompt_text).unwrap(),
+        text: prompt_text.into(),
+        pixels: Vec::new(),
+        grids: Vec::new(),
+        patch_dim: 0,
+        record: record(),
+    }];
+    let cfg = GrpoConfig {
+        num_generations: 4,
+        max_completion_length: 6,
+        loss: LossConfig {
+            beta: 0.0,
+            max_completion_length: 6,
+            ..Default::default()
+        },
+        learning_rate: 1e-2,
+        eos_token_ids: vec![258],
+        pad_token_id: 256,
+        num_iterations: 2,
+        ..Default::default()
+    };
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let roll = rollout(
+        &policy.valid(),
+        &prompts,
+        &tokenizer,
+        &rewards,
+        &cfg,
+        1,
+        &device,
+    )
+    .unwrap();
+    let old = roll
+        .old_logprobs
+        .clone()
+        .expect("kept for num_iterations > 1");
+    assert_eq!(old.len(), 4 * roll.masks[0].len());
+    // At the first iteration the stored log-probs equal the policy's: same loss as ratio = 1.
+    let adamw = || {
+        AdamWConfig::new()
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.0)
+            .init()
+    };
+    let fresh = grpo::learner::Rollout {
+        old_logprobs: None,
+        ..roll.clone()
+    };
+    let (_, detached) = update(
+        policy.clone(),
+        None,
+        &mut adamw(),
+        &prompts,
+        &fresh,
+        &cfg,
+        &device,
+    )
+    .unwrap();
+    let mut optim = adamw();
+    let (policy, first) = update(policy, None, &mut optim, &prompts, &roll, &cfg, &device).unwrap();
+    assert!(
+        (first.loss - detached.loss).abs() < 1e-5,
+        "{} vs {}",
+        first.loss,
+        detached.loss
+    );
+    assert_eq!(first.clip_ratio, 0.0);
+    // The second iteration sees a ratio away from 1 (the policy moved).
+    let (_, second) = update(policy, None, &mut optim, &prompts, &roll, &cfg, &device).unwrap();
+    assert!(second.loss.is_finite() && (second.loss - first.loss).abs() > 1e-6);
+}

@@ -43,6 +43,9 @@ pub struct GrpoConfig {
     pub max_grad_norm: f32,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: u32,
+    /// Updates per rollout (TRL's `num_iterations`); above 1 the rollout keeps the sampling
+    /// policy's log-probs and the clipped ratio becomes active.
+    pub num_iterations: usize,
 }
 
 impl Default for GrpoConfig {
@@ -62,6 +65,7 @@ impl Default for GrpoConfig {
             max_grad_norm: 1.0,
             eos_token_ids: vec![151645, 151643],
             pad_token_id: 151643,
+            num_iterations: 1,
         }
     }
 }
@@ -77,6 +81,9 @@ pub struct Rollout {
     pub rewards: Vec<f32>,
     pub per_reward: Vec<(String, Vec<f32>)>,
     pub advantages: Vec<f32>,
+    /// Log-probs of the completions under the sampling policy, `[n, width]` row-major, kept
+    /// when `num_iterations > 1`.
+    pub old_logprobs: Option<Vec<f32>>,
 }
 
 /// What one step measured.
@@ -159,8 +166,30 @@ pub fn rollout<B: Backend>(
     let records: Vec<&VqaRecord> = repeated.iter().map(|p| &p.record).collect();
     let scores = rewards.score(&prompt_texts, &texts, &records);
     let advantages = group_advantages(&scores.total, g, cfg.scale_rewards);
-    let width = out.tokens.iter().map(Vec::len).max().unwrap_or(0);
+    let width = out.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let old_logprobs = if cfg.num_iterations > 1 {
+        let prompt_ids: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
+        let completions = scoring_completions(&out.tokens, cfg.pad_token_id);
+        let imgs = images_of::<B>(&repeated, device);
+        let lp = completion_logprobs(
+            model,
+            &prompt_ids,
+            &completions,
+            imgs.as_ref(),
+            cfg.pad_token_id,
+        )?;
+        let lp = pad_to(lp, width);
+        Some(
+            lp.into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32 after conversion"),
+        )
+    } else {
+        None
+    };
     Ok(Rollout {
+        old_logprobs,
         prompt_of: (0..repeated.len()).map(|i| i / g).collect(),
         masks: batch_mask(
             &out.tokens,
@@ -192,18 +221,7 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
     let width = roll.masks.first().map_or(0, Vec::len);
     let repeated: Vec<&PromptInput> = roll.prompt_of.iter().map(|&i| &prompts[i]).collect();
     let prompt_ids: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
-    // Empty completions (immediate stop) still need one slot to score.
-    let completions: Vec<Vec<u32>> = roll
-        .completions
-        .iter()
-        .map(|c| {
-            if c.is_empty() {
-                vec![cfg.pad_token_id]
-            } else {
-                c.clone()
-            }
-        })
-        .collect();
+    let completions = scoring_completions(&roll.completions, cfg.pad_token_id);
     let t = completions
         .iter()
         .map(Vec::len)
@@ -246,13 +264,14 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
         _ => None,
     };
     let adv = Tensor::<B, 1>::from_data(TensorData::new(roll.advantages.clone(), [n]), device);
-    let pt = per_token_loss(
-        logp.clone(),
-        logp.clone().detach(),
-        ref_logp,
-        adv,
-        &cfg.loss,
-    );
+    let old = match &roll.old_logprobs {
+        Some(v) => {
+            let data = TensorData::new(v.clone(), [n, v.len() / n]);
+            pad_to(Tensor::<B, 2>::from_data(data, device), t)
+        }
+        None => logp.clone().detach(),
+    };
+    let pt = per_token_loss(logp.clone(), old, ref_logp, adv, &cfg.loss);
     let loss = aggregate(pt.loss, mask.clone(), &cfg.loss, None);
     let loss_value: f32 = loss.clone().into_scalar().elem();
     let kl = pt
@@ -298,6 +317,14 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
 }
 
 use burn::tensor::ElementConversion;
+
+/// Empty completions (an immediate stop) still need one slot to be scored.
+fn scoring_completions(tokens: &[Vec<u32>], pad: u32) -> Vec<Vec<u32>> {
+    tokens
+        .iter()
+        .map(|c| if c.is_empty() { vec![pad] } else { c.clone() })
+        .collect()
+}
 
 /// Pads `[n, t0]` with zeros to `[n, t]` on the right.
 fn pad_to<B: Backend>(x: Tensor<B, 2>, t: usize) -> Tensor<B, 2> {
