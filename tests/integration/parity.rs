@@ -2,9 +2,7 @@
 //! (`tests/fixtures/qwen2vl-tiny-seed0`, copied from `shared/fixtures`, made by
 //! `make_fixtures.py --seed 0` with transformers 5.24, float32, eager attention).
 
-mod common;
-
-use common::{fixture_dir, Flex};
+use crate::common::{fixture_dir, Flex};
 use qwen2vl::verify::{verify_fixture, Report};
 
 /// Every check named here must be present and pass: a port that silently skips a stage fails.

@@ -1,11 +1,9 @@
 //! The processor against transformers: smart_resize's table, image modes (RGBA, LA, L, paletted
 //! with transparency, JPEG) through `Qwen2VLImageProcessorPil`, and every chat/tokenizer case.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::fixture_dir;
+use crate::common::fixture_dir;
 use qwen2vl::processor::{load_image, preprocess, smart_resize, ImageProcessorConfig};
 use qwen2vl::verify::{verify_chat_cases, Fixture};
 

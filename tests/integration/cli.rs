@@ -1,11 +1,9 @@
 //! The `medr1` binary as a user runs it.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::fixture_dir;
+use crate::common::fixture_dir;
 use qwen2vl::processor::byte_tokenizer_json;
 use qwen2vl::verify::Fixture;
 

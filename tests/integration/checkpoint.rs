@@ -1,13 +1,11 @@
 //! Checkpoint directories: sharded and bf16 weights, both key layouts, clear errors for bad
 //! input, and a save -> load round trip.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::common::{fixture_dir, Flex};
 use burn::tensor::Tensor;
-use common::{fixture_dir, Flex};
 use qwen2vl::checkpoint::{load_model, named_tensors};
 use qwen2vl::{save_model, Qwen2VLError, SaveDtype, TokenBatch};
 use safetensors::{Dtype, SafeTensors};

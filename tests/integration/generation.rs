@@ -1,11 +1,9 @@
 //! Generation beyond the fixture's single-row greedy runs: batched rows agree with unbatched,
 //! per-row EOS stops, seeded sampling reproduces, and scoring is differentiable.
 
-mod common;
-
+use crate::common::{fixture_dir, Flex};
 use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
-use common::{fixture_dir, Flex};
 use qwen2vl::generation::{completion_logprobs, generate, GenerationConfig, Sampling};
 use qwen2vl::verify::Fixture;
 use qwen2vl::{load_model, Images, Qwen2VL, TokenBatch};

@@ -1,0 +1,12 @@
+//! Integration tests, in one crate so that the model is compiled and linked once for all of
+//! them (each file under tests/ would otherwise be its own crate).
+
+mod checkpoint;
+mod cli;
+mod common;
+mod data;
+mod generation;
+mod grpo_learns;
+mod parity;
+mod processor;
+mod rewards;
