@@ -45,33 +45,44 @@ fn record() -> VqaRecord {
     }
 }
 
-#[test]
-fn grpo_raises_the_mean_reward_of_a_tiny_model() {
-    let device = Default::default();
-    Ad::seed(&device, 7);
+/// A random model with the tiny fixture's architecture, seeded.
+fn tiny_random_model(seed: u64, device: &burn::tensor::Device<Ad>) -> Qwen2VL<Ad> {
+    Ad::seed(device, seed);
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/qwen2vl-tiny-seed0/hf_model/config.json"
     ))
     .unwrap();
     let config = Qwen2VLConfig::from_json_str(&text, "tiny").unwrap();
-    let mut policy: Qwen2VL<Ad> = Qwen2VL::random(&config, &device);
+    Qwen2VL::random(&config, device)
+}
+
+fn byte_tokenizer() -> TextTokenizer {
+    TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap()
+}
+
+/// A text-only chat prompt asking `question`.
+fn text_prompt(tokenizer: &TextTokenizer, question: &str) -> PromptInput {
+    let text = format!("<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n");
+    PromptInput {
+        ids: tokenizer.encode(&text).unwrap(),
+        text,
+        pixels: Vec::new(),
+        grids: Vec::new(),
+        patch_dim: 0,
+        record: record(),
+    }
+}
+
+#[test]
+fn grpo_raises_the_mean_reward_of_a_tiny_model() {
+    let device = Default::default();
+    let mut policy = tiny_random_model(7, &device);
     let reference = policy.valid();
-    let tokenizer =
-        TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap();
+    let tokenizer = byte_tokenizer();
     let prompts: Vec<PromptInput> = ["Say a word.", "Name a thing.", "Write code.", "Count."]
         .iter()
-        .map(|q| {
-            let text = format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
-            PromptInput {
-                ids: tokenizer.encode(&text).unwrap(),
-                text,
-                pixels: Vec::new(),
-                grids: Vec::new(),
-                patch_dim: 0,
-                record: record(),
-            }
-        })
+        .map(|q| text_prompt(&tokenizer, q))
         .collect();
     let cfg = GrpoConfig {
         num_generations: 8,
@@ -139,25 +150,9 @@ fn sft_teaches_a_tiny_model_the_answer_format() {
     use qwen2vl::TokenBatch;
 
     let device = Default::default();
-    Ad::seed(&device, 3);
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/qwen2vl-tiny-seed0/hf_model/config.json"
-    ))
-    .unwrap();
-    let config = Qwen2VLConfig::from_json_str(&text, "tiny").unwrap();
-    let mut model: Qwen2VL<Ad> = Qwen2VL::random(&config, &device);
-    let tokenizer =
-        TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap();
-    let prompt_text = "<|im_start|>user\nAnswer.<|im_end|>\n<|im_start|>assistant\n";
-    let prompt = PromptInput {
-        ids: tokenizer.encode(prompt_text).unwrap(),
-        text: prompt_text.into(),
-        pixels: Vec::new(),
-        grids: Vec::new(),
-        patch_dim: 0,
-        record: record(),
-    };
+    let mut model = tiny_random_model(3, &device);
+    let tokenizer = byte_tokenizer();
+    let prompt = text_prompt(&tokenizer, "Answer.");
     let target = tokenizer.encode("<answer> A </answer><|im_end|>").unwrap();
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
@@ -222,9 +217,7 @@ fn evaluation_runs_end_to_end_on_synthetic_images() {
         0.4,
     )
     .unwrap();
-    let tokenizer = || {
-        TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap()
-    };
+    let tokenizer = || byte_tokenizer();
     let image = ImageProcessorConfig {
         min_pixels: 3136,
         max_pixels: 12544,
@@ -270,25 +263,9 @@ fn evaluation_runs_end_to_end_on_synthetic_images() {
 #[test]
 fn several_updates_per_rollout_use_the_sampling_log_probs() {
     let device = Default::default();
-    Ad::seed(&device, 11);
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/qwen2vl-tiny-seed0/hf_model/config.json"
-    ))
-    .unwrap();
-    let config = Qwen2VLConfig::from_json_str(&text, "tiny").unwrap();
-    let policy: Qwen2VL<Ad> = Qwen2VL::random(&config, &device);
-    let tokenizer =
-        TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap();
-    let prompt_text = "<|im_start|>user\nGo.<|im_end|>\n<|im_start|>assistant\n";
-    let prompts = vec![PromptInput {
-        ids: tokenizer.encode(prompt_text).unwrap(),
-        text: prompt_text.into(),
-        pixels: Vec::new(),
-        grids: Vec::new(),
-        patch_dim: 0,
-        record: record(),
-    }];
+    let policy = tiny_random_model(11, &device);
+    let tokenizer = byte_tokenizer();
+    let prompts = vec![text_prompt(&tokenizer, "Go.")];
     let cfg = GrpoConfig {
         num_generations: 4,
         max_completion_length: 6,

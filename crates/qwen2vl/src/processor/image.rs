@@ -49,6 +49,11 @@ impl ImageProcessorConfig {
             file: path.display().to_string(),
             message: format!("invalid JSON: {e}"),
         })?;
+        Ok(Self::from_json(&v))
+    }
+
+    /// Settings from a `preprocessor_config.json`-shaped object; absent fields keep Qwen2-VL's.
+    pub fn from_json(v: &Value) -> Self {
         let mut c = Self::default();
         let num = |key: &str| v.get(key).and_then(Value::as_u64).map(|n| n as usize);
         let size = |key: &str| {
@@ -89,7 +94,7 @@ impl ImageProcessorConfig {
         if let Some(s) = triple("image_std") {
             c.image_std = s;
         }
-        Ok(c)
+        c
     }
 
     /// Values per `pixel_values` row: 3 x temporal x patch x patch.

@@ -12,39 +12,7 @@ pub const PIXEL_TOLERANCE: f64 = 1e-6;
 
 /// The image processor settings the fixture was made with (`manifest.image_processor`).
 pub fn processor_config(manifest: &Value) -> ImageProcessorConfig {
-    let mut c = ImageProcessorConfig::default();
-    let ip = &manifest["image_processor"];
-    let num = |k: &str| ip.get(k).and_then(Value::as_u64).map(|n| n as usize);
-    if let Some(n) = num("min_pixels") {
-        c.min_pixels = n;
-    }
-    if let Some(n) = num("max_pixels") {
-        c.max_pixels = n;
-    }
-    if let Some(n) = num("patch_size") {
-        c.patch_size = n;
-    }
-    if let Some(n) = num("temporal_patch_size") {
-        c.temporal_patch_size = n;
-    }
-    if let Some(n) = num("merge_size") {
-        c.merge_size = n;
-    }
-    let triple = |k: &str| -> Option<[f32; 3]> {
-        let a = ip.get(k)?.as_array()?;
-        Some([
-            a.first()?.as_f64()? as f32,
-            a.get(1)?.as_f64()? as f32,
-            a.get(2)?.as_f64()? as f32,
-        ])
-    };
-    if let Some(m) = triple("image_mean") {
-        c.image_mean = m;
-    }
-    if let Some(s) = triple("image_std") {
-        c.image_std = s;
-    }
-    c
+    ImageProcessorConfig::from_json(&manifest["image_processor"])
 }
 
 impl Checker<'_> {
