@@ -23,7 +23,8 @@ pub enum DataCommand {
         #[arg(long)]
         skip_invalid: bool,
     },
-    /// Write a synthetic med-VQA set (images + train.json/test.json in Med-R1 format).
+    /// Write a synthetic med-VQA set: images, train.json/test.json in Med-R1 format, and the
+    /// byte-level tokenizer.json that tiny models use.
     Synth {
         #[arg(long)]
         out: PathBuf,
@@ -119,6 +120,13 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<bool> {
             };
             let (train, test) = write_synthetic(&cfg, &out, test_fraction)
                 .with_context(|| format!("writing {}", out.display()))?;
+            // The byte-level tokenizer tiny models use with this data.
+            let tokenizer = out.join("tokenizer.json");
+            std::fs::write(
+                &tokenizer,
+                qwen2vl::processor::byte_tokenizer_json().to_string(),
+            )
+            .with_context(|| format!("writing {}", tokenizer.display()))?;
             println!(
                 "wrote {} train + {} test questions with their images to {}",
                 train.len(),

@@ -159,6 +159,8 @@ fn data_commands_summarise_synthesise_and_convert() {
     assert!(ok, "{err}");
     assert!(out.contains("16 train + 4 test"), "{out}");
     assert_eq!(std::fs::read_dir(dir.join("images")).unwrap().count(), 20);
+    let tk = qwen2vl::processor::TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    assert_eq!(tk.token_id("<|image_pad|>"), Some(268));
 
     let converted = dir.join("omni.json");
     let (ok, out, err) = medr1(&[
