@@ -140,3 +140,19 @@ fn scoring_is_differentiable_and_matches_inference() {
     let norm: f32 = g.abs().sum().into_scalar();
     assert!(norm > 0.0);
 }
+
+#[test]
+fn empty_prompts_are_refused() {
+    let (model, _) = model();
+    let err = generate(
+        &model,
+        &TokenBatch::single(vec![]),
+        None,
+        &greedy(4, vec![]),
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at least one token"), "{err}");
+    let padded = TokenBatch::left_padded(&[vec![1, 2], vec![]], 256);
+    assert!(generate(&model, &padded, None, &greedy(4, vec![]), false).is_err());
+}

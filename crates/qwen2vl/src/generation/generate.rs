@@ -90,6 +90,11 @@ pub fn generate<B: Backend>(
         None => model.text.embed_tokens.weight.val().device(),
     };
     let (b, l) = (prompts.batch, prompts.len);
+    if b == 0 || (0..b).any(|r| prompts.mask_row(r).iter().all(|&m| m == 0)) {
+        return Err(Qwen2VLError::Input(
+            "every prompt row needs at least one token".into(),
+        ));
+    }
     let max_positions = model.config.text.max_position_embeddings;
     if l + cfg.max_new_tokens > max_positions {
         return Err(Qwen2VLError::Input(format!(
