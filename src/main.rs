@@ -45,35 +45,7 @@ enum Command {
         path: std::path::PathBuf,
     },
     /// Answer a prompt about one image with a Qwen2-VL checkpoint directory.
-    Generate {
-        /// Checkpoint directory: config.json, *.safetensors, tokenizer.json
-        /// (preprocessor_config.json and generation_config.json when present).
-        #[arg(long)]
-        model: std::path::PathBuf,
-        /// PNG or JPEG image.
-        #[arg(long)]
-        image: std::path::PathBuf,
-        /// The user's text, placed after the image in one user turn.
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
-        device: DeviceKind,
-        #[arg(long, default_value_t = 256)]
-        max_new_tokens: usize,
-        /// 0 decodes greedily.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// 0 keeps every token.
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Also print the generated token ids (to stderr).
-        #[arg(long)]
-        show_ids: bool,
-    },
+    Generate(commands::generate::GenerateArgs),
     /// Med-VQA data: summary, synth, convert.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
@@ -94,30 +66,7 @@ fn main() -> ExitCode {
             chat_cases,
             tokenizer,
         } => commands::verify::run(&fixtures, chat_cases.zip(tokenizer), device),
-        Command::Generate {
-            model,
-            image,
-            prompt,
-            device,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            show_ids,
-        } => commands::generate::run(commands::generate::GenerateArgs {
-            model,
-            image,
-            prompt,
-            device,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            show_ids,
-        })
-        .map(|_| true),
+        Command::Generate(args) => commands::generate::run(args).map(|_| true),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),
         Command::Train { .. } => {

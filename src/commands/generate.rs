@@ -11,17 +11,34 @@ use qwen2vl::{load_model, Images, TokenBatch};
 
 use crate::backend::{dispatch, BackendTask, DeviceKind};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
+    /// Checkpoint directory: config.json, *.safetensors, tokenizer.json
+    /// (preprocessor_config.json and generation_config.json when present).
+    #[arg(long)]
     pub model: PathBuf,
+    /// PNG or JPEG image.
+    #[arg(long)]
     pub image: PathBuf,
+    /// The user's text, placed after the image in one user turn.
+    #[arg(long)]
     pub prompt: String,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
     pub device: DeviceKind,
+    #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also print the generated token ids (to stderr).
+    #[arg(long)]
     pub show_ids: bool,
 }
 
