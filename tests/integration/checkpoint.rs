@@ -74,6 +74,12 @@ fn logits_of(dir: &Path) -> Vec<f32> {
     logits.into_data().to_vec::<f32>().unwrap()
 }
 
+/// The checkpoint in `dir` computes exactly what the fixture's own checkpoint does.
+fn assert_same_logits_as_fixture(dir: &Path) {
+    let diff = max_diff(&logits_of(dir), &logits_of(&fixture_dir().join("hf_model")));
+    assert_eq!(diff, 0.0);
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -105,13 +111,7 @@ fn sharded_checkpoint_with_index_loads_like_one_file() {
     let (_, info) = load_model::<Flex>(&dir, &Default::default()).unwrap();
     assert_eq!(info.files.len(), 2);
     assert!(info.unused.is_empty());
-    assert_eq!(
-        max_diff(
-            &logits_of(&dir),
-            &logits_of(&fixture_dir().join("hf_model"))
-        ),
-        0.0
-    );
+    assert_same_logits_as_fixture(&dir);
 }
 
 #[test]
@@ -170,13 +170,7 @@ fn save_then_load_gives_the_same_model() {
         .file_name()
         .to_string_lossy()
         .ends_with(".partial")));
-    assert_eq!(
-        max_diff(
-            &logits_of(&dir),
-            &logits_of(&fixture_dir().join("hf_model"))
-        ),
-        0.0
-    );
+    assert_same_logits_as_fixture(&dir);
 }
 
 #[test]

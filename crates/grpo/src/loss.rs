@@ -173,43 +173,22 @@ mod tests {
             &cfg(LossType::Grpo),
         );
         assert_eq!(values(pt.loss.clone()), [-1.0, -1.0, 3.0, 3.0]);
+        let agg = |loss_type, active| {
+            scalar(aggregate(
+                pt.loss.clone(),
+                mask.clone(),
+                &cfg(loss_type),
+                active,
+            ))
+        };
         // grpo: (mean(-1, -1) + mean(3)) / 2 = 1
-        assert!(
-            (scalar(aggregate(
-                pt.loss.clone(),
-                mask.clone(),
-                &cfg(LossType::Grpo),
-                None
-            )) - 1.0)
-                .abs()
-                < 1e-6
-        );
+        assert!((agg(LossType::Grpo, None) - 1.0).abs() < 1e-6);
         // bnpo: (-1 - 1 + 3) / 3
-        assert!(
-            (scalar(aggregate(
-                pt.loss.clone(),
-                mask.clone(),
-                &cfg(LossType::Bnpo),
-                None
-            )) - 1.0 / 3.0)
-                .abs()
-                < 1e-6
-        );
+        assert!((agg(LossType::Bnpo, None) - 1.0 / 3.0).abs() < 1e-6);
         // dr_grpo: 1 / (2 * 4)
-        assert!(
-            (scalar(aggregate(
-                pt.loss.clone(),
-                mask.clone(),
-                &cfg(LossType::DrGrpo),
-                None
-            )) - 0.125)
-                .abs()
-                < 1e-6
-        );
+        assert!((agg(LossType::DrGrpo, None) - 0.125).abs() < 1e-6);
         // dapo over an accumulated batch of 10 active tokens: 1 / 10
-        assert!(
-            (scalar(aggregate(pt.loss, mask, &cfg(LossType::Dapo), Some(10.0))) - 0.1).abs() < 1e-6
-        );
+        assert!((agg(LossType::Dapo, Some(10.0)) - 0.1).abs() < 1e-6);
     }
 
     #[test]

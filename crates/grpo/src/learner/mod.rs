@@ -150,13 +150,8 @@ pub fn rollout<B: Backend>(
         pad_token_id: cfg.pad_token_id,
         seed,
     };
-    let out = generate(
-        model,
-        &batch,
-        images_of::<B>(&repeated, device).as_ref(),
-        &gen_cfg,
-        false,
-    )?;
+    let imgs = images_of::<B>(&repeated, device);
+    let out = generate(model, &batch, imgs.as_ref(), &gen_cfg, false)?;
     let texts: Vec<String> = out
         .tokens
         .iter()
@@ -170,7 +165,6 @@ pub fn rollout<B: Backend>(
     let old_logprobs = if cfg.num_iterations > 1 {
         let prompt_ids: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
         let completions = scoring_completions(&out.tokens, cfg.pad_token_id);
-        let imgs = images_of::<B>(&repeated, device);
         let lp = completion_logprobs(
             model,
             &prompt_ids,

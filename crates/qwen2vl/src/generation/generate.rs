@@ -159,13 +159,20 @@ pub fn generate<B: Backend>(
             }
             // Image/video placeholders are never generated: a completion holding one could not
             // be scored again (it would need an image). Their log-probs stay those of the model.
-            let mut allowed = logits.clone();
-            for id in [model.config.image_token_id, model.config.video_token_id] {
-                if let Some(v) = allowed.get_mut(id as usize) {
-                    *v = f32::NEG_INFINITY;
-                }
+            // Masked in place and restored, rather than copying a vocabulary-sized row.
+            let suppressed: Vec<(usize, f32)> =
+                [model.config.image_token_id, model.config.video_token_id]
+                    .into_iter()
+                    .filter_map(|id| logits.get(id as usize).map(|&v| (id as usize, v)))
+                    .collect();
+            let mut logits = logits;
+            for &(i, _) in &suppressed {
+                logits[i] = f32::NEG_INFINITY;
             }
-            let tok = sample(&allowed, &cfg.sampling, &mut rng);
+            let tok = sample(&logits, &cfg.sampling, &mut rng);
+            for &(i, v) in &suppressed {
+                logits[i] = v;
+            }
             out.tokens[r].push(tok as u32);
             out.logprobs[r].push(log_softmax_at(&logits, tok) as f32);
             if let Some(keep) = out.step_logits.as_mut() {
