@@ -13,11 +13,11 @@ use qwen2vl::generation::Sampling;
 use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
 use qwen2vl::{Qwen2VL, Qwen2VLConfig};
 
-type Ad = Autodiff<Flex>;
+pub(crate) type Ad = Autodiff<Flex>;
 
 /// Share of the completion's 8 slots holding an ASCII letter or digit: dense enough that a
 /// random model's groups differ, learnable by shifting next-token probabilities.
-struct Alphanumeric;
+pub(crate) struct Alphanumeric;
 
 impl Reward for Alphanumeric {
     fn name(&self) -> &str {
@@ -32,7 +32,7 @@ impl Reward for Alphanumeric {
     }
 }
 
-fn record() -> VqaRecord {
+pub(crate) fn record() -> VqaRecord {
     VqaRecord {
         id: "r".into(),
         image: "none".into(),
@@ -46,7 +46,7 @@ fn record() -> VqaRecord {
 }
 
 /// A random model with the tiny fixture's architecture, seeded.
-fn tiny_random_model(seed: u64, device: &burn::tensor::Device<Ad>) -> Qwen2VL<Ad> {
+pub(crate) fn tiny_random_model(seed: u64, device: &burn::tensor::Device<Ad>) -> Qwen2VL<Ad> {
     Ad::seed(device, seed);
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -57,12 +57,12 @@ fn tiny_random_model(seed: u64, device: &burn::tensor::Device<Ad>) -> Qwen2VL<Ad
     Qwen2VL::random(&config, device)
 }
 
-fn byte_tokenizer() -> TextTokenizer {
+pub(crate) fn byte_tokenizer() -> TextTokenizer {
     TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "bytes").unwrap()
 }
 
 /// A text-only chat prompt asking `question`.
-fn text_prompt(tokenizer: &TextTokenizer, question: &str) -> PromptInput {
+pub(crate) fn text_prompt(tokenizer: &TextTokenizer, question: &str) -> PromptInput {
     let text = format!("<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n");
     PromptInput {
         ids: tokenizer.encode(&text).unwrap(),

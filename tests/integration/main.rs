@@ -7,6 +7,7 @@ mod common;
 mod data;
 mod generation;
 mod grpo_learns;
+mod hosted;
 mod parity;
 mod processor;
 mod rewards;

@@ -4,6 +4,7 @@
 
 pub mod advantages;
 pub mod eval;
+pub mod host;
 pub mod learner;
 pub mod loss;
 pub mod mask;

@@ -70,3 +70,38 @@ mod tests {
         assert_eq!(LrSchedule::constant(2e-6).at(1000), 2e-6);
     }
 }
+
+/// [`LrSchedule`] as burn-train's scheduler: one `step()` per optimizer step, the step count
+/// being its checkpointed state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScheduledLr {
+    pub schedule: LrSchedule,
+    pub step: usize,
+}
+
+impl ScheduledLr {
+    pub fn new(schedule: LrSchedule) -> Self {
+        Self { schedule, step: 0 }
+    }
+}
+
+impl burn::optim::lr_scheduler::LrScheduler for ScheduledLr {
+    type Record<B: burn::tensor::backend::Backend> = usize;
+
+    fn step(&mut self) -> f64 {
+        let lr = self.schedule.at(self.step);
+        self.step += 1;
+        lr
+    }
+
+    fn to_record<B: burn::tensor::backend::Backend>(&self) -> usize {
+        self.step
+    }
+
+    fn load_record<B: burn::tensor::backend::Backend>(self, record: usize) -> Self {
+        Self {
+            step: record,
+            ..self
+        }
+    }
+}

@@ -9,7 +9,9 @@ pub use clip::clip_global_norm;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};
 use medvqa::VqaRecord;
-use qwen2vl::generation::{completion_logprobs, generate, GenerationConfig, Sampling};
+use qwen2vl::generation::{
+    completion_logprobs, completion_scores, generate, GenerationConfig, Sampling,
+};
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
 
@@ -95,9 +97,12 @@ pub struct StepMetrics {
     pub per_reward_mean: Vec<(String, f32)>,
     pub kl: f32,
     pub clip_ratio: f32,
+    /// Mean entropy of the policy's next-token distributions over completion tokens.
+    pub entropy: f32,
     pub completion_len_mean: f32,
     pub completion_len_min: usize,
     pub completion_len_max: usize,
+    pub completion_tokens: usize,
     pub zero_std_groups: f32,
     pub grad_norm: f32,
 }
@@ -199,18 +204,16 @@ pub fn rollout<B: Backend>(
     })
 }
 
-/// One optimizer step on a rollout (one update per rollout: the ratio is 1 and clipping is
-/// inactive, as in Med-R1).
-#[allow(clippy::too_many_arguments)]
-pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
-    policy: Qwen2VL<B>,
+/// The GRPO loss of a rollout (differentiable) and what it measured; `grad_norm` is left 0
+/// for the caller that takes the gradient step.
+pub fn policy_loss<B: AutodiffBackend>(
+    policy: &Qwen2VL<B>,
     reference: Option<&Qwen2VL<B::InnerBackend>>,
-    optimizer: &mut O,
     prompts: &[PromptInput],
     roll: &Rollout,
     cfg: &GrpoConfig,
     device: &B::Device,
-) -> Result<(Qwen2VL<B>, StepMetrics), Qwen2VLError> {
+) -> Result<(Tensor<B, 1>, StepMetrics), Qwen2VLError> {
     let n = roll.completions.len();
     let width = roll.masks.first().map_or(0, Vec::len);
     let repeated: Vec<&PromptInput> = roll.prompt_of.iter().map(|&i| &prompts[i]).collect();
@@ -236,12 +239,13 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
         })
         .collect();
     let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_values, [n, t]), device);
-    let logp = completion_logprobs(
-        &policy,
+    let (logp, entropy) = completion_scores(
+        policy,
         &prompt_ids,
         &completions,
         images_of::<B>(&repeated, device).as_ref(),
         cfg.pad_token_id,
+        true,
     )?;
     let logp = pad_to(logp, t);
     let ref_logp = match (reference, cfg.loss.beta != 0.0) {
@@ -265,25 +269,17 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
         }
         None => logp.clone().detach(),
     };
-    let pt = per_token_loss(logp.clone(), old, ref_logp, adv, &cfg.loss);
+    let pt = per_token_loss(logp, old, ref_logp, adv, &cfg.loss);
     let loss = aggregate(pt.loss, mask.clone(), &cfg.loss, None);
-    let loss_value: f32 = loss.clone().into_scalar().elem();
+    let scalar = |x: Tensor<B, 1>| x.into_scalar().elem::<f32>();
     let kl = pt
         .kl
-        .map(|k| {
-            masked_mean(k.detach(), mask.clone(), true)
-                .into_scalar()
-                .elem::<f32>()
-        })
+        .map(|k| scalar(masked_mean(k.detach(), mask.clone(), true)))
         .unwrap_or(0.0);
-    let clip_ratio: f32 = masked_mean(pt.clipped.detach(), mask, false)
-        .into_scalar()
-        .elem();
-    let grads = loss.backward();
-    let mut grads = GradientsParams::from_grads(grads, &policy);
-    let grad_norm = clip_global_norm(&policy, &mut grads, cfg.max_grad_norm);
-    let policy = optimizer.step(cfg.learning_rate, policy, grads);
-
+    let entropy = entropy
+        .map(|e| scalar(masked_mean(pad_to(e, t), mask.clone(), true)))
+        .unwrap_or(0.0);
+    let clip_ratio = scalar(masked_mean(pt.clipped.detach(), mask, false));
     let lens: Vec<usize> = roll
         .masks
         .iter()
@@ -291,7 +287,7 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
         .collect();
     let mean = roll.rewards.iter().sum::<f32>() / n as f32;
     let metrics = StepMetrics {
-        loss: loss_value,
+        loss: scalar(loss.clone().detach()),
         reward_mean: mean,
         reward_std: crate::advantages::std_unbiased(&roll.rewards),
         per_reward_mean: roll
@@ -301,12 +297,34 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
             .collect(),
         kl,
         clip_ratio,
+        entropy,
         completion_len_mean: lens.iter().sum::<usize>() as f32 / n as f32,
         completion_len_min: lens.iter().copied().min().unwrap_or(0),
         completion_len_max: lens.iter().copied().max().unwrap_or(0),
+        completion_tokens: lens.iter().sum(),
         zero_std_groups: zero_std_fraction(&roll.rewards, cfg.num_generations),
-        grad_norm,
+        grad_norm: 0.0,
     };
+    Ok((loss, metrics))
+}
+
+/// One optimizer step on a rollout (one update per rollout: the ratio is 1 and clipping is
+/// inactive, as in Med-R1).
+#[allow(clippy::too_many_arguments)]
+pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
+    policy: Qwen2VL<B>,
+    reference: Option<&Qwen2VL<B::InnerBackend>>,
+    optimizer: &mut O,
+    prompts: &[PromptInput],
+    roll: &Rollout,
+    cfg: &GrpoConfig,
+    device: &B::Device,
+) -> Result<(Qwen2VL<B>, StepMetrics), Qwen2VLError> {
+    let (loss, mut metrics) = policy_loss(&policy, reference, prompts, roll, cfg, device)?;
+    let grads = loss.backward();
+    let mut grads = GradientsParams::from_grads(grads, &policy);
+    metrics.grad_norm = clip_global_norm(&policy, &mut grads, cfg.max_grad_norm);
+    let policy = optimizer.step(cfg.learning_rate, policy, grads);
     Ok((policy, metrics))
 }
 

@@ -48,6 +48,19 @@ pub fn completion_logprobs<B: Backend>(
     images: Option<&Images<B>>,
     pad_id: u32,
 ) -> Result<Tensor<B, 2>, Qwen2VLError> {
+    completion_scores(model, prompts, completions, images, pad_id, false).map(|(lp, _)| lp)
+}
+
+/// [`completion_logprobs`] and, when `with_entropy`, the entropy of each next-token
+/// distribution (`[batch, max_completion_len]`, detached from the graph).
+pub fn completion_scores<B: Backend>(
+    model: &Qwen2VL<B>,
+    prompts: &[Vec<u32>],
+    completions: &[Vec<u32>],
+    images: Option<&Images<B>>,
+    pad_id: u32,
+    with_entropy: bool,
+) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
     if prompts.len() != completions.len() || prompts.is_empty() {
         return Err(Qwen2VLError::Input(format!(
             "{} prompts and {} completions: one completion per prompt is needed",
@@ -71,5 +84,9 @@ pub fn completion_logprobs<B: Backend>(
         .flat_map(|c| (0..tc).map(move |t| c.get(t).copied().unwrap_or(pad_id) as i64))
         .collect();
     let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, tc, 1]), &device);
-    Ok(logp.gather(2, targets).reshape([b, tc]))
+    let entropy = with_entropy.then(|| {
+        let lp = logp.clone().detach();
+        lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([b, tc])
+    });
+    Ok((logp.gather(2, targets).reshape([b, tc]), entropy))
 }

@@ -1,0 +1,256 @@
+//! Building and launching a hosted GRPO run.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataset::InMemDataset;
+use burn::optim::AdamWConfig;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::metric::MetricDefinition;
+use burn::train::renderer::{
+    EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
+    MetricsRendererTraining, ProgressType, TrainingProgress,
+};
+use burn::train::{Interrupter, Learner, SupervisedTraining, TrainingStrategy};
+use qwen2vl::Qwen2VL;
+
+use super::record::StepScalar;
+use super::store::{complete_checkpoints, latest_state, AtomicRecorder, KeepLast, RunState};
+use super::strategy::GrpoStrategy;
+use super::{plan, EvalBatcher, GrpoBatcher, GrpoPolicy, HostCtx};
+use crate::eval::EvalConfig;
+use crate::learner::PromptInput;
+use crate::schedule::{LrSchedule, ScheduledLr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// AdamW's settings; the defaults are PyTorch's (burn's own defaults differ).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerOptions {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for OptimizerOptions {
+    fn default() -> Self {
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl OptimizerOptions {
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig::new()
+            .with_beta_1(self.beta_1)
+            .with_beta_2(self.beta_2)
+            .with_epsilon(self.epsilon)
+            .with_weight_decay(self.weight_decay)
+    }
+}
+
+/// A hosted run's shape.
+#[derive(Clone)]
+pub struct HostOptions {
+    /// burn-train's directory: `checkpoint/`, `train/`, `valid/`, `experiment.log`.
+    pub dir: PathBuf,
+    /// One JSON object per step (and per held-out evaluation).
+    pub metrics_jsonl: PathBuf,
+    /// The progress lines, as text.
+    pub log_file: PathBuf,
+    pub total_steps: usize,
+    /// Prompts per micro-batch (each sampled `num_generations` times).
+    pub prompts_per_step: usize,
+    /// Micro-batches per optimizer step.
+    pub accumulation: usize,
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    /// Held-out greedy accuracy every this many steps (0: never).
+    pub eval_every: usize,
+    pub seed: u64,
+    pub schedule: LrSchedule,
+    pub optimizer: OptimizerOptions,
+    pub max_grad_norm: f32,
+    /// Continue from the newest complete checkpoint under `dir`.
+    pub resume: bool,
+    /// burn-train's terminal dashboard when stdout is a terminal; progress lines otherwise.
+    pub dashboard: bool,
+    pub interrupter: Option<Interrupter>,
+}
+
+/// Renders nothing: the loop's own progress lines stand in when there is no terminal.
+struct Quiet;
+
+impl MetricsRendererTraining for Quiet {
+    fn update_train(&mut self, _: MetricState) {}
+    fn update_valid(&mut self, _: MetricState) {}
+    fn render_train(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {}
+    fn render_valid(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {}
+}
+
+impl MetricsRendererEvaluation for Quiet {
+    fn update_test(&mut self, _: EvaluationName, _: MetricState) {}
+    fn render_test(&mut self, _: EvaluationProgress, _: Vec<ProgressType>) {}
+}
+
+impl MetricsRenderer for Quiet {
+    fn manual_close(&mut self) {}
+    fn register_metric(&mut self, _: MetricDefinition) {}
+}
+
+/// Trains `policy` with GRPO under burn-train and returns it with the run's final state.
+pub fn launch<B: AutodiffBackend>(
+    policy: Qwen2VL<B>,
+    ctx: HostCtx<B>,
+    held_out: Vec<PromptInput>,
+    eval: EvalConfig,
+    opts: &HostOptions,
+) -> Result<(Qwen2VL<B::InnerBackend>, RunState), HostError> {
+    let cfg = &ctx.cfg;
+    if ctx.prompts.is_empty() {
+        return Err(HostError::Config("no training prompts".into()));
+    }
+    if opts.prompts_per_step == 0 || opts.total_steps == 0 {
+        return Err(HostError::Config(
+            "prompts_per_step and steps must be at least 1".into(),
+        ));
+    }
+    let ni = cfg.num_iterations.max(1);
+    if !opts.checkpoint_every.is_multiple_of(ni) {
+        return Err(HostError::Config(format!(
+            "checkpoint_every ({}) must be a multiple of num_iterations ({ni}): a checkpoint \
+             cannot hold a half-used rollout",
+            opts.checkpoint_every
+        )));
+    }
+    std::fs::create_dir_all(&opts.dir).map_err(|source| HostError::Io {
+        path: opts.dir.clone(),
+        source,
+    })?;
+    let resume_state = if opts.resume {
+        latest_state(&opts.dir)
+    } else {
+        None
+    };
+    if opts.resume && resume_state.is_none() {
+        eprintln!(
+            "no complete checkpoint under {}: starting from step 0",
+            opts.dir.display()
+        );
+    }
+    if let Some(s) = &resume_state {
+        if s.seed != opts.seed {
+            return Err(HostError::Config(format!(
+                "the checkpoint at step {} was made with seed {}, this run has seed {}: \
+                 resuming would not continue the same run",
+                s.step, s.seed, opts.seed
+            )));
+        }
+    }
+    let micro = plan(
+        ctx.prompts.len(),
+        opts.prompts_per_step,
+        ctx.accumulation,
+        ni,
+        opts.total_steps,
+        opts.seed,
+    );
+    let reward_names: Vec<String> = ctx
+        .rewards
+        .rewards
+        .iter()
+        .map(|(r, _)| r.name().to_string())
+        .collect();
+    let ctx = Arc::new(ctx);
+    let train = DataLoaderBuilder::new(GrpoBatcher { ctx: ctx.clone() })
+        .batch_size(1)
+        .build(InMemDataset::new(micro));
+    let eval_batch = eval.batch_size.max(1);
+    let valid = DataLoaderBuilder::new(EvalBatcher {
+        tokenizer: ctx.tokenizer.clone(),
+        cfg: Arc::new(eval),
+    })
+    .batch_size(eval_batch)
+    .build(InMemDataset::new(held_out));
+
+    let show_dashboard = opts.dashboard && std::io::stdout().is_terminal();
+    let existing = complete_checkpoints(&opts.dir);
+    let strategy = GrpoStrategy {
+        total_steps: opts.total_steps,
+        accumulation: ctx.accumulation,
+        checkpoint_every: opts.checkpoint_every.max(1),
+        keep_checkpoints: opts.keep_checkpoints,
+        existing_checkpoints: existing.clone(),
+        eval_every: opts.eval_every,
+        max_grad_norm: opts.max_grad_norm,
+        seed: opts.seed,
+        train_dir: opts.dir.clone(),
+        metrics_jsonl: opts.metrics_jsonl.clone(),
+        log_file: opts.log_file.clone(),
+        progress_lines: !show_dashboard,
+    };
+    let mut training = SupervisedTraining::new(&opts.dir, train, valid)
+        .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)))
+        .with_file_checkpointer(AtomicRecorder::default())
+        .with_checkpointing_strategy(KeepLast::new(opts.keep_checkpoints, existing))
+        .metric_valid_numeric(StepScalar::new("accuracy", true));
+    for (key, higher) in [
+        ("loss", false),
+        ("reward_mean", true),
+        ("reward_std", true),
+        ("kl", false),
+        ("clip_ratio", false),
+        ("entropy", false),
+        ("completion_len_mean", false),
+        ("completion_len_min", false),
+        ("completion_len_max", false),
+        ("zero_std_groups", false),
+        ("grad_norm", false),
+        ("lr", false),
+        ("tokens_per_s", true),
+    ] {
+        training = training.metric_train_numeric(StepScalar::new(key, higher));
+    }
+    for name in &reward_names {
+        training = training.metric_train_numeric(StepScalar::new(&format!("reward/{name}"), true));
+    }
+    if let Some(i) = &opts.interrupter {
+        training = training.with_interrupter(i.clone());
+    }
+    if !show_dashboard {
+        training = training.renderer(Quiet);
+    }
+    let start = resume_state.map_or(0, |s| s.step);
+    if start > 0 {
+        training = training.checkpoint(start);
+    }
+    let optim = opts.optimizer.adamw().init::<B, GrpoPolicy<B>>();
+    let learner = Learner::new(
+        GrpoPolicy { policy },
+        optim,
+        ScheduledLr::new(opts.schedule),
+    );
+    let result = training.launch(learner);
+    let state = latest_state(&opts.dir).unwrap_or(RunState {
+        step: 0,
+        data_position: 0,
+        seed: opts.seed,
+    });
+    Ok((result.model.policy, state))
+}

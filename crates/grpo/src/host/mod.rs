@@ -1,0 +1,347 @@
+//! GRPO hosted by burn-train. burn-train's `Learner` holds the policy, the optimizer and the
+//! learning-rate scheduler; its `TrainStep` (on [`GrpoPolicy`]) rolls a micro-batch out on the
+//! inference backend, rewards it and returns the gradients of the GRPO loss; its data loader
+//! feeds the step plan; its metrics, dashboard, file logger, checkpointer and interrupter do
+//! their usual jobs. The epoch loop is ours ([`strategy::GrpoStrategy`], a burn-train custom
+//! training strategy) because burn-train 0.21's loop cannot (a) clip the global gradient norm
+//! after accumulation, (b) checkpoint every N optimizer steps rather than per epoch, or
+//! (c) resume mid-epoch at an exact data position.
+
+mod launch;
+mod record;
+mod store;
+mod strategy;
+
+pub use launch::{launch, HostError, HostOptions, OptimizerOptions};
+pub use record::{StepRecord, StepScalar};
+pub use store::{complete_checkpoints, latest_state, AtomicRecorder, KeepLast, RunState};
+pub use strategy::GrpoStrategy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::train::{InferenceStep, TrainOutput, TrainStep};
+use qwen2vl::processor::TextTokenizer;
+use qwen2vl::Qwen2VL;
+
+use crate::eval::{evaluate, EvalConfig};
+use crate::learner::{policy_loss, rollout, GrpoConfig, PromptInput, Rollout};
+use crate::rewards::WeightedRewards;
+
+/// The policy as burn-train's training model.
+#[derive(Module, Debug)]
+pub struct GrpoPolicy<B: Backend> {
+    pub policy: Qwen2VL<B>,
+}
+
+/// Everything a step needs besides the policy; shared by every batch of a run.
+pub struct HostCtx<B: AutodiffBackend> {
+    pub prompts: Vec<PromptInput>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub rewards: WeightedRewards,
+    pub cfg: GrpoConfig,
+    /// Frozen reference (only when `cfg.loss.beta > 0`).
+    pub reference: Option<Qwen2VL<B::InnerBackend>>,
+    pub device: B::Device,
+    /// Micro-batches per optimizer step; the loss is divided by it.
+    pub accumulation: usize,
+    /// Rollouts kept for reuse while `num_iterations > 1`, by rollout number.
+    cache: Mutex<HashMap<usize, Rollout>>,
+}
+
+impl<B: AutodiffBackend> HostCtx<B> {
+    pub fn new(
+        prompts: Vec<PromptInput>,
+        tokenizer: TextTokenizer,
+        rewards: WeightedRewards,
+        cfg: GrpoConfig,
+        reference: Option<Qwen2VL<B::InnerBackend>>,
+        device: B::Device,
+        accumulation: usize,
+    ) -> Self {
+        Self {
+            prompts,
+            tokenizer: Arc::new(tokenizer),
+            rewards,
+            cfg,
+            reference,
+            device,
+            accumulation: accumulation.max(1),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// One micro-batch of the run's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MicroBatch {
+    /// Optimizer step (0-based) this micro-batch belongs to.
+    pub step: usize,
+    /// Rollout number: steps of one `num_iterations` cycle share their rollouts.
+    pub rollout: usize,
+    /// Whether this step generates (first iteration of its cycle) or reuses.
+    pub generate: bool,
+    /// Indices into the context's prompts.
+    pub prompts: Vec<usize>,
+    pub seed: u64,
+}
+
+/// The whole run as micro-batches: prompts walk through seeded reshuffles of the training
+/// set (a fresh order each pass), `prompts_per_micro` at a time; every `num_iterations`
+/// consecutive steps reuse one rollout. A function of its arguments only, so a resumed run
+/// finds its exact data position and sampling seeds from the step number.
+pub fn plan(
+    n_prompts: usize,
+    prompts_per_micro: usize,
+    accumulation: usize,
+    num_iterations: usize,
+    total_steps: usize,
+    seed: u64,
+) -> Vec<MicroBatch> {
+    let ni = num_iterations.max(1);
+    let acc = accumulation.max(1);
+    let mut order: Vec<usize> = Vec::new();
+    let mut pass = 0u64;
+    let mut take = |count: usize| -> Vec<usize> {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            if order.is_empty() {
+                let mut fresh: Vec<usize> = (0..n_prompts).collect();
+                medvqa::rng::Rng::new(mix(seed, pass)).shuffle(&mut fresh);
+                fresh.reverse();
+                order = fresh;
+                pass += 1;
+            }
+            out.push(order.pop().expect("refilled"));
+        }
+        out
+    };
+    let mut rollouts: Vec<Vec<usize>> = Vec::new();
+    let mut micro = Vec::with_capacity(total_steps * acc);
+    for step in 0..total_steps {
+        let cycle = step / ni;
+        for m in 0..acc {
+            let r = cycle * acc + m;
+            if r == rollouts.len() {
+                rollouts.push(take(prompts_per_micro));
+            }
+            micro.push(MicroBatch {
+                step,
+                rollout: r,
+                generate: step % ni == 0,
+                prompts: rollouts[r].clone(),
+                seed: mix(seed, 1_000_003 + r as u64),
+            });
+        }
+    }
+    micro
+}
+
+fn mix(seed: u64, k: u64) -> u64 {
+    let mut z = seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A micro-batch on its way to the train step.
+pub struct GrpoBatch<B: AutodiffBackend> {
+    pub micro: MicroBatch,
+    pub ctx: Arc<HostCtx<B>>,
+}
+
+impl<B: AutodiffBackend> Clone for GrpoBatch<B> {
+    fn clone(&self) -> Self {
+        Self {
+            micro: self.micro.clone(),
+            ctx: self.ctx.clone(),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> std::fmt::Debug for GrpoBatch<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpoBatch")
+            .field("micro", &self.micro)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Turns plan entries into batches (one entry per batch).
+pub struct GrpoBatcher<B: AutodiffBackend> {
+    pub ctx: Arc<HostCtx<B>>,
+}
+
+impl<B: AutodiffBackend> Batcher<B, MicroBatch, GrpoBatch<B>> for GrpoBatcher<B> {
+    fn batch(&self, mut items: Vec<MicroBatch>, _device: &B::Device) -> GrpoBatch<B> {
+        assert_eq!(
+            items.len(),
+            1,
+            "the GRPO plan is loaded one micro-batch at a time"
+        );
+        GrpoBatch {
+            micro: items.pop().expect("one item"),
+            ctx: self.ctx.clone(),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
+    type Input = GrpoBatch<B>;
+    type Output = StepRecord;
+
+    /// Roll out (or reuse) the micro-batch's group, reward it against each prompt's own
+    /// record, and return the gradients of the GRPO loss divided by the accumulation count.
+    fn step(&self, batch: GrpoBatch<B>) -> TrainOutput<StepRecord> {
+        let ctx = &batch.ctx;
+        let micro = &batch.micro;
+        let prompts: Vec<PromptInput> = micro
+            .prompts
+            .iter()
+            .map(|&i| ctx.prompts[i].clone())
+            .collect();
+        let reuse = ctx.cfg.num_iterations > 1;
+        let cached = if micro.generate {
+            None
+        } else {
+            ctx.cache
+                .lock()
+                .expect("rollout cache")
+                .get(&micro.rollout)
+                .cloned()
+        };
+        let roll = match cached {
+            Some(r) => r,
+            None => {
+                let r = rollout(
+                    &self.valid_model(),
+                    &prompts,
+                    &ctx.tokenizer,
+                    &ctx.rewards,
+                    &ctx.cfg,
+                    micro.seed,
+                    &ctx.device,
+                )
+                .unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", micro.step));
+                if reuse {
+                    let mut cache = ctx.cache.lock().expect("rollout cache");
+                    cache.retain(|&k, _| k + ctx.accumulation > micro.rollout);
+                    cache.insert(micro.rollout, r.clone());
+                }
+                r
+            }
+        };
+        let (loss, metrics) = policy_loss(
+            &self.policy,
+            ctx.reference.as_ref(),
+            &prompts,
+            &roll,
+            &ctx.cfg,
+            &ctx.device,
+        )
+        .unwrap_or_else(|e| panic!("loss of step {} failed: {e}", micro.step));
+        let loss = loss.div_scalar(ctx.accumulation as f32);
+        let grads = GradientsParams::from_grads(loss.backward(), self);
+        let mut item = StepRecord::from(&metrics);
+        item.set("loss", metrics.loss as f64 / ctx.accumulation as f64);
+        TrainOutput { grads, item }
+    }
+}
+
+/// Held-out prompts for burn-train's validation pass: greedy accuracy.
+#[derive(Clone)]
+pub struct EvalBatch {
+    pub prompts: Vec<PromptInput>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub cfg: Arc<EvalConfig>,
+}
+
+impl std::fmt::Debug for EvalBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvalBatch")
+            .field("prompts", &self.prompts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> InferenceStep for GrpoPolicy<B> {
+    type Input = EvalBatch;
+    type Output = StepRecord;
+
+    fn step(&self, batch: EvalBatch) -> StepRecord {
+        let device = self
+            .policy
+            .devices()
+            .into_iter()
+            .next()
+            .expect("a model lives on a device");
+        let report = evaluate(
+            &self.policy,
+            &batch.prompts,
+            &batch.tokenizer,
+            &batch.cfg,
+            &device,
+        )
+        .unwrap_or_else(|e| panic!("validation failed: {e}"));
+        let mut r = StepRecord::default();
+        r.set("accuracy", report.overall.accuracy());
+        let t = report.overall.total.max(1) as f64;
+        r.set("unparsable", report.overall.unparsable as f64 / t);
+        r
+    }
+}
+
+/// Batches held-out prompts for validation.
+pub struct EvalBatcher {
+    pub tokenizer: Arc<TextTokenizer>,
+    pub cfg: Arc<EvalConfig>,
+}
+
+impl<B: Backend> Batcher<B, PromptInput, EvalBatch> for EvalBatcher {
+    fn batch(&self, items: Vec<PromptInput>, _device: &B::Device) -> EvalBatch {
+        EvalBatch {
+            prompts: items,
+            tokenizer: self.tokenizer.clone(),
+            cfg: self.cfg.clone(),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> GrpoPolicy<B> {
+    /// The policy on the inference backend (shares the parameters, no copy).
+    fn valid_model(&self) -> Qwen2VL<B::InnerBackend> {
+        use burn::module::AutodiffModule;
+        self.policy.valid()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_walks_reshuffled_passes_and_shares_rollouts() {
+        let p = plan(5, 2, 2, 2, 4, 9);
+        assert_eq!(p.len(), 8);
+        // Steps 0 and 1 form one cycle: same rollouts, only step 0 generates.
+        assert_eq!(p[0].prompts, p[2].prompts);
+        assert_eq!(p[1].prompts, p[3].prompts);
+        assert_eq!(p[0].seed, p[2].seed);
+        assert!(p[0].generate && p[1].generate && !p[2].generate && !p[3].generate);
+        assert_eq!((p[4].rollout, p[5].rollout), (2, 3));
+        // Four rollouts x 2 prompts = 8 draws: the first 5 are one permutation of 0..5.
+        let mut first: Vec<usize> = [&p[0], &p[1], &p[4]]
+            .iter()
+            .flat_map(|m| m.prompts.clone())
+            .take(5)
+            .collect();
+        first.sort_unstable();
+        assert_eq!(first, vec![0, 1, 2, 3, 4]);
+        assert_eq!(plan(5, 2, 2, 2, 4, 9), p, "deterministic");
+        assert_ne!(plan(5, 2, 2, 2, 4, 10)[0].seed, p[0].seed);
+    }
+}

@@ -1,0 +1,305 @@
+//! The epoch loop of a hosted GRPO run, as a burn-train custom training strategy.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::data::dataloader::Progress;
+use burn::module::AutodiffModule;
+use burn::optim::lr_scheduler::LrScheduler;
+use burn::optim::{GradientsAccumulator, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::checkpoint::CheckpointingAction;
+use burn::train::{
+    EventProcessorTraining, InferenceStep, Learner, LearnerEvent, LearningComponentsMarker,
+    SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainLoader, TrainingComponents,
+    TrainingItem, ValidLoader,
+};
+
+use super::record::StepRecord;
+use super::store::{write_state, KeepLast, RunState};
+use super::GrpoPolicy;
+use crate::learner::clip_global_norm;
+
+/// How the loop runs; see [`super::HostOptions`] for the meaning of each field.
+#[derive(Debug, Clone)]
+pub struct GrpoStrategy {
+    pub total_steps: usize,
+    pub accumulation: usize,
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    pub existing_checkpoints: Vec<usize>,
+    pub eval_every: usize,
+    pub max_grad_norm: f32,
+    pub seed: u64,
+    pub train_dir: PathBuf,
+    pub metrics_jsonl: PathBuf,
+    pub log_file: PathBuf,
+    /// Print one progress line per step on stderr (when no dashboard is shown).
+    pub progress_lines: bool,
+}
+
+type Lc<B, LR, O> = LearningComponentsMarker<B, LR, GrpoPolicy<B>, O>;
+
+struct Logs {
+    jsonl: File,
+    log: File,
+    echo: bool,
+}
+
+impl Logs {
+    fn open(s: &GrpoStrategy) -> std::io::Result<Self> {
+        let append = |p: &PathBuf| OpenOptions::new().create(true).append(true).open(p);
+        Ok(Self {
+            jsonl: append(&s.metrics_jsonl)?,
+            log: append(&s.log_file)?,
+            echo: s.progress_lines,
+        })
+    }
+
+    fn json(&mut self, rec: &StepRecord) {
+        let _ = writeln!(self.jsonl, "{}", rec.to_json());
+        let _ = self.jsonl.flush();
+    }
+
+    fn line(&mut self, text: &str) {
+        let _ = writeln!(self.log, "{text}");
+        let _ = self.log.flush();
+        if self.echo {
+            eprintln!("{text}");
+        }
+    }
+}
+
+fn progress_line(rec: &StepRecord, total: usize, eta_s: f64) -> String {
+    let g = |k: &str| rec.get(k).unwrap_or(f64::NAN);
+    let mut s = format!(
+        "step {:>5}/{total} | reward {:.3} ± {:.3}",
+        g("step") as usize,
+        g("reward_mean"),
+        g("reward_std")
+    );
+    for (k, v) in &rec.values {
+        if let Some(name) = k.strip_prefix("reward/") {
+            s += &format!(" | {name} {v:.3}");
+        }
+    }
+    s += &format!(
+        " | kl {:.4} | len {:.1} | lr {:.2e} | gnorm {:.3} | {:.0} tok/s | {:.1} s/step | eta {}",
+        g("kl"),
+        g("completion_len_mean"),
+        g("lr"),
+        g("grad_norm"),
+        g("tokens_per_s"),
+        g("step_seconds"),
+        eta(eta_s)
+    );
+    s
+}
+
+fn eta(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+impl<B, LR, O> SupervisedLearningStrategy<Lc<B, LR, O>> for GrpoStrategy
+where
+    B: AutodiffBackend,
+    LR: LrScheduler + 'static,
+    O: Optimizer<GrpoPolicy<B>, B> + 'static,
+{
+    fn fit(
+        &self,
+        components: TrainingComponents<Lc<B, LR, O>>,
+        mut learner: Learner<Lc<B, LR, O>>,
+        train: TrainLoader<Lc<B, LR, O>>,
+        valid: ValidLoader<Lc<B, LR, O>>,
+        starting_epoch: usize,
+    ) -> (
+        GrpoPolicy<B>,
+        SupervisedTrainingEventProcessor<Lc<B, LR, O>>,
+    ) {
+        // Checkpoint "epochs" are optimizer steps: resuming from checkpoint k starts at k + 1.
+        let start = starting_epoch.saturating_sub(1);
+        let acc = self.accumulation.max(1);
+        let every = self.checkpoint_every.max(1);
+        let mut processor = components.event_processor;
+        let mut checkpointer = components.checkpointer;
+        let interrupter = components.interrupter;
+        let mut logs = Logs::open(self).unwrap_or_else(|e| {
+            panic!(
+                "cannot open {} for the metrics log: {e}",
+                self.metrics_jsonl.display()
+            )
+        });
+        let mut states = KeepLast::new(self.keep_checkpoints, self.existing_checkpoints.clone());
+        let total_micro = train.num_items();
+        let train = if start > 0 {
+            train.slice((start * acc).min(total_micro), total_micro)
+        } else {
+            train
+        };
+        let mut batches = train.iter();
+        let epochs = self.total_steps.div_ceil(every);
+        let began = Instant::now();
+        let mut last_saved = start;
+        if start > 0 {
+            logs.line(&format!("resumed at step {start}"));
+        }
+        for step in start..self.total_steps {
+            let t0 = Instant::now();
+            learner.lr_step();
+            let mut records = Vec::with_capacity(acc);
+            let mut accumulator = GradientsAccumulator::new();
+            let mut grads = None;
+            for _ in 0..acc {
+                let Some(batch) = batches.next() else {
+                    panic!("the step plan ended before step {step}");
+                };
+                let out = learner.train_step(batch);
+                records.push(out.item);
+                if acc == 1 {
+                    grads = Some(out.grads);
+                } else {
+                    accumulator.accumulate(&learner.model(), out.grads);
+                }
+            }
+            let mut grads = grads.unwrap_or_else(|| accumulator.grads());
+            let model = learner.model();
+            let grad_norm = clip_global_norm(&model.policy, &mut grads, self.max_grad_norm);
+            learner.optimizer_step(grads);
+            let secs = t0.elapsed().as_secs_f64();
+            let mut rec = StepRecord::default();
+            rec.set("step", (step + 1) as f64);
+            for (k, v) in StepRecord::merge(&records).values {
+                rec.set(&k, v);
+            }
+            rec.set("lr", learner.lr_current());
+            rec.set("grad_norm", grad_norm as f64);
+            rec.set(
+                "tokens_per_s",
+                rec.get("completion_tokens").unwrap_or(0.0) / secs.max(1e-9),
+            );
+            rec.set("step_seconds", secs);
+            let done = step + 1 - start;
+            let per_step = began.elapsed().as_secs_f64() / done as f64;
+            logs.json(&rec);
+            logs.line(&progress_line(
+                &rec,
+                self.total_steps,
+                per_step * (self.total_steps - step - 1) as f64,
+            ));
+            let epoch = step / every + 1;
+            let item = TrainingItem::new(
+                rec,
+                Progress {
+                    items_processed: step % every + 1,
+                    items_total: every,
+                },
+                Progress {
+                    items_processed: epoch,
+                    items_total: epochs,
+                },
+                Some(step + 1),
+                Some(learner.lr_current()),
+            );
+            processor.process_train(LearnerEvent::ProcessedItem(item));
+
+            let steps_done = step + 1;
+            let stop = interrupter.should_stop();
+            let boundary = steps_done % every == 0 || steps_done == self.total_steps;
+            if boundary {
+                processor.process_train(LearnerEvent::EndEpoch(epoch));
+            }
+            if self.eval_every > 0 && steps_done % self.eval_every == 0 && !stop {
+                let accuracy = validate::<B, LR, O>(&learner, &valid, &mut processor, epoch);
+                let mut v = StepRecord::default();
+                v.set("step", steps_done as f64);
+                v.set("valid_accuracy", accuracy);
+                logs.json(&v);
+                logs.line(&format!(
+                    "step {steps_done:>5}/{} | held-out accuracy {accuracy:.3}",
+                    self.total_steps
+                ));
+            }
+            if (boundary || stop) && steps_done != last_saved {
+                if let Some(ck) = checkpointer.as_mut() {
+                    ck.checkpoint(&learner, steps_done, &components.event_store);
+                    let state = RunState {
+                        step: steps_done,
+                        data_position: steps_done * acc,
+                        seed: self.seed,
+                    };
+                    if let Err(e) = write_state(&self.train_dir, &state) {
+                        logs.line(&format!("warning: checkpoint state not written: {e}"));
+                    }
+                    for action in states.actions(steps_done) {
+                        if let CheckpointingAction::Delete(old) = action {
+                            let _ = std::fs::remove_file(
+                                super::store::checkpoint_dir(&self.train_dir)
+                                    .join(format!("state-{old}.json")),
+                            );
+                        }
+                    }
+                    last_saved = steps_done;
+                    logs.line(&format!("checkpoint at step {steps_done}"));
+                }
+            }
+            if stop {
+                let why = interrupter
+                    .get_message()
+                    .unwrap_or_else(|| "stopped".into());
+                logs.line(&format!("interrupted after step {steps_done}: {why}"));
+                break;
+            }
+        }
+        (learner.model(), processor)
+    }
+}
+
+/// burn-train's validation pass over the held-out loader; returns the mean accuracy.
+fn validate<B, LR, O>(
+    learner: &Learner<Lc<B, LR, O>>,
+    valid: &ValidLoader<Lc<B, LR, O>>,
+    processor: &mut SupervisedTrainingEventProcessor<Lc<B, LR, O>>,
+    epoch: usize,
+) -> f64
+where
+    B: AutodiffBackend,
+    LR: LrScheduler + 'static,
+    O: Optimizer<GrpoPolicy<B>, B> + 'static,
+{
+    let model = learner.model().valid();
+    let mut it = valid.iter();
+    let (mut sum, mut n) = (0.0, 0usize);
+    let mut i = 0;
+    while let Some(batch) = it.next() {
+        i += 1;
+        let count = batch.prompts.len();
+        let out = InferenceStep::step(&model, batch);
+        sum += out.get("accuracy").unwrap_or(0.0) * count as f64;
+        n += count;
+        let progress = it.progress();
+        processor.process_valid(LearnerEvent::ProcessedItem(TrainingItem::new(
+            out,
+            progress,
+            Progress {
+                items_processed: epoch,
+                items_total: epoch,
+            },
+            Some(i),
+            None,
+        )));
+    }
+    processor.process_valid(LearnerEvent::EndEpoch(epoch));
+    if n == 0 {
+        f64::NAN
+    } else {
+        sum / n as f64
+    }
+}
