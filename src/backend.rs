@@ -13,6 +13,21 @@ pub enum DeviceKind {
     Cuda,
 }
 
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        feature_name(self)
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "flex" => Some(Self::Flex),
+            "wgpu" => Some(Self::Wgpu),
+            "cuda" => Some(Self::Cuda),
+            _ => None,
+        }
+    }
+}
+
 /// Work that runs on whichever backend the user picked.
 pub trait BackendTask {
     type Output;

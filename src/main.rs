@@ -2,6 +2,8 @@
 
 mod backend;
 mod commands;
+mod config;
+mod run;
 
 use std::process::ExitCode;
 
@@ -49,11 +51,28 @@ enum Command {
     /// Med-VQA data: summary, synth, convert.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
-    /// Train with GRPO (not available yet: the learner is being built).
+    /// Train: SFT warm start (if configured), evaluation, GRPO under burn-train, evaluation,
+    /// report. Without --config, runs the embedded tiny demo (configs/tiny.toml).
     Train {
-        /// Run configuration (TOML).
+        #[command(flatten)]
+        run: commands::train::RunArgs,
+        /// Continue the run from its newest complete checkpoint.
         #[arg(long)]
-        config: Option<std::path::PathBuf>,
+        resume: bool,
+    },
+    /// The supervised warm start alone (written to runs/<name>/sft/).
+    Sft {
+        #[command(flatten)]
+        run: commands::train::RunArgs,
+    },
+    /// Evaluate a checkpoint directory on the config's held-out set (greedy, Med-R1's answer
+    /// extraction); tables per modality and question type as JSON, Markdown and CSV.
+    Eval {
+        #[command(flatten)]
+        run: commands::train::RunArgs,
+        /// A checkpoint directory (config.json + *.safetensors), e.g. runs/<name>/final.
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
     },
 }
 
@@ -69,12 +88,12 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args).map(|_| true),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),
-        Command::Train { .. } => {
-            eprintln!(
-                "medr1 train: not yet available. The model (`medr1 verify`, `medr1 inspect`) is in \
-                 place; GRPO training lands with the learner. See README.md."
-            );
-            Ok(false)
+        Command::Train { run, resume } => {
+            commands::train::run(run, run::Job::Train { resume }).map(|_| true)
+        }
+        Command::Sft { run } => commands::train::run(run, run::Job::Sft).map(|_| true),
+        Command::Eval { run, checkpoint } => {
+            commands::train::run(run, run::Job::Eval { checkpoint }).map(|_| true)
         }
     };
     match result {

@@ -332,3 +332,74 @@ fn several_updates_per_rollout_use_the_sampling_log_probs() {
     let (_, second) = update(policy, None, &mut optim, &prompts, &roll, &cfg, &device).unwrap();
     assert!(second.loss.is_finite() && (second.loss - first.loss).abs() > 1e-6);
 }
+
+/// The image reaches the answer through training: four prompts with the same text and
+/// different images, each with its own answer letter. Only the image can tell them apart, so
+/// the loss can fall below the uniform-letter floor only if gradients flow through the vision
+/// tower and the image embeddings.
+#[test]
+fn sft_learns_an_answer_only_the_image_gives() {
+    use grpo::prompt::prepare_prompt;
+    use grpo::sft::sft_loss;
+    use medvqa::synth::{write_synthetic, SynthConfig};
+    use medvqa::{Modality, PromptTemplate, QuestionType};
+    use qwen2vl::processor::{ImageProcessorConfig, Processor};
+
+    let dir = std::env::temp_dir().join(format!("medr1-image-sft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (train, _) = write_synthetic(
+        &SynthConfig {
+            n: 4,
+            seed: 1,
+            image_size: 56,
+            modalities: vec![Modality::Ct, Modality::Mri, Modality::XRay, Modality::Fundus],
+            question_types: vec![QuestionType::ModalityRecognition],
+            min_options: 4,
+            max_options: 4,
+            shuffle_options: false,
+        },
+        &dir,
+        0.0,
+    )
+    .unwrap();
+    let image = ImageProcessorConfig {
+        min_pixels: 3136,
+        max_pixels: 3136,
+        ..Default::default()
+    };
+    let processor = Processor::new(byte_tokenizer(), image).unwrap();
+    let template = PromptTemplate::custom("{Question}").unwrap();
+    let prompts: Vec<PromptInput> = train
+        .iter()
+        .map(|r| prepare_prompt(r, &template, &processor, &dir).unwrap())
+        .collect();
+    assert!(prompts.windows(2).all(|w| w[0].ids == w[1].ids), "same text");
+    let tokenizer = byte_tokenizer();
+    let targets: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut ids = tokenizer.encode(&format!("{}", p.record.answer_letter())).unwrap();
+            ids.push(258);
+            ids
+        })
+        .collect();
+    let device = Default::default();
+    let mut model = tiny_random_model(5, &device);
+    let mut optim = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.0)
+        .init();
+    for _ in 0..150 {
+        let (m, _, _) = grpo::sft::sft_step(
+            model, &mut optim, &prompts, &targets, 3e-3, 1.0, 256, &device,
+        )
+        .unwrap();
+        model = m;
+    }
+    let (loss, _) = sft_loss(&model.valid(), &prompts, &targets, 256, &device).unwrap();
+    let loss: f32 = loss.into_scalar();
+    // Letter uniform over 4 and the end token certain would be (ln 4 + 0) / 2 = 0.69 per
+    // token; measured 0.0022 after 150 steps (0.16 at step 70: learning takes off late).
+    assert!(loss < 0.05, "loss {loss}: the answer did not learn to use the image");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -113,6 +113,31 @@ impl EvalReport {
         (modalities, types)
     }
 
+    /// `{"overall": {accuracy, total, correct, unparsable}, "by_modality": {name: {...}},
+    /// "by_question_type": {...}, "predictions": [...]}`.
+    pub fn to_json(&self) -> String {
+        let tally = |t: &Tally| {
+            serde_json::json!({
+                "accuracy": t.accuracy(),
+                "total": t.total,
+                "correct": t.correct,
+                "unparsable": t.unparsable,
+            })
+        };
+        let table = |m: &BTreeMap<String, Tally>| {
+            m.iter()
+                .map(|(k, t)| (k.clone(), tally(t)))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        serde_json::to_string_pretty(&serde_json::json!({
+            "overall": tally(&self.overall),
+            "by_modality": table(&self.by_modality),
+            "by_question_type": table(&self.by_question_type),
+            "predictions": self.predictions,
+        }))
+        .expect("serialisable")
+    }
+
     /// Two Markdown tables (modalities, question types), accuracy in percent, plus counts.
     pub fn to_markdown(&self, model_name: &str) -> String {
         let (mods, types) = self.columns();
@@ -281,6 +306,10 @@ mod tests {
             md.contains("| tiny | 50.00 | 50.00 | 50.00 |\n\n4 questions"),
             "{md}"
         );
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["overall"]["accuracy"], 0.5);
+        assert_eq!(json["by_modality"]["OCT"]["unparsable"], 1);
+        assert_eq!(json["predictions"].as_array().unwrap().len(), 4);
         let csv = r.to_csv();
         assert!(
             csv.contains("modality,CT,2,1,0,0.500000")

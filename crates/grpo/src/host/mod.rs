@@ -214,6 +214,7 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
                 .get(&micro.rollout)
                 .cloned()
         };
+        let t_roll = std::time::Instant::now();
         let roll = match cached {
             Some(r) => r,
             None => {
@@ -235,6 +236,7 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
                 r
             }
         };
+        let rollout_seconds = t_roll.elapsed().as_secs_f64();
         let (loss, metrics) = policy_loss(
             &self.policy,
             ctx.reference.as_ref(),
@@ -248,6 +250,7 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
         let grads = GradientsParams::from_grads(loss.backward(), self);
         let mut item = StepRecord::from(&metrics);
         item.set("loss", metrics.loss as f64 / ctx.accumulation as f64);
+        item.set("rollout_seconds", rollout_seconds);
         TrainOutput { grads, item }
     }
 }

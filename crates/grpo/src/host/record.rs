@@ -44,7 +44,7 @@ impl StepRecord {
                 vals.iter().copied().fold(f64::INFINITY, f64::min)
             } else if key.ends_with("_max") {
                 vals.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-            } else if key == "completion_tokens" || key == "loss" {
+            } else if key == "completion_tokens" || key == "loss" || key == "rollout_seconds" {
                 // Each micro-batch's loss is already divided by the accumulation count.
                 vals.iter().sum()
             } else {

@@ -1,6 +1,11 @@
 //! A byte-level tokenizer for tiny models: token id = UTF-8 byte value (0..255), then the
 //! Qwen2-VL special tokens in their real order from id 256 (`<|endoftext|>` 256 ...
-//! `<|image_pad|>` 268, `<|video_pad|>` 269), as the reference fixtures number them. Written as
+//! `<|image_pad|>` 268, `<|video_pad|>` 269), as the reference fixtures number them, then the
+//! answer-format tags `<think>` 270, `</think>` 271, `<answer>` 272, `</answer>` 273 as single
+//! ordinary (non-special) tokens, so that a tiny model's `<answer> B </answer><|im_end|>` is 6
+//! tokens rather than 21 (rollouts 3x shorter; the loss is not spread over 20 fixed bytes of
+//! markup). Decoding gives back the same text, so rewards see exactly what they would with
+//! bytes. Written as
 //! a standard `tokenizer.json` (byte-level BPE without merges), so every tool that reads
 //! Qwen's tokenizer reads it too.
 
@@ -23,6 +28,9 @@ pub const QWEN_SPECIAL_TOKENS: [&str; 14] = [
     "<|image_pad|>",
     "<|video_pad|>",
 ];
+
+/// The answer-format tags, single tokens after the special tokens.
+pub const TAG_TOKENS: [&str; 4] = ["<think>", "</think>", "<answer>", "</answer>"];
 
 /// First id of the special tokens in the byte-level vocabulary.
 pub const BYTE_SPECIAL_BASE: u32 = 256;
@@ -52,12 +60,14 @@ pub fn byte_tokenizer_json() -> Value {
     for (b, c) in chars.iter().enumerate() {
         vocab.insert(c.to_string(), json!(b));
     }
-    let added: Vec<Value> = QWEN_SPECIAL_TOKENS
-        .iter()
+    let special = QWEN_SPECIAL_TOKENS.iter().map(|t| (t, true));
+    let tags = TAG_TOKENS.iter().map(|t| (t, false));
+    let added: Vec<Value> = special
+        .chain(tags)
         .enumerate()
-        .map(|(k, t)| {
+        .map(|(k, (t, is_special))| {
             json!({"id": BYTE_SPECIAL_BASE + k as u32, "content": t, "single_word": false,
-                   "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+                   "lstrip": false, "rstrip": false, "normalized": false, "special": is_special})
         })
         .collect();
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
@@ -96,5 +106,10 @@ mod tests {
         assert_eq!(tk.decode(&ids, false).unwrap(), text);
         assert_eq!(tk.decode(&ids, true).unwrap(), "user\nCT é?");
         assert_eq!(tk.token_id("<|video_pad|>"), Some(269));
+        let answer = "<answer> B </answer><|im_end|>";
+        let ids = tk.encode(answer).unwrap();
+        assert_eq!(ids, vec![272, 32, 66, 32, 273, 258]);
+        assert_eq!(tk.decode(&ids, true).unwrap(), "<answer> B </answer>");
+        assert_eq!(tk.encode("<think>").unwrap(), vec![270]);
     }
 }

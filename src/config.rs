@@ -1,0 +1,490 @@
+//! Run configuration: TOML, every key documented in `configs/README.md`, defaults are the
+//! embedded tiny demo's. `--set key=value` edits the parsed TOML before it is checked, so an
+//! override goes through the same validation as the file: an unknown key or a wrong type is an
+//! error that names the key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// The embedded default (`configs/tiny.toml`).
+pub const TINY_TOML: &str = include_str!("../configs/tiny.toml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name: outputs go to `<runs_dir>/<name>/`.
+    pub name: String,
+    pub runs_dir: PathBuf,
+    /// flex | wgpu | cuda
+    pub device: String,
+    /// f32 | bf16 (bf16 only on CUDA)
+    pub dtype: String,
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub sft: SftConfig,
+    pub grpo: GrpoSection,
+    pub eval: EvalSection,
+    pub checkpoint: CheckpointSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// A Qwen2-VL checkpoint directory (HF layout). Empty: a randomly initialised tiny model.
+    pub checkpoint: String,
+    /// tokenizer.json; empty: the checkpoint's, or the byte-level tokenizer for tiny models.
+    pub tokenizer: String,
+    pub tiny: TinyModel,
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+}
+
+/// Architecture of the randomly initialised tiny model (Qwen2-VL's, scaled down).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TinyModel {
+    pub vision_depth: usize,
+    pub vision_embed_dim: usize,
+    pub vision_heads: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub mrope_section: [usize; 3],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// synthetic | files
+    pub source: String,
+    /// Med-R1 / OmniMedVQA record files or directories (source = files).
+    pub train: Vec<PathBuf>,
+    pub test: Vec<PathBuf>,
+    /// Where image paths resolve (source = files).
+    pub image_root: PathBuf,
+    /// Keep only these modalities / question types (names as in Med-R1); empty keeps all.
+    pub train_modalities: Vec<String>,
+    pub eval_modalities: Vec<String>,
+    pub question_types: Vec<String>,
+    /// Cap on training / evaluation records (0: all), a seeded sample.
+    pub max_train: usize,
+    pub max_eval: usize,
+    /// Prompt templates: train_think | train_nothink | eval_think | eval_nothink | text.
+    pub template: String,
+    pub eval_template: String,
+    pub synthetic: SyntheticData,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticData {
+    pub n: usize,
+    pub image_size: u32,
+    pub test_fraction: f64,
+    pub modalities: Vec<String>,
+    pub question_types: Vec<String>,
+    pub min_options: usize,
+    pub max_options: usize,
+    pub shuffle_options: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    /// Optimizer steps of the supervised warm start (0: none).
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// answer: `<answer> X </answer>` with the right letter; format_only: a random letter
+    /// (teaches the format, not the task).
+    pub target: String,
+    /// Start from this SFT checkpoint instead of training one (empty: train).
+    pub warm_start: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    pub steps: usize,
+    /// Prompts per micro-batch; each is sampled `num_generations` times.
+    pub prompts_per_step: usize,
+    pub gradient_accumulation: usize,
+    pub num_generations: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub max_completion_length: usize,
+    pub beta: f32,
+    pub epsilon: f32,
+    pub epsilon_high: f32,
+    /// grpo | bnpo | dr_grpo | dapo
+    pub loss_type: String,
+    /// group | batch | none
+    pub scale_rewards: String,
+    pub mask_truncated_completions: bool,
+    pub num_iterations: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    /// constant | linear | cosine
+    pub decay: String,
+    pub weight_decay: f32,
+    pub max_grad_norm: f32,
+    /// Reward name -> weight: format, accuracy (Med-R1's exact match), letter_accuracy.
+    pub rewards: std::collections::BTreeMap<String, f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    pub before: bool,
+    pub after: bool,
+    pub batch_size: usize,
+    pub max_new_tokens: usize,
+    /// Held-out greedy accuracy during GRPO every this many steps (0: never).
+    pub every: usize,
+    /// Held-out questions used by `every` (a prefix of the eval set).
+    pub every_subset: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    pub every: usize,
+    pub keep: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "tiny".into(),
+            runs_dir: "runs".into(),
+            device: "flex".into(),
+            dtype: "f32".into(),
+            seed: 0,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            sft: SftConfig::default(),
+            grpo: GrpoSection::default(),
+            eval: EvalSection::default(),
+            checkpoint: CheckpointSection::default(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint: String::new(),
+            tokenizer: String::new(),
+            tiny: TinyModel::default(),
+            min_pixels: 3136,
+            max_pixels: 401_408,
+        }
+    }
+}
+
+impl Default for TinyModel {
+    fn default() -> Self {
+        Self {
+            vision_depth: 2,
+            vision_embed_dim: 64,
+            vision_heads: 4,
+            hidden_size: 128,
+            intermediate_size: 512,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            mrope_section: [4, 6, 6],
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            source: "synthetic".into(),
+            train: Vec::new(),
+            test: Vec::new(),
+            image_root: PathBuf::new(),
+            train_modalities: Vec::new(),
+            eval_modalities: Vec::new(),
+            question_types: Vec::new(),
+            max_train: 0,
+            max_eval: 0,
+            template: "train_nothink".into(),
+            eval_template: "eval_nothink".into(),
+            synthetic: SyntheticData::default(),
+        }
+    }
+}
+
+impl Default for SyntheticData {
+    fn default() -> Self {
+        Self {
+            n: 1000,
+            image_size: 56,
+            test_fraction: 0.2,
+            modalities: Vec::new(),
+            question_types: Vec::new(),
+            min_options: 4,
+            max_options: 4,
+            shuffle_options: false,
+        }
+    }
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            steps: 0,
+            batch_size: 16,
+            learning_rate: 1e-3,
+            target: "answer".into(),
+            warm_start: String::new(),
+        }
+    }
+}
+
+impl Default for GrpoSection {
+    /// Med-R1's recipe.
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            prompts_per_step: 1,
+            gradient_accumulation: 1,
+            num_generations: 4,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_completion_length: 256,
+            beta: 0.04,
+            epsilon: 0.2,
+            epsilon_high: 0.2,
+            loss_type: "grpo".into(),
+            scale_rewards: "group".into(),
+            mask_truncated_completions: false,
+            num_iterations: 1,
+            learning_rate: 1e-6,
+            warmup_steps: 0,
+            decay: "constant".into(),
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            rewards: [("accuracy".to_string(), 1.0), ("format".to_string(), 1.0)]
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            before: true,
+            after: true,
+            batch_size: 16,
+            max_new_tokens: 256,
+            every: 0,
+            every_subset: 64,
+        }
+    }
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self { every: 50, keep: 2 }
+    }
+}
+
+/// Applies `key=value` to a TOML document: the value is read as TOML (`3`, `1e-4`, `true`,
+/// `"text"`, `[1, 2]`), or taken as a string when it does not parse.
+pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> anyhow::Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {assignment:?}: expected key=value"))?;
+    let key = key.trim();
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {assignment:?}: empty key segment");
+    }
+    let mut table = doc;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            anyhow!(
+                "--set {key}: `{}` is a value, not a section",
+                parts[..=i].join(".")
+            )
+        })?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl RunConfig {
+    /// Reads `path` (or the embedded tiny config) and applies the overrides.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> anyhow::Result<Self> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config {}", p.display()))?,
+                p.display().to_string(),
+            ),
+            None => (TINY_TOML.to_string(), "embedded tiny config".to_string()),
+        };
+        Self::from_toml(&text, &origin, overrides)
+    }
+
+    pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> anyhow::Result<Self> {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.message()))?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let cfg: RunConfig = serde_path_to_error(doc).map_err(|e| anyhow!("{origin}: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The resolved config as TOML (written to the run directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config serialises")
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let one_of = |key: &str, v: &str, allowed: &[&str]| -> anyhow::Result<()> {
+            if allowed.contains(&v) {
+                Ok(())
+            } else {
+                bail!("{key} = {v:?}: expected one of {}", allowed.join(", "))
+            }
+        };
+        one_of("device", &self.device, &["flex", "wgpu", "cuda"])?;
+        one_of("dtype", &self.dtype, &["f32", "bf16"])?;
+        if self.dtype == "bf16" && self.device != "cuda" {
+            bail!("dtype = \"bf16\" is supported on device = \"cuda\" only");
+        }
+        one_of("data.source", &self.data.source, &["synthetic", "files"])?;
+        one_of("sft.target", &self.sft.target, &["answer", "format_only"])?;
+        one_of(
+            "grpo.loss_type",
+            &self.grpo.loss_type,
+            &["grpo", "bnpo", "dr_grpo", "dapo"],
+        )?;
+        one_of(
+            "grpo.scale_rewards",
+            &self.grpo.scale_rewards,
+            &["group", "batch", "none"],
+        )?;
+        one_of(
+            "grpo.decay",
+            &self.grpo.decay,
+            &["constant", "linear", "cosine"],
+        )?;
+        for name in self.grpo.rewards.keys() {
+            one_of(
+                "grpo.rewards",
+                name,
+                &["format", "accuracy", "letter_accuracy"],
+            )?;
+        }
+        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
+            bail!("name = {:?}: a plain directory name is needed", self.name);
+        }
+        if self.grpo.num_generations < 2 {
+            bail!("grpo.num_generations must be at least 2: advantages compare within a group");
+        }
+        if self.data.source == "files" && self.data.train.is_empty() && self.grpo.steps > 0 {
+            bail!("data.source = \"files\" needs data.train (Med-R1 or OmniMedVQA record files)");
+        }
+        Ok(())
+    }
+}
+
+/// Deserialises with the path of the offending key in the error.
+fn serde_path_to_error(doc: toml::Table) -> Result<RunConfig, String> {
+    let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
+    toml::from_str::<RunConfig>(&text).map_err(|e| {
+        let mut msg = e.message().trim().to_string();
+        if let Some(span) = e.span() {
+            let line = text[..span.start].lines().count();
+            let snippet = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
+            let section = text[..span.start]
+                .lines()
+                .rev()
+                .find(|l| l.trim_start().starts_with('['))
+                .map(|l| l.trim().trim_matches(['[', ']']).to_string());
+            let key = snippet.split('=').next().unwrap_or("").trim();
+            let full = match (&section, key.is_empty()) {
+                (Some(s), false) => format!("{s}.{key}"),
+                (None, false) => key.to_string(),
+                (Some(s), true) => s.clone(),
+                (None, true) => String::new(),
+            };
+            if !full.is_empty() {
+                msg = format!("key `{full}`: {msg}");
+            }
+        }
+        msg
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_config_parses_and_round_trips() {
+        let cfg = RunConfig::load(None, &[]).unwrap();
+        let again = RunConfig::from_toml(&cfg.to_toml(), "resolved", &[]).unwrap();
+        assert_eq!(cfg, again);
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys() {
+        let cfg = RunConfig::load(
+            None,
+            &[
+                "grpo.steps=7".into(),
+                "grpo.learning_rate=2e-4".into(),
+                "name=other".into(),
+                "model.tiny.mrope_section=[2,3,3]".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.grpo.steps, 7);
+        assert_eq!(cfg.grpo.learning_rate, 2e-4);
+        assert_eq!(cfg.name, "other");
+        assert_eq!(cfg.model.tiny.mrope_section, [2, 3, 3]);
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let e = RunConfig::load(None, &["grpo.stepz=3".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stepz"), "{e}");
+        let e = RunConfig::load(None, &["grpo.steps=\"many\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("grpo.steps"), "{e}");
+        let e = RunConfig::load(None, &["grpo.loss_type=sum".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("grpo.loss_type"), "{e}");
+        let e = RunConfig::load(None, &["steps".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key=value"), "{e}");
+    }
+}

@@ -1,0 +1,130 @@
+//! Safety around a run: the run directory is checked (writable, enough disk) before any
+//! training starts, files are written atomically, and Ctrl-C / SIGTERM ask the training loop to
+//! checkpoint and stop after the current step (a second Ctrl-C exits at once).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use burn::train::Interrupter;
+
+use crate::config::RunConfig;
+
+/// Writes `text` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().map_or(String::new(), |e| e.to_string_lossy().into_owned())
+    ));
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Bytes free on the file system holding `path`.
+#[cfg(unix)]
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_: &Path) -> Option<u64> {
+    None
+}
+
+/// Parameters of the model a run trains (from the checkpoint's config or the tiny spec).
+fn parameters(cfg: &RunConfig) -> anyhow::Result<usize> {
+    let config = if cfg.model.checkpoint.is_empty() {
+        qwen2vl::Qwen2VLConfig::from_json_str(
+            &super::model::tiny_config_json(&cfg.model.tiny),
+            "model.tiny",
+        )?
+    } else {
+        qwen2vl::Qwen2VLConfig::from_file(&Path::new(&cfg.model.checkpoint).join("config.json"))?
+    };
+    Ok(config.parameter_counts().total())
+}
+
+/// Creates the run directory, proves it writable and checks the disk can hold the
+/// checkpoints the config asks for (each: f32 weights + AdamW's two moments).
+pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("the run directory {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    let params = parameters(cfg)? as u64;
+    let per_checkpoint = params * 4 * 3;
+    // Kept checkpoints, one being written, the SFT and final weights.
+    let needed = per_checkpoint * (cfg.checkpoint.keep as u64 + 1) + params * 4 * 2;
+    if let Some(free) = free_bytes(dir) {
+        if free < needed {
+            bail!(
+                "{} has {:.1} GiB free; this run needs about {:.1} GiB ({} checkpoints of \
+                 {:.1} GiB: weights and optimizer state, plus SFT and final weights). Free \
+                 space, lower checkpoint.keep, or set runs_dir elsewhere.",
+                dir.display(),
+                free as f64 / (1u64 << 30) as f64,
+                needed as f64 / (1u64 << 30) as f64,
+                cfg.checkpoint.keep + 1,
+                per_checkpoint as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+#[cfg(unix)]
+extern "C" fn on_signal(_: libc::c_int) {
+    if STOP.swap(true, Ordering::SeqCst) {
+        // Second signal: leave now (only async-signal-safe calls here).
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// A stop request shared by the signal handler and burn-train's interrupter.
+#[derive(Clone)]
+pub struct Interrupt {
+    interrupter: Interrupter,
+}
+
+impl Interrupt {
+    /// Installs SIGINT / SIGTERM handlers that stop training after the current step.
+    pub fn install() -> Self {
+        let interrupter = Interrupter::new();
+        #[cfg(unix)]
+        unsafe {
+            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        }
+        let i = interrupter.clone();
+        std::thread::spawn(move || loop {
+            if STOP.load(Ordering::SeqCst) {
+                eprintln!(
+                    "\nstopping after the current step and writing a checkpoint (Ctrl-C again \
+                     to quit at once)"
+                );
+                i.stop(Some("interrupted by a signal"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        });
+        Self { interrupter }
+    }
+
+    pub fn interrupter(&self) -> Interrupter {
+        self.interrupter.clone()
+    }
+
+    pub fn requested(&self) -> bool {
+        self.interrupter.should_stop()
+    }
+}

@@ -1,0 +1,370 @@
+//! `medr1 train | sft | eval`: one pipeline from a [`RunConfig`] to a run directory.
+//!
+//! `runs/<name>/`: `config.toml` (resolved), `data/` (synthetic runs), `sft/` (warm start),
+//! `eval_before.*`, `grpo/` (burn-train's directory: checkpoints, metric logs), `metrics.jsonl`,
+//! `train.log`, `eval_after.*`, `final/` (hub-layout checkpoint), `report.md`, `curves.png`.
+
+mod data;
+mod guard;
+pub mod model;
+mod plot;
+mod report;
+mod sft;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::Backend;
+use grpo::advantages::ScaleRewards;
+use grpo::eval::{evaluate, EvalConfig, EvalReport};
+use grpo::host::{launch, HostCtx, HostOptions, OptimizerOptions};
+use grpo::learner::{GrpoConfig, PromptInput};
+use grpo::loss::{LossConfig, LossType};
+use grpo::schedule::{Decay, LrSchedule};
+use grpo::{AccuracyReward, FormatReward, LetterAccuracyReward, WeightedRewards};
+use medvqa::PromptTemplate;
+use qwen2vl::generation::Sampling;
+use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
+use qwen2vl::{load_model, save_model, Qwen2VL, SaveDtype};
+
+use crate::backend::BackendTask;
+use crate::config::RunConfig;
+
+pub use guard::Interrupt;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// SFT warm start (if configured), evaluation before, GRPO, evaluation after, report.
+    Train { resume: bool },
+    /// The SFT warm start alone, written to `runs/<name>/sft/`.
+    Sft,
+    /// Evaluate a checkpoint directory on the configured eval set.
+    Eval { checkpoint: PathBuf },
+}
+
+pub struct RunTask {
+    pub cfg: RunConfig,
+    pub job: Job,
+    pub interrupt: Interrupt,
+}
+
+impl BackendTask for RunTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        execute::<B>(&self.cfg, &self.job, &self.interrupt, device)
+    }
+}
+
+pub fn run_dir(cfg: &RunConfig) -> PathBuf {
+    cfg.runs_dir.join(&cfg.name)
+}
+
+fn eval_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> EvalConfig {
+    EvalConfig {
+        batch_size: cfg.eval.batch_size,
+        max_new_tokens: cfg.eval.max_new_tokens,
+        eos_token_ids: eos.to_vec(),
+        pad_token_id: pad,
+    }
+}
+
+fn write_eval(dir: &Path, stem: &str, report: &EvalReport, label: &str) -> anyhow::Result<()> {
+    guard::write_atomic(&dir.join(format!("{stem}.json")), &report.to_json())?;
+    guard::write_atomic(&dir.join(format!("{stem}.md")), &report.to_markdown(label))?;
+    guard::write_atomic(&dir.join(format!("{stem}.csv")), &report.to_csv())?;
+    Ok(())
+}
+
+fn run_eval<B: Backend>(
+    model: &Qwen2VL<B>,
+    prompts: &[PromptInput],
+    tok: &TextTokenizer,
+    ecfg: &EvalConfig,
+    what: &str,
+    device: &B::Device,
+) -> anyhow::Result<EvalReport> {
+    let t = Instant::now();
+    eprintln!("evaluating {what} on {} held-out questions", prompts.len());
+    let report = evaluate(model, prompts, tok, ecfg, device)?;
+    eprintln!(
+        "{what}: accuracy {:.3} ({} of {}), unparsable {} ({:.1}s)",
+        report.overall.accuracy(),
+        report.overall.correct,
+        report.overall.total,
+        report.overall.unparsable,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(report)
+}
+
+fn rewards(cfg: &RunConfig, think: bool) -> WeightedRewards {
+    let rewards = cfg
+        .grpo
+        .rewards
+        .iter()
+        .map(|(name, &w)| {
+            let r: Box<dyn grpo::Reward> = match name.as_str() {
+                "format" => Box::new(FormatReward::new(think)),
+                "accuracy" => Box::new(AccuracyReward),
+                _ => Box::new(LetterAccuracyReward),
+            };
+            (r, w)
+        })
+        .collect();
+    WeightedRewards { rewards }
+}
+
+fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
+    let g = &cfg.grpo;
+    GrpoConfig {
+        num_generations: g.num_generations,
+        sampling: Sampling {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+        },
+        max_completion_length: g.max_completion_length,
+        loss: LossConfig {
+            beta: g.beta,
+            epsilon_low: g.epsilon,
+            epsilon_high: g.epsilon_high,
+            loss_type: match g.loss_type.as_str() {
+                "bnpo" => LossType::Bnpo,
+                "dr_grpo" => LossType::DrGrpo,
+                "dapo" => LossType::Dapo,
+                _ => LossType::Grpo,
+            },
+            max_completion_length: g.max_completion_length,
+        },
+        scale_rewards: match g.scale_rewards.as_str() {
+            "batch" => ScaleRewards::Batch,
+            "none" => ScaleRewards::None,
+            _ => ScaleRewards::Group,
+        },
+        mask_truncated_completions: g.mask_truncated_completions,
+        learning_rate: g.learning_rate,
+        max_grad_norm: g.max_grad_norm,
+        eos_token_ids: eos.to_vec(),
+        pad_token_id: pad,
+        num_iterations: g.num_iterations.max(1),
+    }
+}
+
+fn execute<B: Backend>(
+    cfg: &RunConfig,
+    job: &Job,
+    interrupt: &Interrupt,
+    device: B::Device,
+) -> anyhow::Result<()> {
+    type A<B> = Autodiff<B>;
+    let started = Instant::now();
+    let dir = run_dir(cfg);
+    guard::prepare_run_dir(&dir, cfg)?;
+    guard::write_atomic(&dir.join("config.toml"), &cfg.to_toml())?;
+    let tok = model::tokenizer(cfg)?;
+    if cfg.model.checkpoint.is_empty() {
+        guard::write_atomic(&dir.join("tokenizer.json"), &byte_tokenizer_json().to_string())?;
+    }
+    let (eos, pad) = model::special_ids(&tok)?;
+    let processor = model::processor(cfg)?;
+    let data = data::load(cfg, &dir)?;
+    eprintln!(
+        "data: {} training, {} held-out questions",
+        data.train.len(),
+        data.test.len()
+    );
+    let eval_prompts =
+        data::prompts(&data.test, &cfg.data.eval_template, &processor, &data.image_root)?;
+    let ecfg = eval_config(cfg, &eos, pad);
+
+    if let Job::Eval { checkpoint } = job {
+        let (m, _) = load_model::<B>(checkpoint, &device)
+            .with_context(|| format!("checkpoint {}", checkpoint.display()))?;
+        let report = run_eval(&m, &eval_prompts, &tok, &ecfg, "checkpoint", &device)?;
+        let label = checkpoint
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+        let stem = format!("eval_{label}");
+        write_eval(&dir, &stem, &report, &label)?;
+        println!("{}", report.to_markdown(&label));
+        eprintln!("wrote {}/{stem}.{{json,md,csv}}", dir.display());
+        return Ok(());
+    }
+
+    let template = PromptTemplate::parse(&cfg.data.template)?;
+    let train_prompts = data::prompts(&data.train, &cfg.data.template, &processor, &data.image_root)?;
+
+    // The warm start: a given checkpoint, the run's own finished SFT, or a fresh one.
+    let sft_dir = dir.join("sft");
+    let warm: Option<PathBuf> = if !cfg.sft.warm_start.is_empty() {
+        Some(PathBuf::from(&cfg.sft.warm_start))
+    } else if sft_dir.join("config.json").is_file() && !matches!(job, Job::Sft) {
+        Some(sft_dir.clone())
+    } else {
+        None
+    };
+    let policy: Qwen2VL<A<B>> = match (&warm, cfg.sft.steps) {
+        (Some(w), _) => {
+            eprintln!("warm start from {}", w.display());
+            load_model::<A<B>>(w, &device)
+                .with_context(|| format!("warm start {}", w.display()))?
+                .0
+        }
+        (None, 0) => model::initial::<A<B>>(cfg, &device)?,
+        (None, _) => {
+            let m = model::initial::<A<B>>(cfg, &device)?;
+            eprintln!("SFT warm start: {} steps", cfg.sft.steps);
+            let m = sft::train(
+                m,
+                &train_prompts,
+                &tok,
+                &cfg.sft,
+                template.thinks(),
+                eos[0],
+                pad,
+                cfg.seed,
+                &device,
+            )?;
+            save_model(&m.valid(), &sft_dir, SaveDtype::F32)?;
+            std::fs::write(sft_dir.join("tokenizer.json"), tok_json(cfg, &tok)?)?;
+            eprintln!("wrote the warm start to {}", sft_dir.display());
+            m
+        }
+    };
+    if matches!(job, Job::Sft) {
+        if cfg.eval.after {
+            let r = run_eval(&policy.valid(), &eval_prompts, &tok, &ecfg, "SFT", &device)?;
+            write_eval(&dir, "eval_sft", &r, "SFT")?;
+        }
+        return Ok(());
+    }
+    let resume = matches!(job, Job::Train { resume: true });
+
+    let before = if cfg.eval.before {
+        let path = dir.join("eval_before.json");
+        if resume && path.is_file() {
+            eprintln!("evaluation before GRPO already in {}", path.display());
+            None
+        } else {
+            let r = run_eval(&policy.valid(), &eval_prompts, &tok, &ecfg, "before GRPO", &device)?;
+            write_eval(&dir, "eval_before", &r, "before GRPO")?;
+            Some(r)
+        }
+    } else {
+        None
+    };
+    if interrupt.requested() {
+        anyhow::bail!("interrupted before GRPO started; rerun with --resume");
+    }
+
+    let gcfg = grpo_config(cfg, &eos, pad);
+    let reference = (gcfg.loss.beta != 0.0).then(|| policy.valid());
+    let ctx = HostCtx::<A<B>>::new(
+        train_prompts,
+        model::tokenizer(cfg)?,
+        rewards(cfg, template.thinks()),
+        gcfg,
+        reference,
+        device.clone(),
+        cfg.grpo.gradient_accumulation,
+    );
+    let opts = HostOptions {
+        dir: dir.join("grpo"),
+        metrics_jsonl: dir.join("metrics.jsonl"),
+        log_file: dir.join("train.log"),
+        total_steps: cfg.grpo.steps,
+        prompts_per_step: cfg.grpo.prompts_per_step,
+        accumulation: cfg.grpo.gradient_accumulation,
+        checkpoint_every: cfg.checkpoint.every,
+        keep_checkpoints: cfg.checkpoint.keep,
+        eval_every: cfg.eval.every,
+        seed: cfg.seed,
+        schedule: LrSchedule {
+            peak: cfg.grpo.learning_rate,
+            warmup_steps: cfg.grpo.warmup_steps,
+            total_steps: cfg.grpo.steps,
+            decay: match cfg.grpo.decay.as_str() {
+                "linear" => Decay::Linear,
+                "cosine" => Decay::Cosine,
+                _ => Decay::Constant,
+            },
+        },
+        optimizer: OptimizerOptions {
+            weight_decay: cfg.grpo.weight_decay,
+            ..Default::default()
+        },
+        max_grad_norm: cfg.grpo.max_grad_norm,
+        resume,
+        dashboard: true,
+        interrupter: Some(interrupt.interrupter()),
+    };
+    if !resume {
+        // A fresh run starts fresh logs.
+        let _ = std::fs::remove_file(&opts.metrics_jsonl);
+        let _ = std::fs::remove_file(&opts.log_file);
+        let _ = std::fs::remove_dir_all(&opts.dir);
+    }
+    let held_out: Vec<PromptInput> = eval_prompts
+        .iter()
+        .take(cfg.eval.every_subset)
+        .cloned()
+        .collect();
+    let grpo_started = Instant::now();
+    eprintln!("GRPO: {} steps", cfg.grpo.steps);
+    let (trained, state) = launch(policy, ctx, held_out, ecfg.clone(), &opts)?;
+    let grpo_secs = grpo_started.elapsed().as_secs_f64();
+    if state.step < cfg.grpo.steps {
+        eprintln!(
+            "stopped at step {} of {}: `medr1 train --config ... --resume` continues from the \
+             last checkpoint",
+            state.step, cfg.grpo.steps
+        );
+        return Ok(());
+    }
+    let after = if cfg.eval.after {
+        let r = run_eval(&trained, &eval_prompts, &tok, &ecfg, "after GRPO", &device)?;
+        write_eval(&dir, "eval_after", &r, "after GRPO")?;
+        Some(r)
+    } else {
+        None
+    };
+    let final_dir = dir.join("final");
+    save_model(&trained, &final_dir, SaveDtype::F32)?;
+    std::fs::write(final_dir.join("tokenizer.json"), tok_json(cfg, &tok)?)?;
+    let before = match before {
+        Some(b) => serde_json::from_str(&b.to_json()).ok(),
+        None => report::read_eval(&dir.join("eval_before.json")),
+    };
+    report::write(
+        &dir,
+        cfg,
+        before.as_ref(),
+        after.as_ref(),
+        grpo_secs,
+        started.elapsed().as_secs_f64(),
+    )?;
+    eprintln!(
+        "done in {:.0}s: {}/report.md, curves.png, final/",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// The tokenizer file saved next to a checkpoint.
+fn tok_json(cfg: &RunConfig, _tok: &TextTokenizer) -> anyhow::Result<String> {
+    let m = &cfg.model;
+    if m.tokenizer.is_empty() && m.checkpoint.is_empty() {
+        return Ok(byte_tokenizer_json().to_string());
+    }
+    let path = if m.tokenizer.is_empty() {
+        Path::new(&m.checkpoint).join("tokenizer.json")
+    } else {
+        PathBuf::from(&m.tokenizer)
+    };
+    std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))
+}

@@ -1,0 +1,106 @@
+//! The run's model and tokenizer: a checkpoint directory, or a randomly initialised tiny
+//! Qwen2-VL with the byte-level tokenizer.
+
+use std::path::Path;
+
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use qwen2vl::processor::{byte_tokenizer_json, ImageProcessorConfig, Processor, TextTokenizer};
+use qwen2vl::{load_model, Qwen2VL, Qwen2VLConfig};
+
+use crate::config::{RunConfig, TinyModel};
+
+/// The HF `config.json` of a tiny model over the byte-level tokenizer's ids.
+pub fn tiny_config_json(t: &TinyModel) -> String {
+    serde_json::json!({
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "dtype": "float32",
+        "image_token_id": 268,
+        "video_token_id": 269,
+        "vision_start_token_id": 265,
+        "vision_end_token_id": 266,
+        "tie_word_embeddings": true,
+        "text_config": {
+            "model_type": "qwen2_vl_text",
+            "bos_token_id": 256,
+            "eos_token_id": 258,
+            "hidden_act": "silu",
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_attention_heads": t.heads,
+            "num_hidden_layers": t.layers,
+            "num_key_value_heads": t.kv_heads,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"mrope_section": t.mrope_section, "rope_theta": 1000000.0,
+                                "rope_type": "default"},
+            "vocab_size": 288
+        },
+        "vision_config": {
+            "model_type": "qwen2_vl_vision",
+            "depth": t.vision_depth,
+            "embed_dim": t.vision_embed_dim,
+            "hidden_act": "quick_gelu",
+            "hidden_size": t.hidden_size,
+            "in_channels": 3,
+            "mlp_ratio": 4,
+            "num_heads": t.vision_heads,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2
+        }
+    })
+    .to_string()
+}
+
+pub fn tokenizer(cfg: &RunConfig) -> anyhow::Result<TextTokenizer> {
+    let m = &cfg.model;
+    let path = if !m.tokenizer.is_empty() {
+        Some(Path::new(&m.tokenizer).to_path_buf())
+    } else if !m.checkpoint.is_empty() {
+        Some(Path::new(&m.checkpoint).join("tokenizer.json"))
+    } else {
+        None
+    };
+    match path {
+        Some(p) => TextTokenizer::from_file(&p)
+            .with_context(|| format!("tokenizer {} (set model.tokenizer)", p.display())),
+        None => Ok(TextTokenizer::from_bytes(
+            byte_tokenizer_json().to_string().as_bytes(),
+            "byte-level tokenizer",
+        )?),
+    }
+}
+
+pub fn processor(cfg: &RunConfig) -> anyhow::Result<Processor> {
+    let image = ImageProcessorConfig {
+        min_pixels: cfg.model.min_pixels,
+        max_pixels: cfg.model.max_pixels,
+        ..Default::default()
+    };
+    Ok(Processor::new(tokenizer(cfg)?, image)?)
+}
+
+/// The model a run starts from: the configured checkpoint, or a seeded random tiny model.
+pub fn initial<B: Backend>(cfg: &RunConfig, device: &B::Device) -> anyhow::Result<Qwen2VL<B>> {
+    if !cfg.model.checkpoint.is_empty() {
+        let dir = Path::new(&cfg.model.checkpoint);
+        eprintln!("loading {}", dir.display());
+        return Ok(load_model::<B>(dir, device)?.0);
+    }
+    let config = Qwen2VLConfig::from_json_str(&tiny_config_json(&cfg.model.tiny), "model.tiny")?;
+    B::seed(device, cfg.seed);
+    Ok(Qwen2VL::random(&config, device))
+}
+
+/// End-of-turn and padding ids of the tokenizer in use.
+pub fn special_ids(tok: &TextTokenizer) -> anyhow::Result<(Vec<u32>, u32)> {
+    let im_end = tok
+        .token_id("<|im_end|>")
+        .context("the tokenizer has no <|im_end|> token")?;
+    let endoftext = tok
+        .token_id("<|endoftext|>")
+        .context("the tokenizer has no <|endoftext|> token")?;
+    Ok((vec![im_end, endoftext], endoftext))
+}

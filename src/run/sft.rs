@@ -1,0 +1,93 @@
+//! The supervised warm start: cross-entropy on `<answer> X </answer><|im_end|>` after each
+//! prompt (the right letter, or a random one when only the format is to be taught).
+
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use grpo::host::OptimizerOptions;
+use grpo::learner::PromptInput;
+use grpo::sft::sft_step;
+use medvqa::rng::Rng;
+use qwen2vl::processor::TextTokenizer;
+use qwen2vl::Qwen2VL;
+
+use crate::config::SftConfig;
+
+/// The completion SFT teaches for one prompt.
+pub fn target_text(p: &PromptInput, format_only: bool, think: bool, rng: &mut Rng) -> String {
+    let r = &p.record;
+    let letter = if format_only {
+        (b'A' + rng.below(r.options.len().max(1)) as u8) as char
+    } else {
+        r.answer_letter()
+    };
+    if think {
+        format!("<think> The answer is {letter}. </think><answer> {letter} </answer>")
+    } else {
+        format!("<answer> {letter} </answer>")
+    }
+}
+
+/// Runs the warm start and returns the trained model.
+#[allow(clippy::too_many_arguments)]
+pub fn train<B: AutodiffBackend>(
+    mut model: Qwen2VL<B>,
+    prompts: &[PromptInput],
+    tokenizer: &TextTokenizer,
+    cfg: &SftConfig,
+    think: bool,
+    eos: u32,
+    pad: u32,
+    seed: u64,
+    device: &B::Device,
+) -> anyhow::Result<Qwen2VL<B>> {
+    let mut optim = OptimizerOptions::default().adamw().init();
+    let mut rng = Rng::new(seed ^ 0x5f7);
+    let mut order: Vec<usize> = Vec::new();
+    let started = Instant::now();
+    let format_only = cfg.target == "format_only";
+    let mut recent = Vec::new();
+    for step in 0..cfg.steps {
+        let mut batch = Vec::with_capacity(cfg.batch_size);
+        while batch.len() < cfg.batch_size.max(1) {
+            if order.is_empty() {
+                order = (0..prompts.len()).collect();
+                rng.shuffle(&mut order);
+            }
+            batch.push(order.pop().expect("refilled"));
+        }
+        let ps: Vec<PromptInput> = batch.iter().map(|&i| prompts[i].clone()).collect();
+        let targets = ps
+            .iter()
+            .map(|p| {
+                let mut ids = tokenizer.encode(&target_text(p, format_only, think, &mut rng))?;
+                ids.push(eos);
+                Ok(ids)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (m, loss, _) = sft_step(
+            model,
+            &mut optim,
+            &ps,
+            &targets,
+            cfg.learning_rate,
+            1.0,
+            pad,
+            device,
+        )?;
+        model = m;
+        recent.push(loss);
+        if (step + 1) % 10 == 0 || step + 1 == cfg.steps {
+            let mean = recent.iter().sum::<f32>() / recent.len() as f32;
+            recent.clear();
+            let per = started.elapsed().as_secs_f64() / (step + 1) as f64;
+            eprintln!(
+                "sft step {:>4}/{} | loss {mean:.4} | {per:.2} s/step | eta {:.0}s",
+                step + 1,
+                cfg.steps,
+                per * (cfg.steps - step - 1) as f64
+            );
+        }
+    }
+    Ok(model)
+}
