@@ -52,6 +52,26 @@ pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::
     }
 }
 
+/// [`dispatch`] with the float type: `bf16` runs CUDA's backend on bf16 tensors.
+pub fn dispatch_dtype<T: BackendTask>(
+    kind: DeviceKind,
+    bf16: bool,
+    task: T,
+) -> anyhow::Result<T::Output> {
+    if !bf16 {
+        return dispatch(kind, task);
+    }
+    match kind {
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => {
+            Ok(task.run::<burn::backend::Cuda<burn::tensor::bf16>>(Default::default()))
+        }
+        _ => anyhow::bail!(
+            "dtype = \"bf16\" needs the CUDA backend (device = \"cuda\", a `--features cuda` build)"
+        ),
+    }
+}
+
 fn feature_name(kind: DeviceKind) -> &'static str {
     match kind {
         DeviceKind::Flex => "flex",

@@ -91,6 +91,9 @@ pub struct SyntheticData {
     pub min_options: usize,
     pub max_options: usize,
     pub shuffle_options: bool,
+    /// Seed of the generated set (default: the run's `seed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +108,10 @@ pub struct SftConfig {
     pub target: String,
     /// Start from this SFT checkpoint instead of training one (empty: train).
     pub warm_start: String,
+    /// Seed of the tiny model's initialisation and the warm start's batches (default: the
+    /// run's `seed`). Fixing it fixes the warm start while `seed` varies GRPO.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -234,6 +241,7 @@ impl Default for SyntheticData {
             min_options: 4,
             max_options: 4,
             shuffle_options: false,
+            seed: None,
         }
     }
 }
@@ -246,6 +254,7 @@ impl Default for SftConfig {
             learning_rate: 1e-3,
             target: "answer".into(),
             warm_start: String::new(),
+            seed: None,
         }
     }
 }

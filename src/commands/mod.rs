@@ -1,5 +1,5 @@
 pub mod data;
 pub mod generate;
 pub mod inspect;
-pub mod verify;
 pub mod train;
+pub mod verify;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::backend::{dispatch, DeviceKind};
+use crate::backend::{dispatch_dtype, DeviceKind};
 use crate::config::RunConfig;
 use crate::run::{Interrupt, Job, RunTask};
 
@@ -28,10 +28,11 @@ pub fn run(args: RunArgs, job: Job) -> anyhow::Result<()> {
     }
     let cfg = RunConfig::load(args.config.as_deref(), &overrides)?;
     let kind = DeviceKind::from_name(&cfg.device).expect("validated");
+    let bf16 = cfg.dtype == "bf16";
     let task = RunTask {
         cfg,
         job,
         interrupt: Interrupt::install(),
     };
-    dispatch(kind, task)?
+    dispatch_dtype(kind, bf16, task)?
 }

@@ -22,9 +22,7 @@ pub struct RunData {
 fn modalities(names: &[String], key: &str) -> anyhow::Result<Vec<Modality>> {
     names
         .iter()
-        .map(|n| {
-            Modality::parse(n).with_context(|| format!("{key}: unknown modality {n:?}"))
-        })
+        .map(|n| Modality::parse(n).with_context(|| format!("{key}: unknown modality {n:?}")))
         .collect()
 }
 
@@ -45,7 +43,7 @@ fn synthetic(cfg: &RunConfig, dir: &Path) -> anyhow::Result<()> {
     let s = &cfg.data.synthetic;
     let mut sc = SynthConfig {
         n: s.n,
-        seed: cfg.seed,
+        seed: s.seed.unwrap_or(cfg.seed),
         image_size: s.image_size,
         min_options: s.min_options,
         max_options: s.max_options,
@@ -77,7 +75,11 @@ pub fn load(cfg: &RunConfig, run_dir: &Path) -> anyhow::Result<RunData> {
         "synthetic" => {
             let dir = run_dir.join("data");
             synthetic(cfg, &dir)?;
-            (vec![dir.join("train.json")], vec![dir.join("test.json")], dir)
+            (
+                vec![dir.join("train.json")],
+                vec![dir.join("test.json")],
+                dir,
+            )
         }
         _ => (d.train.clone(), d.test.clone(), d.image_root.clone()),
     };

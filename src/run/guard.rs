@@ -15,7 +15,8 @@ use crate::config::RunConfig;
 pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp",
-        path.extension().map_or(String::new(), |e| e.to_string_lossy().into_owned())
+        path.extension()
+            .map_or(String::new(), |e| e.to_string_lossy().into_owned())
     ));
     std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))

@@ -167,7 +167,10 @@ fn execute<B: Backend>(
     guard::write_atomic(&dir.join("config.toml"), &cfg.to_toml())?;
     let tok = model::tokenizer(cfg)?;
     if cfg.model.checkpoint.is_empty() {
-        guard::write_atomic(&dir.join("tokenizer.json"), &byte_tokenizer_json().to_string())?;
+        guard::write_atomic(
+            &dir.join("tokenizer.json"),
+            &byte_tokenizer_json().to_string(),
+        )?;
     }
     let (eos, pad) = model::special_ids(&tok)?;
     let processor = model::processor(cfg)?;
@@ -177,8 +180,12 @@ fn execute<B: Backend>(
         data.train.len(),
         data.test.len()
     );
-    let eval_prompts =
-        data::prompts(&data.test, &cfg.data.eval_template, &processor, &data.image_root)?;
+    let eval_prompts = data::prompts(
+        &data.test,
+        &cfg.data.eval_template,
+        &processor,
+        &data.image_root,
+    )?;
     let ecfg = eval_config(cfg, &eos, pad);
 
     if let Job::Eval { checkpoint } = job {
@@ -196,7 +203,12 @@ fn execute<B: Backend>(
     }
 
     let template = PromptTemplate::parse(&cfg.data.template)?;
-    let train_prompts = data::prompts(&data.train, &cfg.data.template, &processor, &data.image_root)?;
+    let train_prompts = data::prompts(
+        &data.train,
+        &cfg.data.template,
+        &processor,
+        &data.image_root,
+    )?;
 
     // The warm start: a given checkpoint, the run's own finished SFT, or a fresh one.
     let sft_dir = dir.join("sft");
@@ -226,7 +238,7 @@ fn execute<B: Backend>(
                 template.thinks(),
                 eos[0],
                 pad,
-                cfg.seed,
+                cfg.sft.seed.unwrap_or(cfg.seed),
                 &device,
             )?;
             save_model(&m.valid(), &sft_dir, SaveDtype::F32)?;
@@ -250,7 +262,14 @@ fn execute<B: Backend>(
             eprintln!("evaluation before GRPO already in {}", path.display());
             None
         } else {
-            let r = run_eval(&policy.valid(), &eval_prompts, &tok, &ecfg, "before GRPO", &device)?;
+            let r = run_eval(
+                &policy.valid(),
+                &eval_prompts,
+                &tok,
+                &ecfg,
+                "before GRPO",
+                &device,
+            )?;
             write_eval(&dir, "eval_before", &r, "before GRPO")?;
             Some(r)
         }

@@ -90,7 +90,7 @@ pub fn initial<B: Backend>(cfg: &RunConfig, device: &B::Device) -> anyhow::Resul
         return Ok(load_model::<B>(dir, device)?.0);
     }
     let config = Qwen2VLConfig::from_json_str(&tiny_config_json(&cfg.model.tiny), "model.tiny")?;
-    B::seed(device, cfg.seed);
+    B::seed(device, cfg.sft.seed.unwrap_or(cfg.seed));
     Ok(Qwen2VL::random(&config, device))
 }
 

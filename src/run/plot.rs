@@ -17,7 +17,12 @@ pub struct Panel {
     pub series: Vec<(String, Vec<(f64, f64)>)>,
 }
 
-const COLORS: [[u8; 3]; 4] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189]];
+const COLORS: [[u8; 3]; 4] = [
+    [31, 119, 180],
+    [214, 39, 40],
+    [44, 160, 44],
+    [148, 103, 189],
+];
 
 fn glyph(c: char) -> [&'static str; 5] {
     match c.to_ascii_lowercase() {
@@ -159,14 +164,25 @@ fn panel(p: &Panel) -> RgbImage {
         let s = xmin + (xmax - xmin) * k as f64 / 4.0;
         let px = sx(s);
         line(&mut img, (px, y0), (px, y0 + 4.0), [0, 0, 0]);
-        text(&mut img, (px as u32).saturating_sub(8), H - 20, &format!("{s:.0}"), [60, 60, 60]);
+        text(
+            &mut img,
+            (px as u32).saturating_sub(8),
+            H - 20,
+            &format!("{s:.0}"),
+            [60, 60, 60],
+        );
     }
     text(&mut img, W - 44, H - 10, "step", [60, 60, 60]);
     for (i, (name, s)) in p.series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let pts: Vec<(f64, f64)> = s.iter().copied().filter(|(_, y)| y.is_finite()).collect();
         for w in pts.windows(2) {
-            line(&mut img, (sx(w[0].0), sy(w[0].1)), (sx(w[1].0), sy(w[1].1)), color);
+            line(
+                &mut img,
+                (sx(w[0].0), sy(w[0].1)),
+                (sx(w[1].0), sy(w[1].1)),
+                color,
+            );
         }
         if pts.len() == 1 {
             let (px, py) = (sx(pts[0].0), sy(pts[0].1));
@@ -200,7 +216,10 @@ pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
         .map(|(i, &(x, _))| {
             let lo = i.saturating_sub(w - 1);
             let slice = &points[lo..=i];
-            (x, slice.iter().map(|p| p.1).sum::<f64>() / slice.len() as f64)
+            (
+                x,
+                slice.iter().map(|p| p.1).sum::<f64>() / slice.len() as f64,
+            )
         })
         .collect()
 }

@@ -57,7 +57,13 @@ pub fn write(
         .collect();
     let reward = series(&train_rows, "reward_mean");
     let acc = series(&train_rows, "reward/accuracy");
-    let fmt = series(&train_rows, "reward/format");
+    // The format reward's name says which pattern it checks (`format_think`, `format_nothink`).
+    let fmt_key = train_rows
+        .first()
+        .and_then(|r| r.as_object())
+        .and_then(|o| o.keys().find(|k| k.starts_with("reward/format")).cloned())
+        .unwrap_or_else(|| "reward/format".into());
+    let fmt = series(&train_rows, &fmt_key);
     let kl = series(&train_rows, "kl");
     let len = series(&train_rows, "completion_len_mean");
     let held = series(&rows, "valid_accuracy");
@@ -129,10 +135,7 @@ pub fn write(
         }
     }
     if let (Some(b), Some(a)) = (b, a) {
-        md += &format!(
-            "\nChange from GRPO: {:+.1} points.\n",
-            (a.0 - b.0) * 100.0
-        );
+        md += &format!("\nChange from GRPO: {:+.1} points.\n", (a.0 - b.0) * 100.0);
     }
     if let Some(a) = after {
         md += "\n## After GRPO, per modality and question type\n\n";

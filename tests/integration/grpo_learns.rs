@@ -352,7 +352,12 @@ fn sft_learns_an_answer_only_the_image_gives() {
             n: 4,
             seed: 1,
             image_size: 56,
-            modalities: vec![Modality::Ct, Modality::Mri, Modality::XRay, Modality::Fundus],
+            modalities: vec![
+                Modality::Ct,
+                Modality::Mri,
+                Modality::XRay,
+                Modality::Fundus,
+            ],
             question_types: vec![QuestionType::ModalityRecognition],
             min_options: 4,
             max_options: 4,
@@ -373,12 +378,17 @@ fn sft_learns_an_answer_only_the_image_gives() {
         .iter()
         .map(|r| prepare_prompt(r, &template, &processor, &dir).unwrap())
         .collect();
-    assert!(prompts.windows(2).all(|w| w[0].ids == w[1].ids), "same text");
+    assert!(
+        prompts.windows(2).all(|w| w[0].ids == w[1].ids),
+        "same text"
+    );
     let tokenizer = byte_tokenizer();
     let targets: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
-            let mut ids = tokenizer.encode(&format!("{}", p.record.answer_letter())).unwrap();
+            let mut ids = tokenizer
+                .encode(&format!("{}", p.record.answer_letter()))
+                .unwrap();
             ids.push(258);
             ids
         })
@@ -400,6 +410,9 @@ fn sft_learns_an_answer_only_the_image_gives() {
     let loss: f32 = loss.into_scalar();
     // Letter uniform over 4 and the end token certain would be (ln 4 + 0) / 2 = 0.69 per
     // token; measured 0.0022 after 150 steps (0.16 at step 70: learning takes off late).
-    assert!(loss < 0.05, "loss {loss}: the answer did not learn to use the image");
+    assert!(
+        loss < 0.05,
+        "loss {loss}: the answer did not learn to use the image"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

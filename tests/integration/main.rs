@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod common;
 mod data;
+mod demo;
 mod generation;
 mod grpo_learns;
 mod hosted;

@@ -1,0 +1,89 @@
+//! The embedded tiny demo, shortened: `medr1 train` with the default config and fewer GRPO
+//! steps, as a user runs it. Seeded, so the same numbers come out each time; the assertions
+//! are what a shortened run can defend.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn medr1(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_medr1"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn shortened_tiny_demo_learns_and_writes_its_run_directory() {
+    let runs = std::env::temp_dir().join(format!("medr1-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let runs_set = format!("runs_dir=\"{}\"", runs.display());
+    let (ok, err) = medr1(&[
+        "train",
+        "--set",
+        &runs_set,
+        "--set",
+        "grpo.steps=40",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "checkpoint.every=20",
+    ]);
+    assert!(ok, "{err}");
+    let dir = runs.join("tiny");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "train.log",
+        "eval_before.json",
+        "eval_after.json",
+        "eval_after.md",
+        "eval_after.csv",
+        "report.md",
+        "curves.png",
+        "final/config.json",
+        "final/model.safetensors",
+        "grpo/checkpoint/state-40.json",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing; stderr:\n{err}");
+    }
+    let rows: Vec<Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 40);
+    let col = |k: &str| -> Vec<f64> { rows.iter().map(|r| r[k].as_f64().unwrap()).collect() };
+    let (reward, format) = (col("reward_mean"), col("reward/format_nothink"));
+    let (first, last) = (mean(&reward[..10]), mean(&reward[30..]));
+    assert!(last > first, "training reward {first:.3} -> {last:.3}");
+    assert!(
+        mean(&format[30..]) >= 0.95,
+        "format rate {:?}",
+        &format[30..]
+    );
+    let before = json(&dir.join("eval_before.json"));
+    let after = json(&dir.join("eval_after.json"));
+    let (b, a) = (
+        before["overall"]["accuracy"].as_f64().unwrap(),
+        after["overall"]["accuracy"].as_f64().unwrap(),
+    );
+    assert!(a >= b, "held-out accuracy {b:.3} -> {a:.3}");
+    assert!(after["by_modality"].as_object().unwrap().len() == 4);
+    let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(report.contains("after GRPO"), "{report}");
+    let _ = std::fs::remove_dir_all(&runs);
+}
