@@ -337,12 +337,12 @@ fn execute<B: Backend>(
     let (trained, state) = launch(policy, ctx, held_out, ecfg.clone(), &opts)?;
     let grpo_secs = grpo_started.elapsed().as_secs_f64();
     if state.step < cfg.grpo.steps {
-        eprintln!(
+        anyhow::bail!(
             "stopped at step {} of {}: `medr1 train --config ... --resume` continues from the \
              last checkpoint",
-            state.step, cfg.grpo.steps
+            state.step,
+            cfg.grpo.steps
         );
-        return Ok(());
     }
     let after = if cfg.eval.after {
         let r = run_eval(&trained, &eval_prompts, &tok, &ecfg, "after GRPO", &device)?;

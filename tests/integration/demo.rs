@@ -87,3 +87,21 @@ fn shortened_tiny_demo_learns_and_writes_its_run_directory() {
     assert!(report.contains("after GRPO"), "{report}");
     let _ = std::fs::remove_dir_all(&runs);
 }
+
+#[test]
+fn bad_configs_and_unwritable_run_directories_fail_before_training() {
+    let (ok, err) = medr1(&["train", "--set", "grpo.stepz=3"]);
+    assert!(!ok && err.contains("stepz"), "{err}");
+    let (ok, err) = medr1(&["train", "--set", "grpo.learning_rate=fast"]);
+    assert!(!ok && err.contains("grpo.learning_rate"), "{err}");
+    let (ok, err) = medr1(&["train", "--config", "no/such/config.toml"]);
+    assert!(!ok && err.contains("no/such/config.toml"), "{err}");
+    // A file where the runs directory should be: nothing can be created under it.
+    let blocker = std::env::temp_dir().join(format!("medr1-blocker-{}", std::process::id()));
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let runs_set = format!("runs_dir=\"{}\"", blocker.display());
+    let (ok, err) = medr1(&["train", "--set", &runs_set]);
+    assert!(!ok && err.contains("run directory"), "{err}");
+    assert!(!err.contains("SFT warm start"), "training started: {err}");
+    let _ = std::fs::remove_file(blocker);
+}

@@ -237,6 +237,10 @@ pub fn launch<B: AutodiffBackend>(
         training = training.renderer(Quiet);
     }
     let start = resume_state.map_or(0, |s| s.step);
+    truncate_metrics(&opts.metrics_jsonl, start).map_err(|source| HostError::Io {
+        path: opts.metrics_jsonl.clone(),
+        source,
+    })?;
     if start > 0 {
         training = training.checkpoint(start);
     }
@@ -253,4 +257,28 @@ pub fn launch<B: AutodiffBackend>(
         seed: opts.seed,
     });
     Ok((result.model.policy, state))
+}
+
+/// Drops `metrics.jsonl` lines of steps after `step`: a run killed after its last checkpoint
+/// logged steps that the resumed run does again.
+fn truncate_metrics(path: &std::path::Path, step: usize) -> std::io::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step")?.as_f64())
+                .is_some_and(|s| s <= step as f64)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, path)
 }
