@@ -164,7 +164,12 @@ fn execute<B: Backend>(
     let started = Instant::now();
     let dir = run_dir(cfg);
     guard::prepare_run_dir(&dir, cfg)?;
-    guard::write_atomic(&dir.join("config.toml"), &cfg.to_toml())?;
+    // An evaluation must not overwrite the training run's resolved config.
+    let config_name = match job {
+        Job::Eval { .. } => "eval_config.toml",
+        _ => "config.toml",
+    };
+    guard::write_atomic(&dir.join(config_name), &cfg.to_toml())?;
     let tok = model::tokenizer(cfg)?;
     if cfg.model.checkpoint.is_empty() {
         guard::write_atomic(
@@ -242,7 +247,7 @@ fn execute<B: Backend>(
                 &device,
             )?;
             save_model(&m.valid(), &sft_dir, SaveDtype::F32)?;
-            std::fs::write(sft_dir.join("tokenizer.json"), tok_json(cfg, &tok)?)?;
+            write_processor_files(&sft_dir, cfg)?;
             eprintln!("wrote the warm start to {}", sft_dir.display());
             m
         }
@@ -353,7 +358,7 @@ fn execute<B: Backend>(
     };
     let final_dir = dir.join("final");
     save_model(&trained, &final_dir, SaveDtype::F32)?;
-    std::fs::write(final_dir.join("tokenizer.json"), tok_json(cfg, &tok)?)?;
+    write_processor_files(&final_dir, cfg)?;
     let before = match before {
         Some(b) => serde_json::from_str(&b.to_json()).ok(),
         None => report::read_eval(&dir.join("eval_before.json")),
@@ -374,8 +379,37 @@ fn execute<B: Backend>(
     Ok(())
 }
 
+/// `tokenizer.json` and `preprocessor_config.json` next to a saved checkpoint, so that
+/// `medr1 generate --model DIR` and transformers process inputs as training did.
+fn write_processor_files(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
+    guard::write_atomic(&dir.join("tokenizer.json"), &tok_json(cfg)?)?;
+    let from_checkpoint = Path::new(&cfg.model.checkpoint).join("preprocessor_config.json");
+    let pp = if !cfg.model.checkpoint.is_empty() && from_checkpoint.is_file() {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&from_checkpoint)?)?;
+        v["min_pixels"] = cfg.model.min_pixels.into();
+        v["max_pixels"] = cfg.model.max_pixels.into();
+        v
+    } else {
+        serde_json::json!({
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "min_pixels": cfg.model.min_pixels,
+            "max_pixels": cfg.model.max_pixels,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        })
+    };
+    guard::write_atomic(
+        &dir.join("preprocessor_config.json"),
+        &serde_json::to_string_pretty(&pp)?,
+    )
+}
+
 /// The tokenizer file saved next to a checkpoint.
-fn tok_json(cfg: &RunConfig, _tok: &TextTokenizer) -> anyhow::Result<String> {
+fn tok_json(cfg: &RunConfig) -> anyhow::Result<String> {
     let m = &cfg.model;
     if m.tokenizer.is_empty() && m.checkpoint.is_empty() {
         return Ok(byte_tokenizer_json().to_string());

@@ -56,6 +56,8 @@ fn shortened_tiny_demo_learns_and_writes_its_run_directory() {
         "curves.png",
         "final/config.json",
         "final/model.safetensors",
+        "final/tokenizer.json",
+        "final/preprocessor_config.json",
         "grpo/checkpoint/state-40.json",
     ] {
         assert!(dir.join(f).is_file(), "{f} missing; stderr:\n{err}");
@@ -83,6 +85,29 @@ fn shortened_tiny_demo_learns_and_writes_its_run_directory() {
     );
     assert!(a >= b, "held-out accuracy {b:.3} -> {a:.3}");
     assert!(after["by_modality"].as_object().unwrap().len() == 4);
+    // The final checkpoint answers a held-out question through `medr1 generate`, in format.
+    let test: Value = json(&dir.join("data/test.json"));
+    let record = &test[0];
+    let image = dir.join("data").join(record["image"].as_str().unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_medr1"))
+        .args(["generate", "--model"])
+        .arg(dir.join("final"))
+        .arg("--image")
+        .arg(&image)
+        .args([
+            "--prompt",
+            record["problem"].as_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("<answer>") && text.contains("</answer>"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(report.contains("after GRPO"), "{report}");
     let _ = std::fs::remove_dir_all(&runs);
