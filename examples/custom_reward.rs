@@ -23,6 +23,7 @@ use qwen2vl::{Qwen2VL, Qwen2VLConfig};
 
 type A = Autodiff<Flex>;
 
+// ANCHOR: reward
 /// 1 for an empty completion, falling linearly to 0 at 24 characters.
 struct Brevity;
 
@@ -35,6 +36,7 @@ impl Reward for Brevity {
         (1.0 - completion.chars().count() as f32 / 24.0).max(0.0)
     }
 }
+// ANCHOR_END: reward
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Default::default();
@@ -72,6 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect::<Result<_, qwen2vl::processor::ProcessorError>>()?;
 
+    // ANCHOR: rewards
     let rewards = WeightedRewards {
         rewards: vec![
             (Box::new(FormatReward::new(false)), 1.0),
@@ -79,6 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (Box::new(Brevity), 0.5),
         ],
     };
+    // ANCHOR_END: rewards
     let cfg = GrpoConfig {
         num_generations: 4,
         max_completion_length: 16,

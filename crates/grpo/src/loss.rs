@@ -59,6 +59,7 @@ pub struct PerToken<B: Backend> {
 /// `-min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * kl`, with `r = exp(logp - old_logp)`
 /// and `kl = exp(ref - logp) - (ref - logp) - 1`. With one update per rollout `old_logp` is
 /// `logp` detached, so `r = 1` and the gradient is `-A d logp` (Med-R1's form).
+// ANCHOR: per_token_loss
 pub fn per_token_loss<B: Backend>(
     logp: Tensor<B, 2>,
     old_logp: Tensor<B, 2>,
@@ -96,6 +97,7 @@ pub fn per_token_loss<B: Backend>(
     }
     PerToken { loss, kl, clipped }
 }
+// ANCHOR_END: per_token_loss
 
 /// Mean of `values` over the mask's active tokens: per sequence then over sequences (`grpo`) or
 /// over all tokens.

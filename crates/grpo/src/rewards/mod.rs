@@ -10,11 +10,13 @@ pub use format::FormatReward;
 
 use medvqa::VqaRecord;
 
+// ANCHOR: reward_trait
 pub trait Reward: Send + Sync {
     /// Name used in metrics (`reward/<name>`).
     fn name(&self) -> &str;
 
     fn score(&self, prompt: &str, completion: &str, record: &VqaRecord) -> f32;
+    // ANCHOR_END: reward_trait
 
     /// Scores a batch; `records[i]` is the record completion `i` was generated for.
     fn score_batch(
