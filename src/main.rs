@@ -51,6 +51,9 @@ enum Command {
     /// Med-VQA data: summary, synth, convert.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
+    /// Rollout tokens/s, train-step time and peak memory of a model built from a config with
+    /// random weights, on synthetic inputs.
+    Bench(commands::bench::BenchArgs),
     /// Train: SFT warm start (if configured), evaluation, GRPO under burn-train, evaluation,
     /// report. Without --config, runs the embedded tiny demo (configs/tiny.toml).
     Train {
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
         Command::Train { run, resume } => {
             commands::train::run(run, run::Job::Train { resume }).map(|_| true)
         }
+        Command::Bench(args) => commands::bench::run(args).map(|_| true),
         Command::Sft { run } => commands::train::run(run, run::Job::Sft).map(|_| true),
         Command::Eval { run, checkpoint } => {
             commands::train::run(run, run::Job::Eval { checkpoint }).map(|_| true)

@@ -179,3 +179,33 @@ fn data_commands_summarise_synthesise_and_convert() {
     assert!(!ok && err.contains("missing.json"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
+    let config = fixture_dir().join("hf_model/config.json");
+    let (ok, out, err) = medr1(&[
+        "bench",
+        "--model-config",
+        s(&config),
+        "--batch",
+        "2",
+        "--prompt-len",
+        "8",
+        "--image-size",
+        "56",
+        "--new-tokens",
+        "4",
+        "--steps",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("device flex (f32)"), "{out}");
+    assert!(
+        out.contains("rollout:") && out.contains("tokens/s"),
+        "{out}"
+    );
+    assert!(out.contains("train step"), "{out}");
+    assert!(out.contains("4 image + 8 text"), "{out}");
+    let (ok, _, err) = medr1(&["bench", "--model-config", "no/config.json"]);
+    assert!(!ok && err.contains("no/config.json"), "{err}");
+}
