@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
+use grpo::schedule::Decay;
+use grpo::{LossType, ScaleRewards};
 use serde::{Deserialize, Serialize};
 
 /// The embedded default (`configs/tiny.toml`).
@@ -130,15 +132,15 @@ pub struct GrpoSection {
     pub epsilon: f32,
     pub epsilon_high: f32,
     /// grpo | bnpo | dr_grpo | dapo
-    pub loss_type: String,
+    pub loss_type: LossType,
     /// group | batch | none
-    pub scale_rewards: String,
+    pub scale_rewards: ScaleRewards,
     pub mask_truncated_completions: bool,
     pub num_iterations: usize,
     pub learning_rate: f64,
     pub warmup_steps: usize,
     /// constant | linear | cosine
-    pub decay: String,
+    pub decay: Decay,
     pub weight_decay: f32,
     pub max_grad_norm: f32,
     /// Reward name -> weight: format, accuracy (Med-R1's exact match), letter_accuracy.
@@ -274,13 +276,13 @@ impl Default for GrpoSection {
             beta: 0.04,
             epsilon: 0.2,
             epsilon_high: 0.2,
-            loss_type: "grpo".into(),
-            scale_rewards: "group".into(),
+            loss_type: LossType::Grpo,
+            scale_rewards: ScaleRewards::Group,
             mask_truncated_completions: false,
             num_iterations: 1,
             learning_rate: 1e-6,
             warmup_steps: 0,
-            decay: "constant".into(),
+            decay: Decay::Constant,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             rewards: [("accuracy".to_string(), 1.0), ("format".to_string(), 1.0)]
@@ -385,21 +387,6 @@ impl RunConfig {
         }
         one_of("data.source", &self.data.source, &["synthetic", "files"])?;
         one_of("sft.target", &self.sft.target, &["answer", "format_only"])?;
-        one_of(
-            "grpo.loss_type",
-            &self.grpo.loss_type,
-            &["grpo", "bnpo", "dr_grpo", "dapo"],
-        )?;
-        one_of(
-            "grpo.scale_rewards",
-            &self.grpo.scale_rewards,
-            &["group", "batch", "none"],
-        )?;
-        one_of(
-            "grpo.decay",
-            &self.grpo.decay,
-            &["constant", "linear", "cosine"],
-        )?;
         for name in self.grpo.rewards.keys() {
             one_of(
                 "grpo.rewards",

@@ -18,12 +18,11 @@ use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
-use grpo::advantages::ScaleRewards;
 use grpo::eval::{evaluate, EvalConfig, EvalReport};
 use grpo::host::{launch, HostCtx, HostOptions, OptimizerOptions};
 use grpo::learner::{GrpoConfig, PromptInput};
-use grpo::loss::{LossConfig, LossType};
-use grpo::schedule::{Decay, LrSchedule};
+use grpo::loss::LossConfig;
+use grpo::schedule::LrSchedule;
 use grpo::{AccuracyReward, FormatReward, LetterAccuracyReward, WeightedRewards};
 use medvqa::PromptTemplate;
 use qwen2vl::generation::Sampling;
@@ -132,19 +131,10 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
             beta: g.beta,
             epsilon_low: g.epsilon,
             epsilon_high: g.epsilon_high,
-            loss_type: match g.loss_type.as_str() {
-                "bnpo" => LossType::Bnpo,
-                "dr_grpo" => LossType::DrGrpo,
-                "dapo" => LossType::Dapo,
-                _ => LossType::Grpo,
-            },
+            loss_type: g.loss_type,
             max_completion_length: g.max_completion_length,
         },
-        scale_rewards: match g.scale_rewards.as_str() {
-            "batch" => ScaleRewards::Batch,
-            "none" => ScaleRewards::None,
-            _ => ScaleRewards::Group,
-        },
+        scale_rewards: g.scale_rewards,
         mask_truncated_completions: g.mask_truncated_completions,
         learning_rate: g.learning_rate,
         max_grad_norm: g.max_grad_norm,
@@ -311,11 +301,7 @@ fn execute<B: Backend>(
             peak: cfg.grpo.learning_rate,
             warmup_steps: cfg.grpo.warmup_steps,
             total_steps: cfg.grpo.steps,
-            decay: match cfg.grpo.decay.as_str() {
-                "linear" => Decay::Linear,
-                "cosine" => Decay::Cosine,
-                _ => Decay::Constant,
-            },
+            decay: cfg.grpo.decay,
         },
         optimizer: OptimizerOptions {
             weight_decay: cfg.grpo.weight_decay,
@@ -410,14 +396,8 @@ fn write_processor_files(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
 
 /// The tokenizer file saved next to a checkpoint.
 fn tok_json(cfg: &RunConfig) -> anyhow::Result<String> {
-    let m = &cfg.model;
-    if m.tokenizer.is_empty() && m.checkpoint.is_empty() {
-        return Ok(byte_tokenizer_json().to_string());
+    match model::tokenizer_path(cfg) {
+        Some(path) => std::fs::read_to_string(&path).with_context(|| format!("{}", path.display())),
+        None => Ok(byte_tokenizer_json().to_string()),
     }
-    let path = if m.tokenizer.is_empty() {
-        Path::new(&m.checkpoint).join("tokenizer.json")
-    } else {
-        PathBuf::from(&m.tokenizer)
-    };
-    std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))
 }

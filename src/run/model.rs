@@ -1,7 +1,7 @@
 //! The run's model and tokenizer: a checkpoint directory, or a randomly initialised tiny
 //! Qwen2-VL with the byte-level tokenizer.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
@@ -54,16 +54,20 @@ pub fn tiny_config_json(t: &TinyModel) -> String {
     .to_string()
 }
 
-pub fn tokenizer(cfg: &RunConfig) -> anyhow::Result<TextTokenizer> {
+/// The tokenizer file a run uses; `None` for the built-in byte-level tokenizer.
+pub fn tokenizer_path(cfg: &RunConfig) -> Option<PathBuf> {
     let m = &cfg.model;
-    let path = if !m.tokenizer.is_empty() {
-        Some(Path::new(&m.tokenizer).to_path_buf())
+    if !m.tokenizer.is_empty() {
+        Some(PathBuf::from(&m.tokenizer))
     } else if !m.checkpoint.is_empty() {
         Some(Path::new(&m.checkpoint).join("tokenizer.json"))
     } else {
         None
-    };
-    match path {
+    }
+}
+
+pub fn tokenizer(cfg: &RunConfig) -> anyhow::Result<TextTokenizer> {
+    match tokenizer_path(cfg) {
         Some(p) => TextTokenizer::from_file(&p)
             .with_context(|| format!("tokenizer {} (set model.tokenizer)", p.display())),
         None => Ok(TextTokenizer::from_bytes(

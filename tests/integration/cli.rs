@@ -7,7 +7,7 @@ use crate::common::fixture_dir;
 use qwen2vl::processor::byte_tokenizer_json;
 use qwen2vl::verify::Fixture;
 
-fn medr1(args: &[&str]) -> (bool, String, String) {
+pub(crate) fn medr1(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_medr1"))
         .args(args)
         .output()

@@ -7,15 +7,10 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// Success and stderr of a `medr1` run.
 fn medr1(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_medr1"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (ok, _, err) = crate::cli::medr1(args);
+    (ok, err)
 }
 
 fn json(path: &Path) -> Value {

@@ -107,7 +107,8 @@ pub fn checkpoint_dir(train_dir: &Path) -> PathBuf {
     train_dir.join("checkpoint")
 }
 
-fn state_path(train_dir: &Path, step: usize) -> PathBuf {
+/// `state-<step>.json` of a run's training directory.
+pub(super) fn state_path(train_dir: &Path, step: usize) -> PathBuf {
     checkpoint_dir(train_dir).join(format!("state-{step}.json"))
 }
 

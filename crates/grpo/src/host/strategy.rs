@@ -18,7 +18,7 @@ use burn::train::{
 };
 
 use super::record::StepRecord;
-use super::store::{write_state, KeepLast, RunState};
+use super::store::{state_path, write_state, KeepLast, RunState};
 use super::GrpoPolicy;
 use crate::learner::clip_global_norm;
 
@@ -240,10 +240,7 @@ where
                     }
                     for action in states.actions(steps_done) {
                         if let CheckpointingAction::Delete(old) = action {
-                            let _ = std::fs::remove_file(
-                                super::store::checkpoint_dir(&self.train_dir)
-                                    .join(format!("state-{old}.json")),
-                            );
+                            let _ = std::fs::remove_file(state_path(&self.train_dir, old));
                         }
                     }
                     last_saved = steps_done;
