@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "tests/fixtures/qwen2vl-tiny-seed0/hf_model".into());
+    // ANCHOR: load
     let device = Default::default();
     let (model, info) = load_model::<Flex>(dir.as_ref(), &device)?;
     println!(
@@ -28,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .reshape([vocab])
         .into_data()
         .to_vec()?;
+    // ANCHOR_END: load
     let mut order: Vec<usize> = (0..vocab).collect();
     order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
     for id in order.iter().take(5) {

@@ -1,6 +1,7 @@
 //! Integration tests, in one crate so that the model is compiled and linked once for all of
 //! them (each file under tests/ would otherwise be its own crate).
 
+mod book;
 mod checkpoint;
 mod cli;
 mod common;

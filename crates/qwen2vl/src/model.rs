@@ -138,6 +138,7 @@ impl<B: Backend> Qwen2VL<B> {
     }
 
     /// Final-normed hidden states `[batch, len, hidden]` of a left-padded batch.
+    // ANCHOR: forward_hidden
     pub fn forward_hidden(
         &self,
         batch: &TokenBatch,
@@ -187,6 +188,7 @@ impl<B: Backend> Qwen2VL<B> {
         }
         Ok(hidden)
     }
+    // ANCHOR_END: forward_hidden
 
     /// Logits from final hidden states: `[.., hidden] -> [.., vocab]`.
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {

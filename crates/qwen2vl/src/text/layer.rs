@@ -76,6 +76,7 @@ impl<B: Backend> DecoderLayer<B> {
     /// may not attend. Without a cache the keys are `x`'s own; with one, the post-RoPE keys and
     /// values of `x` are written into it at its fill offset and the queries attend over its
     /// whole (fixed) capacity, so every decoding step has the same shapes.
+    // ANCHOR: decoder_layer
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -118,4 +119,5 @@ impl<B: Backend> DecoderLayer<B> {
             .forward(silu(self.gate_proj.forward(m.clone())) * self.up_proj.forward(m));
         x + m
     }
+    // ANCHOR_END: decoder_layer
 }

@@ -1,0 +1,51 @@
+//! Generation speed of the tiny reference model on the Flex CPU backend: a batch of prompts
+//! with one image each, KV-cached decoding of a fixed number of tokens (no early stop), greedy
+//! and sampled. Throughput is new tokens. `cargo bench --bench generation`.
+
+mod common;
+
+use burn::backend::Flex;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use grpo::learner::{images_of, PromptInput};
+use qwen2vl::generation::{generate, GenerationConfig, Sampling};
+use qwen2vl::{load_model, TokenBatch};
+
+const NEW_TOKENS: usize = 16;
+
+fn bench(c: &mut Criterion) {
+    let device = Default::default();
+    let (model, _) = load_model::<Flex>(&common::fixture_dir(), &device).expect("fixture model");
+    let prompts = common::synthetic_prompts(8);
+    let mut group = c.benchmark_group("generation");
+    group.sample_size(20);
+    for batch in [1usize, 8] {
+        let chosen: Vec<&PromptInput> = prompts.iter().take(batch).collect();
+        let rows: Vec<Vec<u32>> = chosen.iter().map(|p| p.ids.clone()).collect();
+        let tokens = TokenBatch::left_padded(&rows, common::PAD);
+        let images = images_of::<Flex>(&chosen, &device);
+        group.throughput(Throughput::Elements((batch * NEW_TOKENS) as u64));
+        for (name, temperature) in [("greedy", 0.0), ("sampled", 1.0)] {
+            let cfg = GenerationConfig {
+                max_new_tokens: NEW_TOKENS,
+                sampling: Sampling {
+                    temperature,
+                    top_k: 0,
+                    top_p: 1.0,
+                },
+                // No stop token: every row decodes all NEW_TOKENS steps.
+                eos_token_ids: Vec::new(),
+                pad_token_id: common::PAD,
+                seed: 0,
+            };
+            group.bench_function(format!("batch {batch} {name}"), |b| {
+                b.iter(|| {
+                    generate(&model, &tokens, images.as_ref(), &cfg, false).expect("generate")
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
