@@ -3,7 +3,10 @@
 //! image of `--image-size` pixels square plus `--prompt-len` text tokens.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use burn::backend::Autodiff;
@@ -21,7 +24,7 @@ use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// A Qwen2-VL config.json (e.g. ../shared/reference/qwen2_vl_2b_instruct_config.json).
+    /// A Qwen2-VL config.json (e.g. benches/reference/qwen2_vl_2b_instruct_config.json).
     #[arg(long)]
     pub model_config: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
@@ -48,6 +51,58 @@ pub struct BenchArgs {
 
 struct Task(BenchArgs, Qwen2VLConfig);
 
+/// Device memory in use as `nvidia-smi` reports it (MiB), polled every 100 ms on a thread:
+/// it sees what the process holds, the allocator's pools included, as an out-of-memory error
+/// would. `None` where there is no `nvidia-smi`.
+struct GpuMemory {
+    peak_mib: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+fn nvidia_smi_used_mib() -> Option<u64> {
+    let out = Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+            "0",
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+impl GpuMemory {
+    fn start() -> Option<Self> {
+        let first = nvidia_smi_used_mib()?;
+        let peak_mib = Arc::new(AtomicU64::new(first));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak_mib.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(used) = nvidia_smi_used_mib() {
+                    p.fetch_max(used, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Some(Self { peak_mib, stop })
+    }
+
+    /// The peak since the last call, in GiB; starts a new window.
+    fn take_peak_gib(&self) -> f64 {
+        let now = nvidia_smi_used_mib().unwrap_or(0);
+        let peak = self.peak_mib.swap(now, Ordering::Relaxed).max(now);
+        peak as f64 / 1024.0
+    }
+}
+
+impl Drop for GpuMemory {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Peak resident memory of this process (Linux), in GiB.
 fn peak_rss_gib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -66,6 +121,12 @@ impl BackendTask for Task {
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let (a, config) = (self.0, self.1);
+        let gpu = if a.device == DeviceKind::Cuda {
+            GpuMemory::start()
+        } else {
+            None
+        };
+        let baseline_gib = gpu.as_ref().map(GpuMemory::take_peak_gib);
         let t = Instant::now();
         let mut model = Qwen2VL::<Autodiff<B>>::random(&config, &device);
         eprintln!("built a random model in {:.1}s", t.elapsed().as_secs_f64());
@@ -125,6 +186,7 @@ impl BackendTask for Task {
             }
             completions = out.tokens;
         }
+        let rollout_peak = gpu.as_ref().map(GpuMemory::take_peak_gib);
         let completions: Vec<Vec<u32>> = completions
             .into_iter()
             .map(|c| if c.is_empty() { vec![pad] } else { c })
@@ -145,6 +207,7 @@ impl BackendTask for Task {
                 step_s.push(t.elapsed().as_secs_f64());
             }
         }
+        let step_peak = gpu.as_ref().map(GpuMemory::take_peak_gib);
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         let (r, s) = (mean(&rollout_s), mean(&step_s));
         let params = config.parameter_counts().total();
@@ -171,8 +234,18 @@ impl BackendTask for Task {
             (a.batch * (prompt.len() + a.new_tokens)) as f64 / s
         );
         match peak_rss_gib() {
-            Some(g) => println!("peak host memory (RSS): {g:.2} GiB (device memory not measured)"),
-            None => println!("peak memory: not available on this platform"),
+            Some(g) => println!("peak host memory (RSS): {g:.2} GiB"),
+            None => println!("peak host memory: not available on this platform"),
+        }
+        match (baseline_gib, rollout_peak, step_peak) {
+            (Some(base), Some(r), Some(s)) => println!(
+                "peak device memory (nvidia-smi, GPU 0, allocator pools included): rollout \
+                 {r:.2} GiB, train step {s:.2} GiB (in use before the model: {base:.2} GiB)"
+            ),
+            _ if a.device == DeviceKind::Cuda => {
+                println!("peak device memory: not measured (no nvidia-smi)")
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -52,7 +52,8 @@ fn parameters(cfg: &RunConfig) -> anyhow::Result<usize> {
 }
 
 /// Creates the run directory, proves it writable and checks the disk can hold the
-/// checkpoints the config asks for (each: f32 weights + AdamW's two moments).
+/// checkpoints the config asks for (each: the weights saved in f32, AdamW's two f32 moments
+/// and, in a bf16 run, the optimizer's f32 master copy of the weights).
 pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
@@ -61,7 +62,8 @@ pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("the run directory {} is not writable", dir.display()))?;
     let _ = std::fs::remove_file(&probe);
     let params = parameters(cfg)? as u64;
-    let per_checkpoint = params * 4 * 3;
+    let copies = if cfg.dtype == "bf16" { 4 } else { 3 };
+    let per_checkpoint = params * 4 * copies;
     // Kept checkpoints, one being written, the SFT and final weights.
     let needed = per_checkpoint * (cfg.checkpoint.keep as u64 + 1) + params * 4 * 2;
     if let Some(free) = free_bytes(dir) {

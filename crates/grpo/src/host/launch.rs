@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::optim::MasterAdamW;
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataset::InMemDataset;
-use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::MetricDefinition;
 use burn::train::renderer::{
@@ -56,12 +56,14 @@ impl Default for OptimizerOptions {
 }
 
 impl OptimizerOptions {
-    pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig::new()
-            .with_beta_1(self.beta_1)
-            .with_beta_2(self.beta_2)
-            .with_epsilon(self.epsilon)
-            .with_weight_decay(self.weight_decay)
+    /// AdamW with f32 master weights for bf16 parameters (on f32 parameters: Burn's AdamW).
+    pub fn adamw(&self) -> MasterAdamW {
+        MasterAdamW {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            weight_decay: self.weight_decay,
+        }
     }
 }
 

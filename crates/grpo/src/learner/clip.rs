@@ -3,7 +3,7 @@
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{backend::AutodiffBackend, Tensor};
+use burn::tensor::{backend::AutodiffBackend, FloatDType, Tensor};
 
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
@@ -13,7 +13,14 @@ struct SquaredNorm<'a> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let s: f32 = g.powi_scalar(2).sum().into_scalar().elem();
+            // In f32 whatever the gradient's type: a bf16 sum of squares over millions of
+            // values would lose most of its digits.
+            let s: f32 = g
+                .cast(FloatDType::F32)
+                .powi_scalar(2)
+                .sum()
+                .into_scalar()
+                .elem();
             self.total += s as f64;
         }
     }
