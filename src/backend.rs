@@ -52,7 +52,9 @@ pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::
     }
 }
 
-/// [`dispatch`] with the float type: `bf16` runs CUDA's backend on bf16 tensors.
+/// [`dispatch`] with the float type. `bf16` runs CUDA's backend on bf16 tensors, or the Flex
+/// CPU backend with bf16 as its device's default float type (slow: for checking bf16 numerics
+/// on a machine without a GPU). WGPU has no bf16 arithmetic.
 pub fn dispatch_dtype<T: BackendTask>(
     kind: DeviceKind,
     bf16: bool,
@@ -66,8 +68,22 @@ pub fn dispatch_dtype<T: BackendTask>(
         DeviceKind::Cuda => {
             Ok(task.run::<burn::backend::Cuda<burn::tensor::bf16>>(Default::default()))
         }
+        #[cfg(feature = "flex")]
+        DeviceKind::Flex => {
+            use burn::tensor::{FloatDType, IntDType};
+            let device = Default::default();
+            // Must come before the device's first tensor; only one setting per process.
+            burn::tensor::set_default_dtypes::<burn::backend::Flex>(
+                &device,
+                FloatDType::BF16,
+                IntDType::I32,
+            )
+            .map_err(|e| anyhow::anyhow!("cannot switch the CPU backend to bf16: {e:?}"))?;
+            Ok(task.run::<burn::backend::Flex>(device))
+        }
         _ => anyhow::bail!(
-            "dtype = \"bf16\" needs the CUDA backend (device = \"cuda\", a `--features cuda` build)"
+            "bf16 runs on device cuda (a `--features cuda` build) or flex (the CPU, slowly); \
+             WGPU has no bf16 arithmetic"
         ),
     }
 }

@@ -21,7 +21,7 @@ pub struct RunConfig {
     pub runs_dir: PathBuf,
     /// flex | wgpu | cuda
     pub device: String,
-    /// f32 | bf16 (bf16 only on CUDA)
+    /// f32 | bf16 (bf16 on CUDA, or on the Flex CPU backend to check bf16 numerics; not WGPU)
     pub dtype: String,
     pub seed: u64,
     pub model: ModelConfig,
@@ -35,8 +35,12 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// A Qwen2-VL checkpoint directory (HF layout). Empty: a randomly initialised tiny model.
+    /// A Qwen2-VL checkpoint directory (HF layout). Empty: a randomly initialised model
+    /// (`random_config`, or the tiny one).
     pub checkpoint: String,
+    /// A Qwen2-VL config.json: random weights of that architecture, for speed and memory
+    /// checks at full size without the checkpoint (needs `tokenizer`).
+    pub random_config: String,
     /// tokenizer.json; empty: the checkpoint's, or the byte-level tokenizer for tiny models.
     pub tokenizer: String,
     pub tiny: TinyModel,
@@ -189,6 +193,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             checkpoint: String::new(),
+            random_config: String::new(),
             tokenizer: String::new(),
             tiny: TinyModel::default(),
             min_pixels: 3136,
@@ -382,8 +387,16 @@ impl RunConfig {
         };
         one_of("device", &self.device, &["flex", "wgpu", "cuda"])?;
         one_of("dtype", &self.dtype, &["f32", "bf16"])?;
-        if self.dtype == "bf16" && self.device != "cuda" {
-            bail!("dtype = \"bf16\" is supported on device = \"cuda\" only");
+        if self.dtype == "bf16" && self.device == "wgpu" {
+            bail!("dtype = \"bf16\" runs on device = \"cuda\" or \"flex\": WGPU has no bf16 arithmetic");
+        }
+        if !self.model.random_config.is_empty() {
+            if !self.model.checkpoint.is_empty() {
+                bail!("model.checkpoint and model.random_config are alternatives: set one");
+            }
+            if self.model.tokenizer.is_empty() {
+                bail!("model.random_config needs model.tokenizer (a tokenizer.json for its vocabulary)");
+            }
         }
         one_of("data.source", &self.data.source, &["synthetic", "files"])?;
         one_of("sft.target", &self.sft.target, &["answer", "format_only"])?;

@@ -39,6 +39,10 @@ enum Command {
         /// Backend to run the model on.
         #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
+        /// Run the model in bf16 and judge its outputs against transformers' own bf16 error
+        /// on the fixture (`bf16_reference.json`): cuda, or flex (the CPU, slowly).
+        #[arg(long)]
+        bf16: bool,
     },
     /// Summarise a checkpoint directory (or a config.json): architecture, parameters per tower,
     /// dtype and key layout on disk.
@@ -87,7 +91,8 @@ fn main() -> ExitCode {
             device,
             chat_cases,
             tokenizer,
-        } => commands::verify::run(&fixtures, chat_cases.zip(tokenizer), device),
+            bf16,
+        } => commands::verify::run(&fixtures, chat_cases.zip(tokenizer), device, bf16),
         Command::Generate(args) => commands::generate::run(args).map(|_| true),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),

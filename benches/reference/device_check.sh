@@ -1,28 +1,72 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (CUDA 13 driver, torch + transformers installed, no Rust), with
-# medr1-cuda.gz carried (benches/reference/build_cuda.sh). Writes everything under $OUT:
-#   1. medr1 verify on CUDA in f32 (parity with transformers' fixtures);
-#   2. medr1 bench, 2B config, bf16, the issue's shapes (batch 8, 358-token prompt with 256
-#      image tokens, 256 new tokens): rollout tokens/s, update time, peak device memory;
-#   3. transformers on the same shapes in the same call (pure bf16, then bf16 autocast).
-# Each part has its own time limit so that one slow part still leaves the others' results.
+# The GPU checks, for the device machine (CUDA 13 driver, torch + transformers installed, no
+# Rust), with medr1-cuda.gz carried (benches/reference/build_cuda.sh). One part per call, each
+# well under the 10-minute limit of a call (first runs of each shape compile kernels):
+#   parity     medr1 verify on CUDA in f32 and in bf16 (about 2 min)
+#   bench      medr1 bench, 2B config, bf16, the issue's shapes: batch 8, 358-token prompt
+#              (256 image tokens), 256 new tokens: rollout tokens/s, update time, peak memory
+#   reference  transformers on the same shapes (pure bf16, then bf16 autocast with f32 weights)
+#   grpo       two GRPO steps of Med-R1's 2B recipe (random weights, synthetic 616x616 images:
+#              484 image tokens, near max_pixels' 512), peak device memory sampled by nvidia-smi
+# Usage: benches/reference/device_check.sh PART [PART...]; results under $OUT (or /tmp).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib
 OUT=${OUT:-/tmp/medr1-device}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/../.."
-gunzip -c medr1-cuda.gz > /tmp/medr1 && chmod +x /tmp/medr1
-CONFIG=benches/reference/qwen2_vl_2b_instruct_config.json
+if [ ! -x /tmp/medr1 ]; then
+    gunzip -c medr1-cuda.gz > /tmp/medr1 && chmod +x /tmp/medr1
+fi
+CONFIG=tests/fixtures/qwen2_vl_2b_instruct_config.json
 SHAPES=(--batch 8 --prompt-len 100 --image-size 448 --new-tokens 256)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 120 /tmp/medr1 verify tests/fixtures/qwen2vl-tiny-seed0 --device cuda \
-    > "$OUT/verify.txt" 2>&1; echo "verify exit $?" | tee -a "$OUT/verify.txt"
-timeout 240 /tmp/medr1 bench --model-config "$CONFIG" --device cuda --bf16 "${SHAPES[@]}" \
-    --steps 2 > "$OUT/medr1-bench.txt" 2>&1; echo "bench exit $?" | tee -a "$OUT/medr1-bench.txt"
-for p in bf16 amp; do
-    timeout 150 python3 benches/reference/transformers_bench.py --model-config "$CONFIG" \
-        "${SHAPES[@]}" --steps 2 --precision "$p" --json "$OUT/transformers-$p.json" \
-        > "$OUT/transformers-$p.txt" 2>&1
-    echo "transformers $p exit $?" | tee -a "$OUT/transformers-$p.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+
+run() { # name timeout command...
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "$name exit $?" | tee -a "$OUT/$name.txt"
+    tail -n 4 "$OUT/$name.txt"
+}
+
+for part in "$@"; do
+    case $part in
+    parity)
+        run verify-f32 200 /tmp/medr1 verify tests/fixtures/qwen2vl-tiny-seed0 --device cuda
+        run verify-bf16 200 /tmp/medr1 verify tests/fixtures/qwen2vl-tiny-seed0 --device cuda --bf16
+        ;;
+    bench)
+        run medr1-bench 420 /tmp/medr1 bench --model-config "$CONFIG" --device cuda --bf16 \
+            "${SHAPES[@]}" --steps 2
+        ;;
+    reference)
+        for p in bf16 amp; do
+            run "transformers-$p" 200 python3 benches/reference/transformers_bench.py \
+                --model-config "$CONFIG" "${SHAPES[@]}" --steps 2 --precision "$p" \
+                --json "$OUT/transformers-$p.json"
+        done
+        ;;
+    grpo)
+        (while true; do
+            nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0
+            sleep 0.2
+        done) > "$OUT/grpo-memory-mib.txt" 2>&1 &
+        poller=$!
+        run grpo-2b 540 /tmp/medr1 train --config configs/med-r1-2b.toml \
+            --set 'model.checkpoint=""' --set "model.random_config=\"$CONFIG\"" \
+            --set 'model.tokenizer="tests/fixtures/qwen-chat/tokenizer.json"' \
+            --set 'data.source="synthetic"' --set data.synthetic.image_size=616 \
+            --set data.synthetic.n=40 --set grpo.steps=2 --set eval.before=false \
+            --set eval.after=false --set checkpoint.every=1000 --set checkpoint.keep=1 \
+            --set "runs_dir=\"$OUT/runs\""
+        kill "$poller"
+        echo "peak device memory during the GRPO run: $(sort -n "$OUT/grpo-memory-mib.txt" | tail -1) MiB" \
+            | tee -a "$OUT/grpo-2b.txt"
+        rm -rf "$OUT/runs"/*/grpo/checkpoint "$OUT/runs"/*/final
+        ;;
+    *)
+        echo "unknown part $part (parity, bench, reference, grpo)" >&2
+        exit 2
+        ;;
+    esac
 done
-tail -n 5 "$OUT"/*.txt

@@ -15,9 +15,9 @@ and the peak allocated GPU memory of each.
 
 Run it where medr1's bench runs, with the same arguments:
   python3 benches/reference/transformers_bench.py \
-      --model-config benches/reference/qwen2_vl_2b_instruct_config.json \
+      --model-config tests/fixtures/qwen2_vl_2b_instruct_config.json \
       --batch 8 --prompt-len 100 --image-size 448 --new-tokens 256
-  medr1 bench --model-config benches/reference/qwen2_vl_2b_instruct_config.json \
+  medr1 bench --model-config tests/fixtures/qwen2_vl_2b_instruct_config.json \
       --device cuda --bf16 --batch 8 --prompt-len 100 --image-size 448 --new-tokens 256
 
 Needs torch and transformers (not torchvision). Works on CPU too, with a tiny config, to check

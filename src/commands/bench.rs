@@ -24,7 +24,7 @@ use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// A Qwen2-VL config.json (e.g. benches/reference/qwen2_vl_2b_instruct_config.json).
+    /// A Qwen2-VL config.json (e.g. tests/fixtures/qwen2_vl_2b_instruct_config.json).
     #[arg(long)]
     pub model_config: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]

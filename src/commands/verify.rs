@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::backend::{dispatch, BackendTask, DeviceKind};
-use qwen2vl::verify::{verify_chat_cases, verify_fixture, Check, Report};
+use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
+use qwen2vl::verify::{
+    bf16_report, verify_chat_cases, verify_fixture, Bf16Reference, Check, Report,
+};
 
 struct Verify<'a> {
     dir: &'a Path,
@@ -42,12 +44,30 @@ pub fn run(
     fixtures: &[PathBuf],
     chat: Option<(PathBuf, PathBuf)>,
     device: DeviceKind,
+    bf16: bool,
 ) -> anyhow::Result<bool> {
     let mut total = 0;
     let mut failed = 0;
-    for dir in fixtures {
-        let report = dispatch(device, Verify { dir })?
+    // Read before the backend starts, so that a missing file fails fast.
+    let references = fixtures
+        .iter()
+        .filter(|_| bf16)
+        .map(|dir| Bf16Reference::open(dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    if bf16 && fixtures.len() > 1 {
+        // The bf16 backend setting is made once per process, before the first tensor.
+        anyhow::bail!("--bf16 checks one fixture directory per run");
+    }
+    for (i, dir) in fixtures.iter().enumerate() {
+        let report = dispatch_dtype(device, bf16, Verify { dir })?
             .with_context(|| format!("verifying {}", dir.display()))?;
+        let report = match references.get(i) {
+            Some(reference) => {
+                println!("bf16 reference: {}", reference.engine);
+                bf16_report(report, reference)
+            }
+            None => report,
+        };
         println!("fixture {}", dir.display());
         print_checks(&report.checks);
         total += report.checks.len();
@@ -66,8 +86,9 @@ pub fn run(
         failed += checks.iter().filter(|c| !c.ok()).count();
     }
     println!(
-        "summary: {total} checks, {} passed, {failed} failed (device {device:?})",
-        total - failed
+        "summary: {total} checks, {} passed, {failed} failed (device {device:?}, {})",
+        total - failed,
+        if bf16 { "bf16" } else { "f32" }
     );
     Ok(failed == 0)
 }

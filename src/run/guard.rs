@@ -40,7 +40,9 @@ fn free_bytes(_: &Path) -> Option<u64> {
 
 /// Parameters of the model a run trains (from the checkpoint's config or the tiny spec).
 fn parameters(cfg: &RunConfig) -> anyhow::Result<usize> {
-    let config = if cfg.model.checkpoint.is_empty() {
+    let config = if !cfg.model.random_config.is_empty() {
+        qwen2vl::Qwen2VLConfig::from_file(Path::new(&cfg.model.random_config))?
+    } else if cfg.model.checkpoint.is_empty() {
         qwen2vl::Qwen2VLConfig::from_json_str(
             &super::model::tiny_config_json(&cfg.model.tiny),
             "model.tiny",
@@ -64,8 +66,11 @@ pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
     let params = parameters(cfg)? as u64;
     let copies = if cfg.dtype == "bf16" { 4 } else { 3 };
     let per_checkpoint = params * 4 * copies;
-    // Kept checkpoints, one being written, the SFT and final weights.
-    let needed = per_checkpoint * (cfg.checkpoint.keep as u64 + 1) + params * 4 * 2;
+    // Kept checkpoints and one being written (no more than the run will write: one every
+    // `checkpoint.every` steps and one at the end), the SFT and final weights.
+    let written =
+        (cfg.checkpoint.keep + 1).min(cfg.grpo.steps.div_ceil(cfg.checkpoint.every.max(1)));
+    let needed = per_checkpoint * written as u64 + params * 4 * 2;
     if let Some(free) = free_bytes(dir) {
         if free < needed {
             bail!(
@@ -75,7 +80,7 @@ pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
                 dir.display(),
                 free as f64 / (1u64 << 30) as f64,
                 needed as f64 / (1u64 << 30) as f64,
-                cfg.checkpoint.keep + 1,
+                written,
                 per_checkpoint as f64 / (1u64 << 30) as f64
             );
         }

@@ -161,7 +161,7 @@ fn execute<B: Backend>(
     };
     guard::write_atomic(&dir.join(config_name), &cfg.to_toml())?;
     let tok = model::tokenizer(cfg)?;
-    if cfg.model.checkpoint.is_empty() {
+    if model::tokenizer_path(cfg).is_none() {
         guard::write_atomic(
             &dir.join("tokenizer.json"),
             &byte_tokenizer_json().to_string(),

@@ -93,7 +93,14 @@ pub fn initial<B: Backend>(cfg: &RunConfig, device: &B::Device) -> anyhow::Resul
         eprintln!("loading {}", dir.display());
         return Ok(load_model::<B>(dir, device)?.0);
     }
-    let config = Qwen2VLConfig::from_json_str(&tiny_config_json(&cfg.model.tiny), "model.tiny")?;
+    let config = if cfg.model.random_config.is_empty() {
+        Qwen2VLConfig::from_json_str(&tiny_config_json(&cfg.model.tiny), "model.tiny")?
+    } else {
+        let path = Path::new(&cfg.model.random_config);
+        eprintln!("random weights of the architecture in {}", path.display());
+        Qwen2VLConfig::from_file(path)
+            .with_context(|| format!("model.random_config {}", path.display()))?
+    };
     B::seed(device, cfg.sft.seed.unwrap_or(cfg.seed));
     Ok(Qwen2VL::random(&config, device))
 }

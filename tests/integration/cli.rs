@@ -208,4 +208,55 @@ fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
     assert!(out.contains("4 image + 8 text"), "{out}");
     let (ok, _, err) = medr1(&["bench", "--model-config", "no/config.json"]);
     assert!(!ok && err.contains("no/config.json"), "{err}");
+
+    // bf16 on the CPU: the rollout, then forward, backward and AdamW with f32 master weights.
+    let (ok, out, err) = medr1(&[
+        "bench",
+        "--model-config",
+        s(&config),
+        "--bf16",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "8",
+        "--image-size",
+        "56",
+        "--new-tokens",
+        "4",
+        "--steps",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("device flex (bf16)"), "{out}");
+    assert!(out.contains("train step"), "{out}");
+}
+
+/// The error of `name` on its line of `medr1 verify` output.
+fn check_error(out: &str, name: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no check {name} in:\n{out}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn verify_in_bf16_runs_in_bf16_and_stays_within_transformers_own_bf16_error() {
+    let (ok, out, err) = medr1(&["verify", s(&fixture_dir()), "--bf16"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("0 failed (device Flex, bf16)"), "{out}");
+    // Really bf16: in f32 these errors are about 1e-6.
+    let logits = check_error(&out, "single.logits");
+    assert!(
+        logits > 1e-3,
+        "single.logits error {logits}: not a bf16 run?"
+    );
+    let logprobs = check_error(&out, "batch.token_logprobs");
+    assert!(logprobs > 1e-4 && logprobs < 0.2, "{logprobs}");
+    // Without transformers' bf16 measurement there is nothing to judge against.
+    let bare = std::env::temp_dir().join(format!("medr1-cli-{}-nobf16", std::process::id()));
+    let _ = std::fs::create_dir_all(&bare);
+    let (ok, _, err) = medr1(&["verify", s(&bare), "--bf16"]);
+    assert!(!ok && err.contains("bf16_reference.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&bare);
 }

@@ -124,4 +124,52 @@ fn bad_configs_and_unwritable_run_directories_fail_before_training() {
     assert!(!ok && err.contains("run directory"), "{err}");
     assert!(!err.contains("SFT warm start"), "training started: {err}");
     let _ = std::fs::remove_file(blocker);
+    let (ok, err) = medr1(&["train", "--set", "model.random_config=\"x/config.json\""]);
+    assert!(!ok && err.contains("model.tokenizer"), "{err}");
+}
+
+/// `model.random_config`: random weights of any architecture (here the tiny fixture's, with
+/// the byte-level tokenizer given as a file), through SFT, GRPO and the final checkpoint.
+#[test]
+fn a_run_can_start_from_random_weights_of_a_given_config() {
+    let root = std::env::temp_dir().join(format!("medr1-random-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let tokenizer = root.join("tokenizer.json");
+    std::fs::write(
+        &tokenizer,
+        qwen2vl::processor::byte_tokenizer_json().to_string(),
+    )
+    .unwrap();
+    let config = crate::common::fixture_dir().join("hf_model/config.json");
+    let sets = [
+        format!("runs_dir=\"{}\"", root.join("runs").display()),
+        format!("model.random_config=\"{}\"", config.display()),
+        format!("model.tokenizer=\"{}\"", tokenizer.display()),
+        "data.synthetic.n=24".into(),
+        "sft.steps=2".into(),
+        "grpo.steps=2".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+        "eval.every=0".into(),
+    ];
+    let mut args = vec!["train"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let (ok, err) = medr1(&args);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("random weights of the architecture in"),
+        "{err}"
+    );
+    let run = root.join("runs/tiny");
+    let saved = qwen2vl::Qwen2VLConfig::from_file(&run.join("final/config.json")).unwrap();
+    let wanted = qwen2vl::Qwen2VLConfig::from_file(&config).unwrap();
+    assert_eq!(
+        saved.parameter_counts().total(),
+        wanted.parameter_counts().total()
+    );
+    assert!(run.join("final/tokenizer.json").is_file());
+    let _ = std::fs::remove_dir_all(&root);
 }

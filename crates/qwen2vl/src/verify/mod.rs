@@ -2,11 +2,13 @@
 //! (`make_fixtures.py` format). Runs every check the directory supports; used by
 //! `medr1 verify` and by the parity tests.
 
+mod bf16;
 mod chat;
 mod fixture;
 mod generation;
 mod processor;
 
+pub use bf16::{bf16_report, Bf16Reference, BF16_MARGIN};
 pub use chat::verify_chat_cases;
 
 pub use fixture::{Fixture, RefTensor};
