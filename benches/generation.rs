@@ -36,6 +36,7 @@ fn bench(c: &mut Criterion) {
                 eos_token_ids: Vec::new(),
                 pad_token_id: common::PAD,
                 seed: 0,
+                prompt_bucket: 1,
             };
             group.bench_function(format!("batch {batch} {name}"), |b| {
                 b.iter(|| {

@@ -43,6 +43,7 @@ fn answer<B: Backend>(dir: &Path, image: &Path, prompt: &str) -> Result<String, 
         pad_token_id: model.config.bos_token_id.unwrap_or(0),
         eos_token_ids: eos,
         seed: 0,
+        prompt_bucket: 1,
     };
     let out = generate(&model, &TokenBatch::single(ids), Some(&images), &cfg, false)?;
     Ok(processor.tokenizer.decode(&out.tokens[0], true)?)

@@ -141,6 +141,9 @@ pub struct GrpoSection {
     pub scale_rewards: ScaleRewards,
     pub mask_truncated_completions: bool,
     pub num_iterations: usize,
+    /// Prompt and completion widths padded to multiples of this so steps share shapes (and
+    /// compiled kernels on GPU backends); 0: 64 on cuda and wgpu, exact (1) on flex.
+    pub shape_bucket: usize,
     pub learning_rate: f64,
     pub warmup_steps: usize,
     /// constant | linear | cosine
@@ -285,6 +288,7 @@ impl Default for GrpoSection {
             scale_rewards: ScaleRewards::Group,
             mask_truncated_completions: false,
             num_iterations: 1,
+            shape_bucket: 0,
             learning_rate: 1e-6,
             warmup_steps: 0,
             decay: Decay::Constant,

@@ -173,6 +173,7 @@ impl BackendTask for Task {
             eos_token_ids: Vec::new(),
             pad_token_id: pad,
             seed: 0,
+            prompt_bucket: 1,
         };
         let batch = TokenBatch::left_padded(&rows, pad);
         let inner_images = images(&device);

@@ -119,6 +119,7 @@ impl BackendTask for Task {
             pad_token_id: model.config.bos_token_id.unwrap_or(0),
             eos_token_ids: eos.clone(),
             seed: a.seed,
+            prompt_bucket: 1,
         };
         let out = generate(&model, &TokenBatch::single(ids), Some(&images), &cfg, false)?;
         if a.show_ids {

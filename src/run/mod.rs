@@ -141,6 +141,11 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
         eos_token_ids: eos.to_vec(),
         pad_token_id: pad,
         num_iterations: g.num_iterations.max(1),
+        shape_bucket: match (g.shape_bucket, cfg.device.as_str()) {
+            (0, "flex") => 1,
+            (0, _) => 64,
+            (b, _) => b,
+        },
     }
 }
 

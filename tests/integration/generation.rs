@@ -4,7 +4,10 @@
 use crate::common::{fixture_dir, Flex};
 use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
-use qwen2vl::generation::{completion_logprobs, generate, GenerationConfig, Sampling};
+use qwen2vl::generation::{
+    completion_logprobs, completion_scores, completion_scores_bucketed, generate, GenerationConfig,
+    Sampling, ShapeBuckets,
+};
 use qwen2vl::verify::Fixture;
 use qwen2vl::{load_model, Images, Qwen2VL, TokenBatch};
 
@@ -36,6 +39,7 @@ fn greedy(max_new_tokens: usize, eos: Vec<u32>) -> GenerationConfig {
         eos_token_ids: eos,
         pad_token_id: 256,
         seed: 0,
+        prompt_bucket: 1,
     }
 }
 
@@ -107,6 +111,7 @@ fn seeded_sampling_reproduces() {
         eos_token_ids: vec![],
         pad_token_id: 256,
         seed,
+        prompt_bucket: 1,
     };
     let batch = TokenBatch::single(rows[0].clone());
     let a = generate(&model, &batch, Some(&images), &cfg(5), false).unwrap();
@@ -155,4 +160,60 @@ fn empty_prompts_are_refused() {
     assert!(err.to_string().contains("at least one token"), "{err}");
     let padded = TokenBatch::left_padded(&[vec![1, 2], vec![]], 256);
     assert!(generate(&model, &padded, None, &greedy(4, vec![]), false).is_err());
+}
+
+/// Padding prompts and completions to shape buckets (masked) changes no result: the same
+/// greedy tokens, the same log-probs and entropies up to float rounding, the exact width.
+#[test]
+fn shape_buckets_change_no_result() {
+    let (model, fx) = model();
+    let device = Default::default();
+    let (rows, images) = case::<Flex>(&fx, &["single", "multi"], &device);
+    let batch = TokenBatch::left_padded(&rows, 256);
+    let exact = generate(&model, &batch, Some(&images), &greedy(8, vec![]), false).unwrap();
+    let bucketed_cfg = GenerationConfig {
+        prompt_bucket: 64,
+        ..greedy(8, vec![])
+    };
+    assert!(
+        !batch.len.is_multiple_of(64),
+        "the test needs a prompt that is not already a multiple"
+    );
+    let bucketed = generate(&model, &batch, Some(&images), &bucketed_cfg, false).unwrap();
+    assert_eq!(exact.tokens, bucketed.tokens);
+    for (a, b) in exact
+        .logprobs
+        .iter()
+        .flatten()
+        .zip(bucketed.logprobs.iter().flatten())
+    {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+
+    let completions = vec![exact.tokens[0].clone(), exact.tokens[1][..5].to_vec()];
+    let (lp, ent) =
+        completion_scores(&model, &rows, &completions, Some(&images), 256, true).unwrap();
+    let buckets = ShapeBuckets {
+        multiple: 64,
+        max_completion: 0,
+    };
+    let (lp64, ent64) = completion_scores_bucketed(
+        &model,
+        &rows,
+        &completions,
+        Some(&images),
+        256,
+        true,
+        buckets,
+    )
+    .unwrap();
+    assert_eq!(lp.dims(), [2, 8]);
+    assert_eq!(lp64.dims(), [2, 8]);
+    let flat = |t: Tensor<Flex, 2>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
+    for (a, b) in flat(lp).iter().zip(&flat(lp64)) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    for (a, b) in flat(ent.unwrap()).iter().zip(&flat(ent64.unwrap())) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
 }

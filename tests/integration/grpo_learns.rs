@@ -5,7 +5,8 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::Backend;
-use grpo::learner::{rollout, update, GrpoConfig, PromptInput};
+use burn::tensor::ElementConversion;
+use grpo::learner::{policy_loss, rollout, update, GrpoConfig, PromptInput};
 use grpo::loss::LossConfig;
 use grpo::{Reward, WeightedRewards};
 use medvqa::VqaRecord;
@@ -181,6 +182,7 @@ fn sft_teaches_a_tiny_model_the_answer_format() {
         eos_token_ids: vec![258],
         pad_token_id: 256,
         seed: 0,
+        prompt_bucket: 1,
     };
     let out = generate(
         &model.valid(),
@@ -415,4 +417,62 @@ fn sft_learns_an_answer_only_the_image_gives() {
         "loss {loss}: the answer did not learn to use the image"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Shape buckets pad prompts and completions (masked) in the rollout and in the loss: the same
+/// completions, the same loss and metrics as exact shapes, up to float rounding.
+#[test]
+fn shape_buckets_leave_the_rollout_and_the_loss_unchanged() {
+    let device = Default::default();
+    let policy = tiny_random_model(3, &device);
+    let reference = policy.valid();
+    let tokenizer = byte_tokenizer();
+    let prompts: Vec<PromptInput> = ["Say a word.", "Name three things, please."]
+        .iter()
+        .map(|q| text_prompt(&tokenizer, q))
+        .collect();
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let run = |bucket: usize| {
+        let cfg = GrpoConfig {
+            num_generations: 4,
+            max_completion_length: 6,
+            loss: LossConfig {
+                beta: 0.04,
+                max_completion_length: 6,
+                ..Default::default()
+            },
+            num_iterations: 2,
+            eos_token_ids: vec![258],
+            pad_token_id: 256,
+            shape_bucket: bucket,
+            ..Default::default()
+        };
+        let roll = rollout(
+            &policy.valid(),
+            &prompts,
+            &tokenizer,
+            &rewards,
+            &cfg,
+            9,
+            &device,
+        )
+        .unwrap();
+        let (loss, metrics) =
+            policy_loss(&policy, Some(&reference), &prompts, &roll, &cfg, &device).unwrap();
+        (roll, loss.into_scalar().elem::<f32>(), metrics)
+    };
+    let (r1, l1, m1) = run(1);
+    let (r64, l64, m64) = run(64);
+    assert_eq!(r1.completions, r64.completions);
+    assert_eq!(r1.rewards, r64.rewards);
+    let (o1, o64) = (r1.old_logprobs.unwrap(), r64.old_logprobs.unwrap());
+    assert_eq!(o1.len(), o64.len(), "old log-probs keep the exact width");
+    for (a, b) in o1.iter().zip(&o64) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    assert!((l1 - l64).abs() < 1e-5, "loss {l1} vs {l64}");
+    assert!((m1.kl - m64.kl).abs() < 1e-6, "kl {} vs {}", m1.kl, m64.kl);
+    assert!((m1.entropy - m64.entropy).abs() < 1e-5);
 }

@@ -217,6 +217,7 @@ pub fn evaluate<B: Backend>(
         eos_token_ids: cfg.eos_token_ids.clone(),
         pad_token_id: cfg.pad_token_id,
         seed: 0,
+        prompt_bucket: 1,
     };
     let mut report = EvalReport::default();
     for chunk in prompts.chunks(cfg.batch_size.max(1)) {

@@ -10,7 +10,7 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};
 use medvqa::VqaRecord;
 use qwen2vl::generation::{
-    completion_logprobs, completion_scores, generate, GenerationConfig, Sampling,
+    completion_scores_bucketed, generate, GenerationConfig, Sampling, ShapeBuckets,
 };
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
@@ -48,6 +48,9 @@ pub struct GrpoConfig {
     /// Updates per rollout (TRL's `num_iterations`); above 1 the rollout keeps the sampling
     /// policy's log-probs and the clipped ratio becomes active.
     pub num_iterations: usize,
+    /// Prompt and completion widths are padded (masked) to multiples of this, so that steps
+    /// share tensor shapes: on CubeCL backends every new shape compiles kernels. 1: exact.
+    pub shape_bucket: usize,
 }
 
 impl Default for GrpoConfig {
@@ -68,6 +71,18 @@ impl Default for GrpoConfig {
             eos_token_ids: vec![151645, 151643],
             pad_token_id: 151643,
             num_iterations: 1,
+            shape_bucket: 1,
+        }
+    }
+}
+
+impl GrpoConfig {
+    /// The padding of scoring batches: multiples of `shape_bucket`, never past the longest
+    /// completion generation can produce.
+    pub fn buckets(&self) -> ShapeBuckets {
+        ShapeBuckets {
+            multiple: self.shape_bucket,
+            max_completion: self.max_completion_length,
         }
     }
 }
@@ -154,6 +169,7 @@ pub fn rollout<B: Backend>(
         eos_token_ids: cfg.eos_token_ids.clone(),
         pad_token_id: cfg.pad_token_id,
         seed,
+        prompt_bucket: cfg.shape_bucket,
     };
     let imgs = images_of::<B>(&repeated, device);
     let out = generate(model, &batch, imgs.as_ref(), &gen_cfg, false)?;
@@ -170,12 +186,14 @@ pub fn rollout<B: Backend>(
     let old_logprobs = if cfg.num_iterations > 1 {
         let prompt_ids: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
         let completions = scoring_completions(&out.tokens, cfg.pad_token_id);
-        let lp = completion_logprobs(
+        let (lp, _) = completion_scores_bucketed(
             model,
             &prompt_ids,
             &completions,
             imgs.as_ref(),
             cfg.pad_token_id,
+            false,
+            cfg.buckets(),
         )?;
         let lp = pad_to(lp, width);
         Some(
@@ -219,12 +237,14 @@ pub fn policy_loss<B: AutodiffBackend>(
     let repeated: Vec<&PromptInput> = roll.prompt_of.iter().map(|&i| &prompts[i]).collect();
     let prompt_ids: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
     let completions = scoring_completions(&roll.completions, cfg.pad_token_id);
-    let t = completions
-        .iter()
-        .map(Vec::len)
-        .max()
-        .unwrap_or(1)
-        .max(width);
+    let t = cfg.buckets().completion_width(
+        completions
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .max(width),
+    );
     let mask_values: Vec<f32> = roll
         .masks
         .iter()
@@ -239,23 +259,26 @@ pub fn policy_loss<B: AutodiffBackend>(
         })
         .collect();
     let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_values, [n, t]), device);
-    let (logp, entropy) = completion_scores(
+    let (logp, entropy) = completion_scores_bucketed(
         policy,
         &prompt_ids,
         &completions,
         images_of::<B>(&repeated, device).as_ref(),
         cfg.pad_token_id,
         true,
+        cfg.buckets(),
     )?;
     let logp = pad_to(logp, t);
     let ref_logp = match (reference, cfg.loss.beta != 0.0) {
         (Some(r), true) => {
-            let inner = completion_logprobs(
+            let (inner, _) = completion_scores_bucketed(
                 r,
                 &prompt_ids,
                 &completions,
                 images_of::<B::InnerBackend>(&repeated, &device.clone()).as_ref(),
                 cfg.pad_token_id,
+                false,
+                cfg.buckets(),
             )?;
             Some(pad_to(Tensor::<B, 2>::from_inner(inner), t))
         }

@@ -4,6 +4,7 @@
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 
 use super::sampling::{log_softmax_at, sample, Rng, Sampling};
+use super::scoring::round_up;
 use crate::error::Qwen2VLError;
 use crate::model::{Images, Qwen2VL};
 use crate::positions::{rope_index, TokenBatch};
@@ -22,6 +23,9 @@ pub struct GenerationConfig {
     /// Fed to finished rows (their outputs are discarded).
     pub pad_token_id: u32,
     pub seed: u64,
+    /// The prompt width is rounded up to a multiple of this with left padding (0 or 1: not),
+    /// so that batches of similar prompt lengths share shapes and compiled kernels.
+    pub prompt_bucket: usize,
 }
 
 /// What one generation call produced, per row.
@@ -62,6 +66,25 @@ fn cache_mask<B: Backend>(
     )
 }
 
+/// `batch` with every row left-padded (masked) to `len` tokens.
+fn left_pad_to(batch: &TokenBatch, len: usize, pad_id: u32) -> TokenBatch {
+    let extra = len - batch.len;
+    let mut ids = Vec::with_capacity(batch.batch * len);
+    let mut attention_mask = Vec::with_capacity(batch.batch * len);
+    for r in 0..batch.batch {
+        ids.extend(std::iter::repeat_n(pad_id, extra));
+        ids.extend_from_slice(batch.row(r));
+        attention_mask.extend(std::iter::repeat_n(0, extra));
+        attention_mask.extend_from_slice(batch.mask_row(r));
+    }
+    TokenBatch {
+        ids,
+        attention_mask,
+        batch: batch.batch,
+        len,
+    }
+}
+
 /// Host copy of `[rows, vocab]` logits.
 fn host_rows<B: Backend>(t: Tensor<B, 2>) -> Vec<Vec<f32>> {
     let [rows, vocab] = t.dims();
@@ -85,6 +108,17 @@ pub fn generate<B: Backend>(
     keep_logits: bool,
 ) -> Result<Generation, Qwen2VLError> {
     prompts.validate()?;
+    let padded;
+    let prompts = if round_up(prompts.len, cfg.prompt_bucket) > prompts.len {
+        padded = left_pad_to(
+            prompts,
+            round_up(prompts.len, cfg.prompt_bucket),
+            cfg.pad_token_id,
+        );
+        &padded
+    } else {
+        prompts
+    };
     let device = match images {
         Some(im) => im.pixel_values.device(),
         None => model.text.embed_tokens.weight.val().device(),

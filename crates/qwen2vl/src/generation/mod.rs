@@ -6,4 +6,7 @@ mod scoring;
 
 pub use generate::{generate, Generation, GenerationConfig, CACHE_BUCKET};
 pub use sampling::{argmax, log_softmax_at, sample, Rng, Sampling};
-pub use scoring::{completion_logprobs, completion_scores, prompt_completion_batch};
+pub use scoring::{
+    completion_logprobs, completion_scores, completion_scores_bucketed, prompt_completion_batch,
+    prompt_completion_batch_bucketed, round_up, ShapeBuckets,
+};

@@ -31,6 +31,7 @@ impl Checker<'_> {
             eos_token_ids: Vec::new(),
             pad_token_id: 0,
             seed: 0,
+            prompt_bucket: 1,
         };
         let batch = TokenBatch::single(ids);
         let g = generate(model, &batch, imgs.as_ref(), &cfg, true)?;
