@@ -121,6 +121,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_new_tokens: 16,
         eos_token_ids: vec![258],
         pad_token_id: 256,
+        prompt_bucket: 1,
     };
     let (_trained, state) = launch(policy, ctx, Vec::new(), eval, &opts)?;
     println!(

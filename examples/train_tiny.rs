@@ -108,6 +108,7 @@ fn main() -> Result<(), Error> {
         max_new_tokens: 12,
         eos_token_ids: vec![EOS, PAD],
         pad_token_id: PAD,
+        prompt_bucket: 1,
     };
     let before = evaluate(&model.valid(), &test, &tok, &eval, &device)?;
 

@@ -62,12 +62,23 @@ pub fn run_dir(cfg: &RunConfig) -> PathBuf {
     cfg.runs_dir.join(&cfg.name)
 }
 
+/// `grpo.shape_bucket`, with 0 resolved for the device: 64 where kernels are compiled per
+/// shape (cuda, wgpu), exact shapes on the CPU.
+fn shape_bucket(cfg: &RunConfig) -> usize {
+    match (cfg.grpo.shape_bucket, cfg.device.as_str()) {
+        (0, "flex") => 1,
+        (0, _) => 64,
+        (b, _) => b,
+    }
+}
+
 fn eval_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> EvalConfig {
     EvalConfig {
         batch_size: cfg.eval.batch_size,
         max_new_tokens: cfg.eval.max_new_tokens,
         eos_token_ids: eos.to_vec(),
         pad_token_id: pad,
+        prompt_bucket: shape_bucket(cfg),
     }
 }
 
@@ -141,11 +152,7 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
         eos_token_ids: eos.to_vec(),
         pad_token_id: pad,
         num_iterations: g.num_iterations.max(1),
-        shape_bucket: match (g.shape_bucket, cfg.device.as_str()) {
-            (0, "flex") => 1,
-            (0, _) => 64,
-            (b, _) => b,
-        },
+        shape_bucket: shape_bucket(cfg),
     }
 }
 

@@ -248,6 +248,7 @@ fn evaluation_runs_end_to_end_on_synthetic_images() {
         max_new_tokens: 12,
         eos_token_ids: vec![258],
         pad_token_id: 256,
+        prompt_bucket: 1,
     };
     let report = evaluate(&model, &prompts, &tokenizer(), &cfg, &device).unwrap();
     assert_eq!(report.overall.total, 16);

@@ -72,6 +72,7 @@ fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> 
         max_new_tokens: 4,
         eos_token_ids: vec![258],
         pad_token_id: 256,
+        prompt_bucket: 1,
     };
     launch(policy, ctx, Vec::new(), eval, &opts).unwrap().0
 }

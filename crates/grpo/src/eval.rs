@@ -201,6 +201,9 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: u32,
+    /// Prompt widths padded (masked) to multiples of this (1: exact), as in
+    /// [`GenerationConfig::prompt_bucket`].
+    pub prompt_bucket: usize,
 }
 
 /// Greedy answers for `prompts`, `batch_size` at a time.
@@ -217,7 +220,7 @@ pub fn evaluate<B: Backend>(
         eos_token_ids: cfg.eos_token_ids.clone(),
         pad_token_id: cfg.pad_token_id,
         seed: 0,
-        prompt_bucket: 1,
+        prompt_bucket: cfg.prompt_bucket,
     };
     let mut report = EvalReport::default();
     for chunk in prompts.chunks(cfg.batch_size.max(1)) {
