@@ -5,23 +5,23 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{backend::AutodiffBackend, FloatDType, Tensor};
 
-struct SquaredNorm<'a> {
+/// Sums the squared gradients on the device, in f32: one host read for the whole model
+/// instead of one per parameter tensor (hundreds at 2B, each a device sync).
+struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    total: f64,
+    total: Option<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
             // In f32 whatever the gradient's type: a bf16 sum of squares over millions of
             // values would lose most of its digits.
-            let s: f32 = g
-                .cast(FloatDType::F32)
-                .powi_scalar(2)
-                .sum()
-                .into_scalar()
-                .elem();
-            self.total += s as f64;
+            let s = g.cast(FloatDType::F32).powi_scalar(2).sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t + s,
+                None => s,
+            });
         }
     }
 }
@@ -49,9 +49,11 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads: &mut GradientsParams,
     max_norm: f32,
 ) -> f32 {
-    let mut n = SquaredNorm { grads, total: 0.0 };
+    let mut n = SquaredNorm::<B> { grads, total: None };
     module.visit(&mut n);
-    let norm = n.total.sqrt() as f32;
+    let norm = n
+        .total
+        .map_or(0.0, |t| t.into_scalar().elem::<f32>().sqrt());
     if max_norm > 0.0 && norm > max_norm {
         let mut s = Scale {
             grads,
@@ -60,4 +62,47 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         module.visit(&mut s);
     }
     norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::nn::{Linear, LinearConfig};
+
+    type A = Autodiff<Flex>;
+
+    fn host_norm(model: &Linear<A>, grads: &GradientsParams) -> f64 {
+        let mut sq = 0f64;
+        let w = grads.get::<Flex, 2>(model.weight.id).unwrap();
+        let b = grads
+            .get::<Flex, 1>(model.bias.as_ref().unwrap().id)
+            .unwrap();
+        for v in w.into_data().to_vec::<f32>().unwrap() {
+            sq += (v as f64).powi(2);
+        }
+        for v in b.into_data().to_vec::<f32>().unwrap() {
+            sq += (v as f64).powi(2);
+        }
+        sq.sqrt()
+    }
+
+    #[test]
+    fn the_norm_covers_every_parameter_and_clipping_scales_to_the_limit() {
+        let device = Default::default();
+        let model = LinearConfig::new(3, 2).init::<A>(&device);
+        let x = Tensor::<A, 2>::from_floats([[1.0, -2.0, 3.0], [0.5, 0.25, -1.0]], &device);
+        let loss = (model.forward(x) * 3.0).powi_scalar(2).sum();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let want = host_norm(&model, &grads);
+        assert!(want > 1.0, "the test needs a norm above the limit: {want}");
+        let got = clip_global_norm(&model, &mut grads, 0.5);
+        assert!(((got as f64) - want).abs() < 1e-4 * want, "{got} vs {want}");
+        let after = host_norm(&model, &grads);
+        assert!((after - 0.5).abs() < 1e-5, "clipped norm {after}");
+        // Below the limit nothing changes.
+        let again = clip_global_norm(&model, &mut grads, 10.0);
+        assert!((again as f64 - after).abs() < 1e-6);
+        assert!((host_norm(&model, &grads) - after).abs() < 1e-9);
+    }
 }
