@@ -183,21 +183,26 @@ fn data_commands_summarise_synthesise_and_convert() {
 #[test]
 fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
     let config = fixture_dir().join("hf_model/config.json");
-    let (ok, out, err) = medr1(&[
-        "bench",
-        "--model-config",
-        s(&config),
-        "--batch",
-        "2",
-        "--prompt-len",
-        "8",
-        "--image-size",
-        "56",
-        "--new-tokens",
-        "4",
-        "--steps",
-        "1",
-    ]);
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--model-config",
+            s(&config),
+            "--batch",
+            "2",
+            "--prompt-len",
+            "8",
+            "--image-size",
+            "56",
+            "--new-tokens",
+            "4",
+            "--steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        medr1(&args)
+    };
+    let (ok, out, err) = bench(&[]);
     assert!(ok, "{err}");
     assert!(out.contains("device flex (f32)"), "{out}");
     assert!(
@@ -210,22 +215,7 @@ fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
     assert!(!ok && err.contains("no/config.json"), "{err}");
 
     // bf16 on the CPU: the rollout, then forward, backward and AdamW with f32 master weights.
-    let (ok, out, err) = medr1(&[
-        "bench",
-        "--model-config",
-        s(&config),
-        "--bf16",
-        "--batch",
-        "2",
-        "--prompt-len",
-        "8",
-        "--image-size",
-        "56",
-        "--new-tokens",
-        "4",
-        "--steps",
-        "1",
-    ]);
+    let (ok, out, err) = bench(&["--bf16"]);
     assert!(ok, "{err}");
     assert!(out.contains("device flex (bf16)"), "{out}");
     assert!(out.contains("train step"), "{out}");
