@@ -189,6 +189,14 @@ fn every_command_the_book_gives_exists_with_its_flags() {
                 );
                 checked += 1;
             }
+            if let Some(bench) = at("--bench") {
+                assert!(
+                    root().join("benches").join(format!("{bench}.rs")).is_file(),
+                    "{}: `{line}`: no bench {bench}",
+                    chapter.display()
+                );
+                checked += 1;
+            }
             if let Some(features) = at("--features") {
                 for f in features.split(',') {
                     assert!(
