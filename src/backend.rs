@@ -42,7 +42,10 @@ pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => Ok(task.run::<burn::backend::Wgpu>(Default::default())),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Ok(task.run::<burn::backend::Cuda>(Default::default())),
+        DeviceKind::Cuda => {
+            check_cuda_driver()?;
+            Ok(task.run::<burn::backend::Cuda>(Default::default()))
+        }
         #[allow(unreachable_patterns)]
         other => anyhow::bail!(
             "this medr1 was built without the `{}` backend: rebuild with `--features {}`",
@@ -66,6 +69,7 @@ pub fn dispatch_dtype<T: BackendTask>(
     match kind {
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => {
+            check_cuda_driver()?;
             Ok(task.run::<burn::backend::Cuda<burn::tensor::bf16>>(Default::default()))
         }
         #[cfg(feature = "flex")]
@@ -86,6 +90,33 @@ pub fn dispatch_dtype<T: BackendTask>(
              WGPU has no bf16 arithmetic"
         ),
     }
+}
+
+/// Fails with a plain message when the NVIDIA driver library cannot be loaded (CubeCL would
+/// panic on a background thread instead).
+#[cfg(feature = "cuda")]
+fn check_cuda_driver() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let found = ["libcuda.so.1", "libcuda.so"].iter().any(|name| {
+            let name = std::ffi::CString::new(*name).expect("no NUL in a library name");
+            // SAFETY: a valid C string; the handle, when there is one, is closed at once.
+            let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+            if handle.is_null() {
+                return false;
+            }
+            unsafe { libc::dlclose(handle) };
+            true
+        });
+        if !found {
+            anyhow::bail!(
+                "--device cuda: the NVIDIA driver library (libcuda.so.1) was not found. Install \
+                 the NVIDIA driver or add its directory to LD_LIBRARY_PATH; without a GPU, use \
+                 --device flex (or wgpu)"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn feature_name(kind: DeviceKind) -> &'static str {
