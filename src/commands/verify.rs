@@ -48,20 +48,17 @@ pub fn run(
 ) -> anyhow::Result<bool> {
     let mut total = 0;
     let mut failed = 0;
-    // Read before the backend starts, so that a missing file fails fast.
-    let references = fixtures
-        .iter()
-        .filter(|_| bf16)
-        .map(|dir| Bf16Reference::open(dir))
-        .collect::<Result<Vec<_>, _>>()?;
-    if bf16 && fixtures.len() > 1 {
-        // The bf16 backend setting is made once per process, before the first tensor.
-        anyhow::bail!("--bf16 checks one fixture directory per run");
-    }
-    for (i, dir) in fixtures.iter().enumerate() {
+    // The bf16 backend setting is made once per process, before the first tensor; the
+    // reference is read before the backend starts, so that a missing file fails fast.
+    let reference = match (bf16, fixtures) {
+        (false, _) | (true, []) => None,
+        (true, [dir]) => Some(Bf16Reference::open(dir)?),
+        _ => anyhow::bail!("--bf16 checks one fixture directory per run"),
+    };
+    for dir in fixtures {
         let report = dispatch_dtype(device, bf16, Verify { dir })?
             .with_context(|| format!("verifying {}", dir.display()))?;
-        let report = match references.get(i) {
+        let report = match &reference {
             Some(reference) => {
                 println!("bf16 reference: {}", reference.engine);
                 bf16_report(report, reference)

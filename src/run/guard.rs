@@ -40,17 +40,7 @@ fn free_bytes(_: &Path) -> Option<u64> {
 
 /// Parameters of the model a run trains (from the checkpoint's config or the tiny spec).
 fn parameters(cfg: &RunConfig) -> anyhow::Result<usize> {
-    let config = if !cfg.model.random_config.is_empty() {
-        qwen2vl::Qwen2VLConfig::from_file(Path::new(&cfg.model.random_config))?
-    } else if cfg.model.checkpoint.is_empty() {
-        qwen2vl::Qwen2VLConfig::from_json_str(
-            &super::model::tiny_config_json(&cfg.model.tiny),
-            "model.tiny",
-        )?
-    } else {
-        qwen2vl::Qwen2VLConfig::from_file(&Path::new(&cfg.model.checkpoint).join("config.json"))?
-    };
-    Ok(config.parameter_counts().total())
+    Ok(super::model::architecture(cfg)?.parameter_counts().total())
 }
 
 /// Creates the run directory, proves it writable and checks the disk can hold the

@@ -93,16 +93,34 @@ pub fn initial<B: Backend>(cfg: &RunConfig, device: &B::Device) -> anyhow::Resul
         eprintln!("loading {}", dir.display());
         return Ok(load_model::<B>(dir, device)?.0);
     }
-    let config = if cfg.model.random_config.is_empty() {
-        Qwen2VLConfig::from_json_str(&tiny_config_json(&cfg.model.tiny), "model.tiny")?
-    } else {
-        let path = Path::new(&cfg.model.random_config);
-        eprintln!("random weights of the architecture in {}", path.display());
-        Qwen2VLConfig::from_file(path)
-            .with_context(|| format!("model.random_config {}", path.display()))?
-    };
+    if !cfg.model.random_config.is_empty() {
+        eprintln!(
+            "random weights of the architecture in {}",
+            cfg.model.random_config
+        );
+    }
+    let config = architecture(cfg)?;
     B::seed(device, cfg.sft.seed.unwrap_or(cfg.seed));
     Ok(Qwen2VL::random(&config, device))
+}
+
+/// The architecture a run trains: the checkpoint's config, `model.random_config`, or the tiny
+/// spec.
+pub fn architecture(cfg: &RunConfig) -> anyhow::Result<Qwen2VLConfig> {
+    let m = &cfg.model;
+    if !m.checkpoint.is_empty() {
+        let path = Path::new(&m.checkpoint).join("config.json");
+        Ok(Qwen2VLConfig::from_file(&path)?)
+    } else if !m.random_config.is_empty() {
+        let path = Path::new(&m.random_config);
+        Ok(Qwen2VLConfig::from_file(path)
+            .with_context(|| format!("model.random_config {}", path.display()))?)
+    } else {
+        Ok(Qwen2VLConfig::from_json_str(
+            &tiny_config_json(&m.tiny),
+            "model.tiny",
+        )?)
+    }
 }
 
 /// End-of-turn and padding ids of the tokenizer in use.

@@ -121,13 +121,10 @@ impl<B: Backend> SimpleOptimizer<B> for MasterAdamW {
         };
         let updated = decayed - delta.mul_scalar(lr);
         let (param, master) = if narrow {
-            let float = match dtype {
-                DType::BF16 => FloatDType::BF16,
-                DType::F16 => FloatDType::F16,
-                DType::F64 => FloatDType::F64,
-                other => panic!("MasterAdamW: parameter of non-float dtype {other:?}"),
-            };
-            (updated.clone().cast(float), Some(F32Tensor(updated)))
+            (
+                updated.clone().cast(FloatDType::from(dtype)),
+                Some(F32Tensor(updated)),
+            )
         } else {
             (updated, None)
         };

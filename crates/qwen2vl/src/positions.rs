@@ -44,6 +44,25 @@ impl TokenBatch {
         }
     }
 
+    /// The same rows, each left-padded (masked) with `pad_id` to `len >= self.len` tokens.
+    pub fn left_padded_to(&self, len: usize, pad_id: u32) -> Self {
+        let extra = len - self.len;
+        let mut ids = Vec::with_capacity(self.batch * len);
+        let mut attention_mask = Vec::with_capacity(self.batch * len);
+        for r in 0..self.batch {
+            ids.extend(std::iter::repeat_n(pad_id, extra));
+            ids.extend_from_slice(self.row(r));
+            attention_mask.extend(std::iter::repeat_n(0, extra));
+            attention_mask.extend_from_slice(self.mask_row(r));
+        }
+        Self {
+            ids,
+            attention_mask,
+            batch: self.batch,
+            len,
+        }
+    }
+
     pub fn row(&self, b: usize) -> &[u32] {
         &self.ids[b * self.len..(b + 1) * self.len]
     }

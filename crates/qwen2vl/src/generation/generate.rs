@@ -66,25 +66,6 @@ fn cache_mask<B: Backend>(
     )
 }
 
-/// `batch` with every row left-padded (masked) to `len` tokens.
-fn left_pad_to(batch: &TokenBatch, len: usize, pad_id: u32) -> TokenBatch {
-    let extra = len - batch.len;
-    let mut ids = Vec::with_capacity(batch.batch * len);
-    let mut attention_mask = Vec::with_capacity(batch.batch * len);
-    for r in 0..batch.batch {
-        ids.extend(std::iter::repeat_n(pad_id, extra));
-        ids.extend_from_slice(batch.row(r));
-        attention_mask.extend(std::iter::repeat_n(0, extra));
-        attention_mask.extend_from_slice(batch.mask_row(r));
-    }
-    TokenBatch {
-        ids,
-        attention_mask,
-        batch: batch.batch,
-        len,
-    }
-}
-
 /// Host copy of `[rows, vocab]` logits.
 fn host_rows<B: Backend>(t: Tensor<B, 2>) -> Vec<Vec<f32>> {
     let [rows, vocab] = t.dims();
@@ -108,13 +89,10 @@ pub fn generate<B: Backend>(
     keep_logits: bool,
 ) -> Result<Generation, Qwen2VLError> {
     prompts.validate()?;
+    let width = round_up(prompts.len, cfg.prompt_bucket);
     let padded;
-    let prompts = if round_up(prompts.len, cfg.prompt_bucket) > prompts.len {
-        padded = left_pad_to(
-            prompts,
-            round_up(prompts.len, cfg.prompt_bucket),
-            cfg.pad_token_id,
-        );
+    let prompts = if width > prompts.len {
+        padded = prompts.left_padded_to(width, cfg.pad_token_id);
         &padded
     } else {
         prompts
@@ -147,7 +125,7 @@ pub fn generate<B: Backend>(
         _ => None,
     };
     let embeds = model.embed(prompts, image_embeds, &device)?;
-    let capacity = (l + cfg.max_new_tokens).div_ceil(CACHE_BUCKET) * CACHE_BUCKET;
+    let capacity = round_up(l + cfg.max_new_tokens, CACHE_BUCKET);
     let mut cache = KvCache::new(&model.config.text, b, capacity, &device);
     let valid: Vec<Vec<bool>> = (0..b)
         .map(|r| prompts.mask_row(r).iter().map(|&m| m != 0).collect())
