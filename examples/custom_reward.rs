@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use grpo::eval::EvalConfig;
-use grpo::host::{launch, HostCtx, HostOptions, OptimizerOptions};
+use grpo::host::{launch, HeldOut, HostCtx, HostOptions, OptimizerOptions};
 use grpo::learner::{GrpoConfig, PromptInput};
 use grpo::loss::LossConfig;
 use grpo::schedule::LrSchedule;
@@ -122,8 +122,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eos_token_ids: vec![258],
         pad_token_id: 256,
         prompt_bucket: 1,
+        scoring: Default::default(),
     };
-    let (_trained, state) = launch(policy, ctx, Vec::new(), eval, &opts)?;
+    let (_trained, state) = launch(policy, ctx, HeldOut::none(), eval, &opts)?;
     println!(
         "trained {} steps; per-step rewards (brevity among them) are in {}",
         state.step,

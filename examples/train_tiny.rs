@@ -10,7 +10,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use grpo::eval::{evaluate, EvalConfig};
-use grpo::host::{launch, HostCtx, HostOptions, OptimizerOptions};
+use grpo::host::{launch, HeldOut, HostCtx, HostOptions, OptimizerOptions};
 use grpo::learner::{GrpoConfig, PromptInput};
 use grpo::loss::LossConfig;
 use grpo::prompt::prepare_prompt;
@@ -109,6 +109,7 @@ fn main() -> Result<(), Error> {
         eos_token_ids: vec![EOS, PAD],
         pad_token_id: PAD,
         prompt_bucket: 1,
+        scoring: Default::default(),
     };
     let before = evaluate(&model.valid(), &test, &tok, &eval, &device)?;
 
@@ -152,7 +153,7 @@ fn main() -> Result<(), Error> {
         dashboard: false,
         interrupter: None,
     };
-    let (trained, _) = launch(model, ctx, Vec::new(), eval.clone(), &opts)?;
+    let (trained, _) = launch(model, ctx, HeldOut::none(), eval.clone(), &opts)?;
     let after = evaluate(&trained, &test, &tok, &eval, &Default::default())?;
     println!(
         "held-out accuracy: {:.3} before GRPO, {:.3} after ({} questions)",

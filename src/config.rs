@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
+use grpo::eval::Scoring;
 use grpo::schedule::Decay;
 use grpo::{LossType, ScaleRewards};
 use serde::{Deserialize, Serialize};
@@ -80,9 +81,20 @@ pub struct DataConfig {
     /// Cap on training / evaluation records (0: all), a seeded sample.
     pub max_train: usize,
     pub max_eval: usize,
-    /// Prompt templates: train_think | train_nothink | eval_think | eval_nothink | text.
+    /// Prompt templates: train_think | train_nothink | eval_think | eval_nothink |
+    /// eval_zero_shot | text.
     pub template: String,
     pub eval_template: String,
+    /// `[width, height]`: every image is resized to this (Pillow's bicubic) before the
+    /// processor, as Med-R1 resizes its images to 384 x 384 on disk; empty: as they are.
+    pub resize: Vec<usize>,
+    /// Leave out records whose image is missing or unreadable (listed in
+    /// `skipped_records.json`) instead of stopping before the run starts.
+    pub skip_invalid: bool,
+    /// Prompts prepared ahead of use (images decoded, resized and patchified).
+    pub prefetch: usize,
+    /// Threads preparing them.
+    pub workers: usize,
     pub synthetic: SyntheticData,
 }
 
@@ -123,7 +135,12 @@ pub struct SftConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpoSection {
+    /// Optimizer steps; 0: derived from `epochs`.
     pub steps: usize,
+    /// Passes over the (filtered) training set, as the HF Trainer's `num_train_epochs`:
+    /// steps = ceil(epochs x floor(ceil(records / prompts_per_step) / gradient_accumulation)).
+    /// Used when `steps` is 0.
+    pub epochs: f64,
     /// Prompts per micro-batch; each is sampled `num_generations` times.
     pub prompts_per_step: usize,
     pub gradient_accumulation: usize,
@@ -165,6 +182,11 @@ pub struct EvalSection {
     pub every: usize,
     /// Held-out questions used by `every` (a prefix of the eval set).
     pub every_subset: usize,
+    /// How an answer is judged: tags (the `<answer>` tag's letter), med_r1_raw (the whole
+    /// output must be the letter: Med-R1's Qwen2-VL no-think and zero-shot scripts),
+    /// med_r1_hybrid (the tag when the output says "answer", else the whole output: its
+    /// Qwen2.5-VL no-think script).
+    pub scoring: Scoring,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +257,10 @@ impl Default for DataConfig {
             max_eval: 0,
             template: "train_nothink".into(),
             eval_template: "eval_nothink".into(),
+            resize: Vec::new(),
+            skip_invalid: false,
+            prefetch: 8,
+            workers: 2,
             synthetic: SyntheticData::default(),
         }
     }
@@ -274,11 +300,12 @@ impl Default for GrpoSection {
     fn default() -> Self {
         Self {
             steps: 100,
+            epochs: 0.0,
             prompts_per_step: 1,
-            gradient_accumulation: 1,
+            gradient_accumulation: 4,
             num_generations: 4,
             temperature: 1.0,
-            top_k: 0,
+            top_k: 50,
             top_p: 1.0,
             max_completion_length: 256,
             beta: 0.04,
@@ -291,7 +318,7 @@ impl Default for GrpoSection {
             shape_bucket: 0,
             learning_rate: 1e-6,
             warmup_steps: 0,
-            decay: Decay::Constant,
+            decay: Decay::Linear,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             rewards: [("accuracy".to_string(), 1.0), ("format".to_string(), 1.0)]
@@ -310,6 +337,7 @@ impl Default for EvalSection {
             max_new_tokens: 256,
             every: 0,
             every_subset: 64,
+            scoring: Scoring::Tags,
         }
     }
 }
@@ -417,10 +445,47 @@ impl RunConfig {
         if self.grpo.num_generations < 2 {
             bail!("grpo.num_generations must be at least 2: advantages compare within a group");
         }
-        if self.data.source == "files" && self.data.train.is_empty() && self.grpo.steps > 0 {
+        match self.data.resize.as_slice() {
+            [] => {}
+            [w, h] if *w > 0 && *h > 0 => {}
+            other => bail!("data.resize = {other:?}: expected [] or [width, height]"),
+        }
+        if self.data.prefetch == 0 || self.data.workers == 0 {
+            bail!("data.prefetch and data.workers must be at least 1");
+        }
+        let epochs = self.grpo.epochs;
+        if !(epochs.is_finite() && epochs >= 0.0) {
+            bail!("grpo.epochs = {epochs}: expected a number of passes, 0 or more");
+        }
+        if self.grpo.steps > 0 && epochs > 0.0 {
+            bail!(
+                "grpo.steps = {} and grpo.epochs = {epochs}: set one of them (the other to 0)",
+                self.grpo.steps
+            );
+        }
+        if self.data.source == "files" && self.data.train.is_empty() && self.grpo.trains() {
             bail!("data.source = \"files\" needs data.train (Med-R1 or OmniMedVQA record files)");
         }
         Ok(())
+    }
+}
+
+impl GrpoSection {
+    /// Whether the run takes any GRPO step.
+    pub fn trains(&self) -> bool {
+        self.steps > 0 || self.epochs > 0.0
+    }
+
+    /// Optimizer steps over `records` training records: `steps`, or `epochs` passes counted
+    /// as the HF Trainer counts them (micro-batches per pass, floor-divided by the
+    /// accumulation, at least 1; the epochs' total rounded up).
+    pub fn total_steps(&self, records: usize) -> usize {
+        if self.steps > 0 {
+            return self.steps;
+        }
+        let micro = records.div_ceil(self.prompts_per_step.max(1));
+        let per_epoch = (micro / self.gradient_accumulation.max(1)).max(1);
+        (self.epochs * per_epoch as f64).ceil() as usize
     }
 }
 
@@ -479,6 +544,41 @@ mod tests {
         assert_eq!(cfg.grpo.learning_rate, 2e-4);
         assert_eq!(cfg.name, "other");
         assert_eq!(cfg.model.tiny.mrope_section, [2, 3, 3]);
+    }
+
+    #[test]
+    fn epochs_give_steps_as_the_hf_trainer_counts_them() {
+        let cfg = RunConfig::load(
+            None,
+            &[
+                "grpo.steps=0".into(),
+                "grpo.epochs=2".into(),
+                "grpo.prompts_per_step=1".into(),
+                "grpo.gradient_accumulation=4".into(),
+            ],
+        )
+        .unwrap();
+        // Med-R1's CT split: 12,567 questions, 4 per optimizer step.
+        assert_eq!(cfg.grpo.total_steps(12_567), 2 * 3141);
+        assert_eq!(cfg.grpo.total_steps(3), 2, "at least one step per epoch");
+        let mut half = cfg.grpo.clone();
+        half.epochs = 0.5;
+        half.prompts_per_step = 3;
+        half.gradient_accumulation = 2;
+        // ceil(10 / 3) = 4 micro-batches, 2 steps per epoch, half an epoch.
+        assert_eq!(half.total_steps(10), 1);
+        let e = RunConfig::load(None, &["grpo.epochs=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("grpo.steps") && e.contains("grpo.epochs"), "{e}");
+        let e = RunConfig::load(None, &["data.resize=[384]".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.resize"), "{e}");
+        let e = RunConfig::load(None, &["eval.scoring=\"loose\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("eval.scoring"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod backend;
 mod commands;
 mod config;
+mod progress;
 mod run;
 
 use std::process::ExitCode;
@@ -72,14 +73,16 @@ enum Command {
         #[command(flatten)]
         run: commands::train::RunArgs,
     },
-    /// Evaluate a checkpoint directory on the config's held-out set (greedy, Med-R1's answer
-    /// extraction); tables per modality and question type as JSON, Markdown and CSV.
+    /// Evaluate checkpoint directories on the config's held-out set (greedy; answers judged
+    /// as eval.scoring says); tables per modality and question type as JSON, Markdown and
+    /// CSV, and with several checkpoints one table with a row each (eval_table.md/.csv).
     Eval {
         #[command(flatten)]
         run: commands::train::RunArgs,
-        /// A checkpoint directory (config.json + *.safetensors), e.g. runs/<name>/final.
-        #[arg(long)]
-        checkpoint: std::path::PathBuf,
+        /// Checkpoint directories (config.json + *.safetensors), e.g. runs/<name>/final;
+        /// repeat the flag or list several after it.
+        #[arg(long, required = true, num_args = 1..)]
+        checkpoint: Vec<std::path::PathBuf>,
     },
 }
 
@@ -101,9 +104,13 @@ fn main() -> ExitCode {
         }
         Command::Bench(args) => commands::bench::run(args).map(|_| true),
         Command::Sft { run } => commands::train::run(run, run::Job::Sft).map(|_| true),
-        Command::Eval { run, checkpoint } => {
-            commands::train::run(run, run::Job::Eval { checkpoint }).map(|_| true)
-        }
+        Command::Eval { run, checkpoint } => commands::train::run(
+            run,
+            run::Job::Eval {
+                checkpoints: checkpoint,
+            },
+        )
+        .map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

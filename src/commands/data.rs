@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use medvqa::convert::convert_omnimed;
 use medvqa::load::write_skip_report;
-use medvqa::synth::{write_synthetic, SynthConfig};
+use medvqa::synth::{write_synthetic_with, SynthConfig};
 use medvqa::{load_paths, LoadOptions, Summary};
 
 #[derive(Subcommand)]
@@ -118,8 +118,14 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<bool> {
                 shuffle_options: !canonical_options,
                 ..Default::default()
             };
-            let (train, test) = write_synthetic(&cfg, &out, test_fraction)
-                .with_context(|| format!("writing {}", out.display()))?;
+            let mut bar = crate::progress::Progress::new("writing synthetic images", n);
+            let (train, test) = write_synthetic_with(&cfg, &out, test_fraction, &mut |done, _| {
+                if done % 16 == 0 || done == n {
+                    bar.set(done)
+                }
+            })
+            .with_context(|| format!("writing {}", out.display()))?;
+            bar.finish();
             // The byte-level tokenizer tiny models use with this data.
             let tokenizer = out.join("tokenizer.json");
             std::fs::write(

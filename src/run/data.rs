@@ -1,22 +1,41 @@
 //! A run's records: synthetic data generated into the run directory on first use, or the
-//! user's Med-R1 / OmniMedVQA files; filters and seeded caps; then prompts.
+//! user's Med-R1 / OmniMedVQA files; filters and seeded caps; every image's header checked;
+//! then prompt sources that make each prompt's pixels only when it is used.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use grpo::learner::PromptInput;
-use grpo::prompt::prepare_prompt;
+use grpo::stream::{PromptSource, RecordPrompts, StreamOptions};
+use medvqa::load::write_skip_report;
 use medvqa::select::{balanced_sample, Filter};
-use medvqa::synth::{write_synthetic, SynthConfig};
+use medvqa::synth::{write_synthetic_with, SynthConfig};
 use medvqa::{load_paths, LoadOptions, Modality, PromptTemplate, QuestionType, VqaRecord};
 use qwen2vl::processor::Processor;
 
+use super::scan::scan;
 use crate::config::RunConfig;
 
 pub struct RunData {
     pub train: Vec<VqaRecord>,
     pub test: Vec<VqaRecord>,
     pub image_root: PathBuf,
+}
+
+/// `data.resize` as `(width, height)`.
+pub fn resize(cfg: &RunConfig) -> Option<(usize, usize)> {
+    match cfg.data.resize.as_slice() {
+        [w, h] => Some((*w, *h)),
+        _ => None,
+    }
+}
+
+/// `data.prefetch` and `data.workers`.
+pub fn stream_options(cfg: &RunConfig) -> StreamOptions {
+    StreamOptions {
+        prefetch: cfg.data.prefetch,
+        workers: cfg.data.workers,
+    }
 }
 
 fn modalities(names: &[String], key: &str) -> anyhow::Result<Vec<Modality>> {
@@ -63,13 +82,25 @@ fn synthetic(cfg: &RunConfig, dir: &Path) -> anyhow::Result<()> {
     );
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
-    write_synthetic(&sc, &tmp, s.test_fraction)?;
+    let mut bar = crate::progress::Progress::new("writing synthetic images", s.n);
+    write_synthetic_with(&sc, &tmp, s.test_fraction, &mut |done, _| {
+        if done % 16 == 0 || done == s.n {
+            bar.set(done)
+        }
+    })?;
+    bar.finish();
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&tmp, dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(())
 }
 
-pub fn load(cfg: &RunConfig, run_dir: &Path) -> anyhow::Result<RunData> {
+/// The run's records, filtered, capped and with every image checked; `image` settings are
+/// the processor's (the checks include its size limits).
+pub fn load(
+    cfg: &RunConfig,
+    run_dir: &Path,
+    image: &qwen2vl::processor::ImageProcessorConfig,
+) -> anyhow::Result<RunData> {
     let d = &cfg.data;
     let (train_paths, test_paths, root) = match d.source.as_str() {
         "synthetic" => {
@@ -86,13 +117,17 @@ pub fn load(cfg: &RunConfig, run_dir: &Path) -> anyhow::Result<RunData> {
     let opts = LoadOptions {
         data_root: Some(root.clone()),
         require_images: true,
+        skip_invalid: d.skip_invalid,
         ..Default::default()
     };
-    let read = |paths: &[PathBuf]| -> anyhow::Result<Vec<VqaRecord>> {
+    let mut skipped = Vec::new();
+    let mut read = |paths: &[PathBuf]| -> anyhow::Result<Vec<VqaRecord>> {
         if paths.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(load_paths(paths, &opts)?.records)
+        let loaded = load_paths(paths, &opts)?;
+        skipped.extend(loaded.skipped);
+        Ok(loaded.records)
     };
     let qt = question_types(&d.question_types, "data.question_types")?;
     let train_filter = Filter {
@@ -126,7 +161,21 @@ pub fn load(cfg: &RunConfig, run_dir: &Path) -> anyhow::Result<RunData> {
     };
     train = cap(train, d.max_train, cfg.seed);
     test = cap(test, d.max_eval, cfg.seed ^ 1);
-    if train.is_empty() && (cfg.grpo.steps > 0 || cfg.sft.steps > 0) {
+    let size = resize(cfg);
+    let (train, bad) = scan(train, "training", &root, size, image, d.skip_invalid)?;
+    skipped.extend(bad);
+    let (test, bad) = scan(test, "held-out", &root, size, image, d.skip_invalid)?;
+    skipped.extend(bad);
+    if !skipped.is_empty() {
+        let report = run_dir.join("skipped_records.json");
+        write_skip_report(&skipped, &report)?;
+        eprintln!(
+            "data: left out {} invalid record(s) (data.skip_invalid), listed in {}",
+            skipped.len(),
+            report.display()
+        );
+    }
+    if train.is_empty() && (cfg.grpo.trains() || cfg.sft.steps > 0) {
         bail!("no training records left after the data filters");
     }
     Ok(RunData {
@@ -136,19 +185,20 @@ pub fn load(cfg: &RunConfig, run_dir: &Path) -> anyhow::Result<RunData> {
     })
 }
 
-/// Prompts of `records` with `template`, reading each image once.
-pub fn prompts(
-    records: &[VqaRecord],
+/// The prompts of `records` with `template`, each made (image read, resized, patchified)
+/// only when it is used.
+pub fn source(
+    cfg: &RunConfig,
+    records: Vec<VqaRecord>,
     template: &str,
-    processor: &Processor,
+    processor: &Arc<Processor>,
     root: &Path,
-) -> anyhow::Result<Vec<PromptInput>> {
-    let template = PromptTemplate::parse(template)?;
-    records
-        .iter()
-        .map(|r| {
-            prepare_prompt(r, &template, processor, root)
-                .with_context(|| format!("record {}: image {}", r.id, r.image))
-        })
-        .collect()
+) -> anyhow::Result<Arc<dyn PromptSource>> {
+    Ok(Arc::new(RecordPrompts {
+        records,
+        template: PromptTemplate::parse(template)?,
+        processor: processor.clone(),
+        image_root: root.to_path_buf(),
+        resize: resize(cfg),
+    }))
 }

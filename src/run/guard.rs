@@ -58,8 +58,11 @@ pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
     let per_checkpoint = params * 4 * copies;
     // Kept checkpoints and one being written (no more than the run will write: one every
     // `checkpoint.every` steps and one at the end), the SFT and final weights.
-    let written =
-        (cfg.checkpoint.keep + 1).min(cfg.grpo.steps.div_ceil(cfg.checkpoint.every.max(1)));
+    // With `grpo.epochs` the step count is known only once the data is read: count the most.
+    let written = match cfg.grpo.steps {
+        0 => cfg.checkpoint.keep + 1,
+        steps => (cfg.checkpoint.keep + 1).min(steps.div_ceil(cfg.checkpoint.every.max(1))),
+    };
     let needed = per_checkpoint * written as u64 + params * 4 * 2;
     if let Some(free) = free_bytes(dir) {
         if free < needed {

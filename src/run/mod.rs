@@ -9,20 +9,23 @@ mod guard;
 pub mod model;
 mod plot;
 mod report;
+mod scan;
 mod sft;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
-use grpo::eval::{evaluate, EvalConfig, EvalReport};
-use grpo::host::{launch, HostCtx, HostOptions, OptimizerOptions};
-use grpo::learner::{GrpoConfig, PromptInput};
+use grpo::eval::{comparison_csv, comparison_markdown, evaluate_source, EvalConfig, EvalReport};
+use grpo::host::{launch, HeldOut, HostCtx, HostOptions, OptimizerOptions};
+use grpo::learner::GrpoConfig;
 use grpo::loss::LossConfig;
 use grpo::schedule::LrSchedule;
+use grpo::stream::{PromptSource, StreamOptions};
 use grpo::{AccuracyReward, FormatReward, LetterAccuracyReward, WeightedRewards};
 use medvqa::PromptTemplate;
 use qwen2vl::generation::Sampling;
@@ -41,8 +44,9 @@ pub enum Job {
     Train { resume: bool },
     /// The SFT warm start alone, written to `runs/<name>/sft/`.
     Sft,
-    /// Evaluate a checkpoint directory on the configured eval set.
-    Eval { checkpoint: PathBuf },
+    /// Evaluate checkpoint directories on the configured eval set: a report each and one
+    /// table with a row per checkpoint.
+    Eval { checkpoints: Vec<PathBuf> },
 }
 
 pub struct RunTask {
@@ -79,6 +83,7 @@ fn eval_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> EvalConfig {
         eos_token_ids: eos.to_vec(),
         pad_token_id: pad,
         prompt_bucket: shape_bucket(cfg),
+        scoring: cfg.eval.scoring,
     }
 }
 
@@ -91,7 +96,8 @@ fn write_eval(dir: &Path, stem: &str, report: &EvalReport, label: &str) -> anyho
 
 fn run_eval<B: Backend>(
     model: &Qwen2VL<B>,
-    prompts: &[PromptInput],
+    prompts: &Arc<dyn PromptSource>,
+    stream: StreamOptions,
     tok: &TextTokenizer,
     ecfg: &EvalConfig,
     what: &str,
@@ -99,7 +105,17 @@ fn run_eval<B: Backend>(
 ) -> anyhow::Result<EvalReport> {
     let t = Instant::now();
     eprintln!("evaluating {what} on {} held-out questions", prompts.len());
-    let report = evaluate(model, prompts, tok, ecfg, device)?;
+    let mut bar = crate::progress::Progress::new(&format!("evaluating {what}"), prompts.len());
+    let report = evaluate_source(
+        model,
+        prompts.clone(),
+        tok,
+        ecfg,
+        stream,
+        device,
+        &mut |done, _| bar.set(done),
+    )?;
+    bar.finish();
     eprintln!(
         "{what}: accuracy {:.3} ({} of {}), unparsable {} ({:.1}s)",
         report.overall.accuracy(),
@@ -180,42 +196,60 @@ fn execute<B: Backend>(
         )?;
     }
     let (eos, pad) = model::special_ids(&tok)?;
-    let processor = model::processor(cfg)?;
-    let data = data::load(cfg, &dir)?;
+    let processor = Arc::new(model::processor(cfg)?);
+    let data = data::load(cfg, &dir, &processor.image)?;
     eprintln!(
         "data: {} training, {} held-out questions",
         data.train.len(),
         data.test.len()
     );
-    let eval_prompts = data::prompts(
-        &data.test,
+    // `grpo.epochs` becomes a number of steps once the training set's size is known.
+    let mut resolved = cfg.clone();
+    resolved.grpo.steps = cfg.grpo.total_steps(data.train.len());
+    let cfg = &resolved;
+    let stream = data::stream_options(cfg);
+    let eval_prompts = data::source(
+        cfg,
+        data.test,
         &cfg.data.eval_template,
         &processor,
         &data.image_root,
     )?;
     let ecfg = eval_config(cfg, &eos, pad);
 
-    if let Job::Eval { checkpoint } = job {
-        let (m, _) = load_model::<B>(checkpoint, &device)
-            .with_context(|| format!("checkpoint {}", checkpoint.display()))?;
-        let report = run_eval(&m, &eval_prompts, &tok, &ecfg, "checkpoint", &device)?;
-        let label = checkpoint
-            .file_name()
-            .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-        let stem = format!("eval_{label}");
-        write_eval(&dir, &stem, &report, &label)?;
-        println!("{}", report.to_markdown(&label));
-        eprintln!("wrote {}/{stem}.{{json,md,csv}}", dir.display());
+    if let Job::Eval { checkpoints } = job {
+        let mut rows = Vec::with_capacity(checkpoints.len());
+        let labels = checkpoint_labels(checkpoints);
+        for (checkpoint, label) in checkpoints.iter().zip(labels) {
+            let (m, _) = load_model::<B>(checkpoint, &device)
+                .with_context(|| format!("checkpoint {}", checkpoint.display()))?;
+            let report = run_eval(&m, &eval_prompts, stream, &tok, &ecfg, &label, &device)?;
+            let stem = format!("eval_{}", label.replace(['/', '\\'], "_"));
+            write_eval(&dir, &stem, &report, &label)?;
+            eprintln!("wrote {}/{stem}.{{json,md,csv}}", dir.display());
+            rows.push((label, report));
+        }
+        if rows.len() == 1 {
+            println!("{}", rows[0].1.to_markdown(&rows[0].0));
+        } else {
+            let md = comparison_markdown(&rows);
+            guard::write_atomic(&dir.join("eval_table.md"), &md)?;
+            guard::write_atomic(&dir.join("eval_table.csv"), &comparison_csv(&rows))?;
+            println!("{md}");
+            eprintln!("wrote {}/eval_table.{{md,csv}}", dir.display());
+        }
         return Ok(());
     }
 
-    let template = PromptTemplate::parse(&cfg.data.template)?;
-    let train_prompts = data::prompts(
-        &data.train,
+    let train_prompts = data::source(
+        cfg,
+        data.train,
         &cfg.data.template,
         &processor,
         &data.image_root,
     )?;
+
+    let template = PromptTemplate::parse(&cfg.data.template)?;
 
     // The warm start: a given checkpoint, the run's own finished SFT, or a fresh one.
     let sft_dir = dir.join("sft");
@@ -239,7 +273,8 @@ fn execute<B: Backend>(
             eprintln!("SFT warm start: {} steps", cfg.sft.steps);
             let m = sft::train(
                 m,
-                &train_prompts,
+                train_prompts.clone(),
+                stream,
                 &tok,
                 &cfg.sft,
                 template.thinks(),
@@ -256,7 +291,15 @@ fn execute<B: Backend>(
     };
     if matches!(job, Job::Sft) {
         if cfg.eval.after {
-            let r = run_eval(&policy.valid(), &eval_prompts, &tok, &ecfg, "SFT", &device)?;
+            let r = run_eval(
+                &policy.valid(),
+                &eval_prompts,
+                stream,
+                &tok,
+                &ecfg,
+                "SFT",
+                &device,
+            )?;
             write_eval(&dir, "eval_sft", &r, "SFT")?;
         }
         return Ok(());
@@ -272,6 +315,7 @@ fn execute<B: Backend>(
             let r = run_eval(
                 &policy.valid(),
                 &eval_prompts,
+                stream,
                 &tok,
                 &ecfg,
                 "before GRPO",
@@ -297,7 +341,8 @@ fn execute<B: Backend>(
         reference,
         device.clone(),
         cfg.grpo.gradient_accumulation,
-    );
+    )
+    .with_stream(stream);
     let opts = HostOptions {
         dir: dir.join("grpo"),
         metrics_jsonl: dir.join("metrics.jsonl"),
@@ -330,11 +375,10 @@ fn execute<B: Backend>(
         let _ = std::fs::remove_file(&opts.log_file);
         let _ = std::fs::remove_dir_all(&opts.dir);
     }
-    let held_out: Vec<PromptInput> = eval_prompts
-        .iter()
-        .take(cfg.eval.every_subset)
-        .cloned()
-        .collect();
+    let held_out = HeldOut {
+        source: eval_prompts.clone(),
+        count: cfg.eval.every_subset,
+    };
     let grpo_started = Instant::now();
     eprintln!("GRPO: {} steps", cfg.grpo.steps);
     let (trained, state) = launch(policy, ctx, held_out, ecfg.clone(), &opts)?;
@@ -348,7 +392,15 @@ fn execute<B: Backend>(
         );
     }
     let after = if cfg.eval.after {
-        let r = run_eval(&trained, &eval_prompts, &tok, &ecfg, "after GRPO", &device)?;
+        let r = run_eval(
+            &trained,
+            &eval_prompts,
+            stream,
+            &tok,
+            &ecfg,
+            "after GRPO",
+            &device,
+        )?;
         write_eval(&dir, "eval_after", &r, "after GRPO")?;
         Some(r)
     } else {
@@ -375,6 +427,42 @@ fn execute<B: Backend>(
         dir.display()
     );
     Ok(())
+}
+
+/// A short, distinct name per checkpoint: its directory name, with parent directories added
+/// while two would read the same (`a/final`, `b/final`).
+fn checkpoint_labels(dirs: &[PathBuf]) -> Vec<String> {
+    let parts: Vec<Vec<String>> = dirs
+        .iter()
+        .map(|d| {
+            d.components()
+                .rev()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    let label = |p: &Vec<String>, depth: usize| {
+        let mut names: Vec<&str> = p.iter().take(depth).map(String::as_str).collect();
+        names.reverse();
+        if names.is_empty() {
+            "model".to_string()
+        } else {
+            names.join("/")
+        }
+    };
+    let longest = parts.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let mut depth = 1;
+    loop {
+        let labels: Vec<String> = parts.iter().map(|p| label(p, depth)).collect();
+        let distinct: std::collections::BTreeSet<&String> = labels.iter().collect();
+        if distinct.len() == labels.len() || depth >= longest {
+            return labels;
+        }
+        depth += 1;
+    }
 }
 
 /// `tokenizer.json` and `preprocessor_config.json` next to a saved checkpoint, so that

@@ -1,21 +1,22 @@
 //! The supervised warm start: cross-entropy on `<answer> X </answer><|im_end|>` after each
 //! prompt (the right letter, or a random one when only the format is to be taught).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use grpo::host::OptimizerOptions;
-use grpo::learner::PromptInput;
 use grpo::sft::sft_step;
+use grpo::stream::{PromptSource, PromptStream, StreamOptions};
 use medvqa::rng::Rng;
+use medvqa::VqaRecord;
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::Qwen2VL;
 
 use crate::config::SftConfig;
 
-/// The completion SFT teaches for one prompt.
-pub fn target_text(p: &PromptInput, format_only: bool, think: bool, rng: &mut Rng) -> String {
-    let r = &p.record;
+/// The completion SFT teaches for one record.
+pub fn target_text(r: &VqaRecord, format_only: bool, think: bool, rng: &mut Rng) -> String {
     let letter = if format_only {
         (b'A' + rng.below(r.options.len().max(1)) as u8) as char
     } else {
@@ -32,7 +33,8 @@ pub fn target_text(p: &PromptInput, format_only: bool, think: bool, rng: &mut Rn
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: AutodiffBackend>(
     mut model: Qwen2VL<B>,
-    prompts: &[PromptInput],
+    prompts: Arc<dyn PromptSource>,
+    stream: StreamOptions,
     tokenizer: &TextTokenizer,
     cfg: &SftConfig,
     think: bool,
@@ -44,23 +46,37 @@ pub fn train<B: AutodiffBackend>(
     let mut optim = OptimizerOptions::default().adamw().init();
     let mut rng = Rng::new(seed ^ 0x5f7);
     let mut order: Vec<usize> = Vec::new();
-    let started = Instant::now();
     let format_only = cfg.target == "format_only";
-    let mut recent = Vec::new();
-    for step in 0..cfg.steps {
-        let mut batch = Vec::with_capacity(cfg.batch_size);
-        while batch.len() < cfg.batch_size.max(1) {
+    let batch_size = cfg.batch_size.max(1);
+    // Every step's records and targets first (records only, no image is read), so that
+    // the images can be prepared ahead in that order.
+    let mut plan = Vec::with_capacity(cfg.steps * batch_size);
+    let mut texts = Vec::with_capacity(cfg.steps * batch_size);
+    for _ in 0..cfg.steps {
+        let mut batch = Vec::with_capacity(batch_size);
+        while batch.len() < batch_size {
             if order.is_empty() {
                 order = (0..prompts.len()).collect();
                 rng.shuffle(&mut order);
             }
             batch.push(order.pop().expect("refilled"));
         }
-        let ps: Vec<PromptInput> = batch.iter().map(|&i| prompts[i].clone()).collect();
-        let targets = ps
-            .iter()
-            .map(|p| {
-                let mut ids = tokenizer.encode(&target_text(p, format_only, think, &mut rng))?;
+        for &i in &batch {
+            texts.push(target_text(prompts.record(i), format_only, think, &mut rng));
+        }
+        plan.extend(batch);
+    }
+    let mut images = PromptStream::new(prompts, plan, stream);
+    let mut texts = texts.into_iter();
+    let started = Instant::now();
+    let mut recent = Vec::new();
+    for step in 0..cfg.steps {
+        let ps = images.take(batch_size)?;
+        let targets = texts
+            .by_ref()
+            .take(batch_size)
+            .map(|t| {
+                let mut ids = tokenizer.encode(&t)?;
                 ids.push(eos);
                 Ok(ids)
             })

@@ -249,6 +249,7 @@ fn evaluation_runs_end_to_end_on_synthetic_images() {
         eos_token_ids: vec![258],
         pad_token_id: 256,
         prompt_bucket: 1,
+        scoring: Default::default(),
     };
     let report = evaluate(&model, &prompts, &tokenizer(), &cfg, &device).unwrap();
     assert_eq!(report.overall.total, 16);

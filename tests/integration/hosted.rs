@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use grpo::eval::EvalConfig;
-use grpo::host::{complete_checkpoints, launch, HostCtx, HostOptions, OptimizerOptions};
+use grpo::host::{complete_checkpoints, launch, HeldOut, HostCtx, HostOptions, OptimizerOptions};
 use grpo::learner::GrpoConfig;
 use grpo::loss::LossConfig;
 use grpo::schedule::LrSchedule;
@@ -23,7 +23,7 @@ fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> 
     let policy = tiny_random_model(11, &device);
     let reference = policy.valid();
     let tokenizer = byte_tokenizer();
-    let prompts = ["Say a word.", "Name a thing.", "Write code.", "Count."]
+    let prompts: Vec<_> = ["Say a word.", "Name a thing.", "Write code.", "Count."]
         .iter()
         .map(|q| text_prompt(&tokenizer, q))
         .collect();
@@ -73,8 +73,9 @@ fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> 
         eos_token_ids: vec![258],
         pad_token_id: 256,
         prompt_bucket: 1,
+        scoring: Default::default(),
     };
-    launch(policy, ctx, Vec::new(), eval, &opts).unwrap().0
+    launch(policy, ctx, HeldOut::none(), eval, &opts).unwrap().0
 }
 
 fn fresh_dir(name: &str) -> PathBuf {

@@ -13,3 +13,5 @@ mod hosted;
 mod parity;
 mod processor;
 mod rewards;
+mod scale;
+mod streaming;

@@ -3,16 +3,43 @@
 //! Tables come out shaped like the paper's (one column per modality / question type).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use medvqa::{Modality, QuestionType};
 use qwen2vl::generation::{generate, GenerationConfig, Sampling};
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::{Qwen2VL, Qwen2VLError, TokenBatch};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::learner::{images_of, PromptInput};
 use crate::rewards::extract_letter;
+use crate::stream::{PromptError, PromptSource, PromptStream, StreamOptions};
+
+/// How an output is judged against the answer letter: this project's extraction, or one of
+/// Med-R1's evaluation scripts (v1.0.0, `src/eval_vqa/`), to reproduce the paper's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// The word inside the first `<answer> X </answer>` (Med-R1's think scripts).
+    #[default]
+    Tags,
+    /// The whole output must equal the letter (`model_answer = original_output` in
+    /// `test_qwen2vl_vqa_nothink.py` and `test_qwen2vl_vqa_zero_shot.py`).
+    MedR1Raw,
+    /// The tag's word when the output contains "answer", else the whole output
+    /// (`test_qwen2_5vl_vqa_nothink.py`).
+    MedR1Hybrid,
+}
+
+/// Why an evaluation stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Model(#[from] Qwen2VLError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+}
 
 /// Correct / total / unparsable counts of one group.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -61,15 +88,30 @@ pub struct EvalReport {
 
 /// Scores one output against its record (Med-R1's eval extraction).
 pub fn judge(output: &str, answer_letter: char) -> (Option<String>, bool) {
-    let predicted = extract_letter(output);
+    judge_with(Scoring::Tags, output, answer_letter)
+}
+
+/// Scores one output against its answer letter with `scoring`: the extracted answer (`None`:
+/// nothing to compare, counted as unparsable) and whether it equals the letter exactly.
+pub fn judge_with(scoring: Scoring, output: &str, answer_letter: char) -> (Option<String>, bool) {
+    let predicted = match scoring {
+        Scoring::Tags => extract_letter(output),
+        Scoring::MedR1Raw => Some(output.to_string()),
+        Scoring::MedR1Hybrid if output.contains("answer") => extract_letter(output),
+        Scoring::MedR1Hybrid => Some(output.to_string()),
+    };
     let correct = predicted.as_deref() == Some(answer_letter.to_string().as_str());
     (predicted, correct)
 }
 
 impl EvalReport {
     pub fn record(&mut self, p: &PromptInput, output: String) {
+        self.record_with(Scoring::Tags, p, output)
+    }
+
+    pub fn record_with(&mut self, scoring: Scoring, p: &PromptInput, output: String) {
         let r = &p.record;
-        let (predicted, correct) = judge(&output, r.answer_letter());
+        let (predicted, correct) = judge_with(scoring, &output, r.answer_letter());
         let parsed = predicted.is_some();
         self.overall.add(correct, parsed);
         if let Some(m) = r.modality {
@@ -140,27 +182,7 @@ impl EvalReport {
 
     /// Two Markdown tables (modalities, question types), accuracy in percent, plus counts.
     pub fn to_markdown(&self, model_name: &str) -> String {
-        let (mods, types) = self.columns();
-        let mut out = String::new();
-        for (title, cols) in [
-            ("Accuracy by modality (%)", mods),
-            ("Accuracy by question type (%)", types),
-        ] {
-            if cols.is_empty() {
-                continue;
-            }
-            out.push_str(&format!("### {title}\n\n| Model |"));
-            for (name, _) in &cols {
-                out.push_str(&format!(" {name} |"));
-            }
-            out.push_str(" Overall |\n|---|");
-            out.push_str(&"---:|".repeat(cols.len() + 1));
-            out.push_str(&format!("\n| {model_name} |"));
-            for (_, t) in &cols {
-                out.push_str(&format!(" {:.2} |", 100.0 * t.accuracy()));
-            }
-            out.push_str(&format!(" {:.2} |\n\n", 100.0 * self.overall.accuracy()));
-        }
+        let mut out = tables_markdown(&[(model_name, self)]);
         out.push_str(&format!(
             "{} questions, {} correct, {} unparsable answers.\n",
             self.overall.total, self.overall.correct, self.overall.unparsable
@@ -194,6 +216,97 @@ impl EvalReport {
     }
 }
 
+/// The column names present in any of `reports`, in table order, for modalities and for
+/// question types (with their short and full names).
+fn column_names(reports: &[&EvalReport]) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
+    let mods = Modality::ALL
+        .iter()
+        .filter(|m| reports.iter().any(|r| r.by_modality.contains_key(m.name())))
+        .map(|m| m.name())
+        .collect();
+    let types = QuestionType::ALL
+        .iter()
+        .filter(|q| {
+            reports
+                .iter()
+                .any(|r| r.by_question_type.contains_key(q.name()))
+        })
+        .map(|q| (q.short(), q.name()))
+        .collect();
+    (mods, types)
+}
+
+/// The paper's two tables with a row per report; a column a report lacks reads `-`.
+fn tables_markdown(rows: &[(&str, &EvalReport)]) -> String {
+    let reports: Vec<&EvalReport> = rows.iter().map(|(_, r)| *r).collect();
+    let (mods, types) = column_names(&reports);
+    let mods: Vec<(&str, &str)> = mods.into_iter().map(|m| (m, m)).collect();
+    let mut out = String::new();
+    for (title, cols, by_type) in [
+        ("Accuracy by modality (%)", mods, false),
+        ("Accuracy by question type (%)", types, true),
+    ] {
+        if cols.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("### {title}\n\n| Model |"));
+        for (short, _) in &cols {
+            out.push_str(&format!(" {short} |"));
+        }
+        out.push_str(" Overall |\n|---|");
+        out.push_str(&"---:|".repeat(cols.len() + 1));
+        out.push('\n');
+        for (name, r) in rows {
+            out.push_str(&format!("| {name} |"));
+            for (_, key) in &cols {
+                let table = if by_type {
+                    &r.by_question_type
+                } else {
+                    &r.by_modality
+                };
+                match table.get(*key) {
+                    Some(t) => out.push_str(&format!(" {:.2} |", 100.0 * t.accuracy())),
+                    None => out.push_str(" - |"),
+                }
+            }
+            out.push_str(&format!(" {:.2} |\n", 100.0 * r.overall.accuracy()));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One table per grouping with a row per `(label, report)`: the cross-modality matrix when
+/// each checkpoint was trained on one modality.
+pub fn comparison_markdown(rows: &[(String, EvalReport)]) -> String {
+    let refs: Vec<(&str, &EvalReport)> = rows.iter().map(|(n, r)| (n.as_str(), r)).collect();
+    let mut out = tables_markdown(&refs);
+    out.push_str("| Model | Questions | Correct | Unparsable |\n|---|---:|---:|---:|\n");
+    for (n, r) in rows {
+        out.push_str(&format!(
+            "| {n} | {} | {} | {} |\n",
+            r.overall.total, r.overall.correct, r.overall.unparsable
+        ));
+    }
+    out
+}
+
+/// `model,group,name,total,correct,unparsable,accuracy`: every report's rows.
+pub fn comparison_csv(rows: &[(String, EvalReport)]) -> String {
+    let mut out = String::from("model,group,name,total,correct,unparsable,accuracy\n");
+    for (n, r) in rows {
+        let quoted = if n.contains([',', '"']) {
+            format!("\"{}\"", n.replace('"', "\"\""))
+        } else {
+            n.clone()
+        };
+        for line in r.to_csv().lines().skip(1) {
+            out.push_str(&format!("{quoted},{line}\n"));
+        }
+    }
+    out
+}
+
 /// Decoding settings of an evaluation.
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
@@ -204,6 +317,73 @@ pub struct EvalConfig {
     /// Prompt widths padded (masked) to multiples of this (1: exact), as in
     /// [`GenerationConfig::prompt_bucket`].
     pub prompt_bucket: usize,
+    pub scoring: Scoring,
+}
+
+fn generation_config(cfg: &EvalConfig) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: cfg.max_new_tokens,
+        sampling: Sampling::GREEDY,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        pad_token_id: cfg.pad_token_id,
+        seed: 0,
+        prompt_bucket: cfg.prompt_bucket,
+    }
+}
+
+/// Greedy answers for one batch, recorded into `report`.
+fn evaluate_batch<B: Backend>(
+    model: &Qwen2VL<B>,
+    chunk: &[PromptInput],
+    tokenizer: &TextTokenizer,
+    cfg: &EvalConfig,
+    report: &mut EvalReport,
+    device: &B::Device,
+) -> Result<(), Qwen2VLError> {
+    let rows: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
+    let refs: Vec<&PromptInput> = chunk.iter().collect();
+    let batch = TokenBatch::left_padded(&rows, cfg.pad_token_id);
+    let out = generate(
+        model,
+        &batch,
+        images_of::<B>(&refs, device).as_ref(),
+        &generation_config(cfg),
+        false,
+    )?;
+    for (p, tokens) in chunk.iter().zip(&out.tokens) {
+        let text = tokenizer.decode(tokens, true).unwrap_or_default();
+        report.record_with(cfg.scoring, p, text);
+    }
+    Ok(())
+}
+
+/// Greedy answers for every prompt of `source`, `batch_size` at a time, the next batches
+/// prepared while one is generating; `progress(done, total)` after each batch.
+pub fn evaluate_source<B: Backend>(
+    model: &Qwen2VL<B>,
+    source: Arc<dyn PromptSource>,
+    tokenizer: &TextTokenizer,
+    cfg: &EvalConfig,
+    stream: StreamOptions,
+    device: &B::Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalReport, EvalError> {
+    let total = source.len();
+    let batch = cfg.batch_size.max(1);
+    let opts = StreamOptions {
+        prefetch: stream.prefetch.max(batch),
+        ..stream
+    };
+    let mut prompts = PromptStream::new(source, (0..total).collect(), opts);
+    let mut report = EvalReport::default();
+    let mut done = 0;
+    while done < total {
+        let chunk = prompts.take(batch)?;
+        evaluate_batch(model, &chunk, tokenizer, cfg, &mut report, device)?;
+        done += chunk.len();
+        progress(done, total);
+    }
+    Ok(report)
 }
 
 /// Greedy answers for `prompts`, `batch_size` at a time.
@@ -214,30 +394,9 @@ pub fn evaluate<B: Backend>(
     cfg: &EvalConfig,
     device: &B::Device,
 ) -> Result<EvalReport, Qwen2VLError> {
-    let gen = GenerationConfig {
-        max_new_tokens: cfg.max_new_tokens,
-        sampling: Sampling::GREEDY,
-        eos_token_ids: cfg.eos_token_ids.clone(),
-        pad_token_id: cfg.pad_token_id,
-        seed: 0,
-        prompt_bucket: cfg.prompt_bucket,
-    };
     let mut report = EvalReport::default();
     for chunk in prompts.chunks(cfg.batch_size.max(1)) {
-        let rows: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
-        let refs: Vec<&PromptInput> = chunk.iter().collect();
-        let batch = TokenBatch::left_padded(&rows, cfg.pad_token_id);
-        let out = generate(
-            model,
-            &batch,
-            images_of::<B>(&refs, device).as_ref(),
-            &gen,
-            false,
-        )?;
-        for (p, tokens) in chunk.iter().zip(&out.tokens) {
-            let text = tokenizer.decode(tokens, true).unwrap_or_default();
-            report.record(p, text);
-        }
+        evaluate_batch(model, chunk, tokenizer, cfg, &mut report, device)?;
     }
     Ok(report)
 }
@@ -320,5 +479,88 @@ mod tests {
                 && csv.contains("overall,overall,4,2,1,0.500000"),
             "{csv}"
         );
+    }
+
+    #[test]
+    fn one_row_per_checkpoint() {
+        let mut ct = EvalReport::default();
+        ct.record(
+            &prompt(0, Modality::Ct, QuestionType::LesionGrading),
+            "<answer> A </answer>".into(),
+        );
+        let mut oct = EvalReport::default();
+        oct.record(
+            &prompt(1, Modality::Oct, QuestionType::LesionGrading),
+            "<answer> A </answer>".into(),
+        );
+        oct.record(
+            &prompt(1, Modality::Ct, QuestionType::LesionGrading),
+            "<answer> B </answer>".into(),
+        );
+        let rows = vec![("train-CT".to_string(), ct), ("a,b".to_string(), oct)];
+        let md = comparison_markdown(&rows);
+        assert!(md.contains("| Model | CT | OCT | Overall |"), "{md}");
+        assert!(md.contains("| train-CT | 100.00 | - | 100.00 |"), "{md}");
+        assert!(md.contains("| a,b | 100.00 | 0.00 | 50.00 |"), "{md}");
+        assert!(md.contains("| train-CT | 1 | 1 | 0 |"), "{md}");
+        let csv = comparison_csv(&rows);
+        assert!(csv.starts_with("model,group,name,"), "{csv}");
+        assert!(csv.contains("train-CT,modality,CT,1,1,0,1.000000"), "{csv}");
+        assert!(csv.contains("\"a,b\",modality,OCT,1,0,0,0.000000"), "{csv}");
+    }
+
+    #[test]
+    fn med_r1_scoring_protocols() {
+        use Scoring::*;
+        let cases: [(&str, [(Option<&str>, bool); 3]); 6] = [
+            // output: (tags, raw, hybrid)
+            (
+                "<answer> B </answer>",
+                [
+                    (Some("B"), true),
+                    (Some("<answer> B </answer>"), false),
+                    (Some("B"), true),
+                ],
+            ),
+            ("B", [(None, false), (Some("B"), true), (Some("B"), true)]),
+            // Raw equality: a trailing period or space is wrong.
+            (
+                "B.",
+                [(None, false), (Some("B."), false), (Some("B."), false)],
+            ),
+            (
+                " B",
+                [(None, false), (Some(" B"), false), (Some(" B"), false)],
+            ),
+            // "answer" present but no tag: the hybrid script's regex finds nothing.
+            (
+                "The answer is B",
+                [
+                    (None, false),
+                    (Some("The answer is B"), false),
+                    (None, false),
+                ],
+            ),
+            (
+                "<think>x</think><answer>A</answer>",
+                [
+                    (Some("A"), false),
+                    (Some("<think>x</think><answer>A</answer>"), false),
+                    (Some("A"), false),
+                ],
+            ),
+        ];
+        for (output, expected) in cases {
+            for (scoring, (pred, correct)) in
+                [Tags, MedR1Raw, MedR1Hybrid].into_iter().zip(expected)
+            {
+                let (p, c) = judge_with(scoring, output, 'B');
+                assert_eq!(
+                    (p.as_deref(), c),
+                    (pred, correct),
+                    "{scoring:?} on {output:?}"
+                );
+            }
+        }
     }
 }

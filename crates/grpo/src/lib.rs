@@ -13,6 +13,7 @@ pub mod prompt;
 pub mod rewards;
 pub mod schedule;
 pub mod sft;
+pub mod stream;
 
 pub use advantages::{group_advantages, zero_std_fraction, ScaleRewards};
 pub use loss::{aggregate, per_token_loss, LossConfig, LossType};

@@ -7,6 +7,10 @@ pub const TRAIN_THINK: &str = "{Question} Your task: 1. Think through the questi
 pub const TRAIN_NOTHINK: &str = "{Question} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags. 2. No extra information or text outside of this tag.";
 pub const EVAL_THINK: &str = "{Question} Think through the question step by step in <think>...</think> tags. Then provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags.";
 pub const EVAL_NOTHINK: &str = "{Question} Provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags.";
+/// Med-R1's zero-shot evaluation of base models (`test_qwen2vl_vqa_zero_shot.py`): no tags
+/// asked for, the output compared with the letter as it is.
+pub const EVAL_ZERO_SHOT: &str =
+    "{Question} Provide the correct single-letter choice (A, B, C, D,...).";
 
 /// A prompt template: `{Question}` is replaced by the record's problem text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,16 +20,17 @@ pub struct PromptTemplate {
 }
 
 impl PromptTemplate {
-    /// `train_think`, `train_nothink`, `eval_think`, `eval_nothink`.
+    /// `train_think`, `train_nothink`, `eval_think`, `eval_nothink`, `eval_zero_shot`.
     pub fn named(name: &str) -> Result<Self, DataError> {
         let text = match name {
             "train_think" => TRAIN_THINK,
             "train_nothink" => TRAIN_NOTHINK,
             "eval_think" => EVAL_THINK,
             "eval_nothink" => EVAL_NOTHINK,
+            "eval_zero_shot" => EVAL_ZERO_SHOT,
             other => {
                 return Err(DataError::Invalid(format!(
-                    "unknown prompt template `{other}`: use train_think, train_nothink, eval_think, eval_nothink, or give the template text with a {{Question}} placeholder"
+                    "unknown prompt template `{other}`: use train_think, train_nothink, eval_think, eval_nothink, eval_zero_shot, or give the template text with a {{Question}} placeholder"
                 )))
             }
         };

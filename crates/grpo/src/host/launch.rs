@@ -23,6 +23,31 @@ use super::{plan, EvalBatcher, GrpoBatcher, GrpoPolicy, HostCtx};
 use crate::eval::EvalConfig;
 use crate::learner::PromptInput;
 use crate::schedule::{LrSchedule, ScheduledLr};
+use crate::stream::PromptSource;
+
+/// The held-out prompts of burn-train's validation pass (`eval_every`): the first `count`
+/// of `source`, prepared one batch at a time.
+#[derive(Clone)]
+pub struct HeldOut {
+    pub source: Arc<dyn PromptSource>,
+    pub count: usize,
+}
+
+impl HeldOut {
+    /// No validation prompts.
+    pub fn none() -> Self {
+        Self::from(Vec::new())
+    }
+}
+
+impl From<Vec<PromptInput>> for HeldOut {
+    fn from(prompts: Vec<PromptInput>) -> Self {
+        Self {
+            count: prompts.len(),
+            source: Arc::new(prompts),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -120,7 +145,7 @@ impl MetricsRenderer for Quiet {
 pub fn launch<B: AutodiffBackend>(
     policy: Qwen2VL<B>,
     ctx: HostCtx<B>,
-    held_out: Vec<PromptInput>,
+    held_out: HeldOut,
     eval: EvalConfig,
     opts: &HostOptions,
 ) -> Result<(Qwen2VL<B::InnerBackend>, RunState), HostError> {
@@ -179,17 +204,22 @@ pub fn launch<B: AutodiffBackend>(
         .iter()
         .map(|(r, _)| r.name().to_string())
         .collect();
+    ctx.set_plan(&micro);
     let ctx = Arc::new(ctx);
     let train = DataLoaderBuilder::new(GrpoBatcher { ctx: ctx.clone() })
         .batch_size(1)
         .build(InMemDataset::new(micro));
     let eval_batch = eval.batch_size.max(1);
+    let held_out_count = held_out.count.min(held_out.source.len());
     let valid = DataLoaderBuilder::new(EvalBatcher {
+        source: held_out.source,
         tokenizer: ctx.tokenizer.clone(),
         cfg: Arc::new(eval),
     })
     .batch_size(eval_batch)
-    .build(InMemDataset::new(held_out));
+    .build(InMemDataset::new(
+        (0..held_out_count).collect::<Vec<usize>>(),
+    ));
 
     let show_dashboard = opts.dashboard && std::io::stdout().is_terminal();
     let existing = complete_checkpoints(&opts.dir);

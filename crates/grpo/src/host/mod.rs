@@ -7,12 +7,14 @@
 //! after accumulation, (b) checkpoint every N optimizer steps rather than per epoch, or
 //! (c) resume mid-epoch at an exact data position.
 
+mod feed;
 mod launch;
 mod record;
 mod store;
 mod strategy;
 
-pub use launch::{launch, HostError, HostOptions, OptimizerOptions};
+pub use feed::PlanFeed;
+pub use launch::{launch, HeldOut, HostError, HostOptions, OptimizerOptions};
 pub use record::{StepRecord, StepScalar};
 pub use store::{complete_checkpoints, latest_state, AtomicRecorder, KeepLast, RunState};
 pub use strategy::GrpoStrategy;
@@ -31,6 +33,7 @@ use qwen2vl::Qwen2VL;
 use crate::eval::{evaluate, EvalConfig};
 use crate::learner::{policy_loss, rollout, GrpoConfig, PromptInput, Rollout};
 use crate::rewards::WeightedRewards;
+use crate::stream::{PromptSource, StreamOptions};
 
 /// The policy as burn-train's training model.
 #[derive(Module, Debug)]
@@ -40,7 +43,10 @@ pub struct GrpoPolicy<B: Backend> {
 
 /// Everything a step needs besides the policy; shared by every batch of a run.
 pub struct HostCtx<B: AutodiffBackend> {
-    pub prompts: Vec<PromptInput>,
+    /// The training prompts, prepared as the plan reaches them.
+    pub prompts: Arc<dyn PromptSource>,
+    /// How far ahead of the step, and by how many threads.
+    pub stream: StreamOptions,
     pub tokenizer: Arc<TextTokenizer>,
     pub rewards: WeightedRewards,
     pub cfg: GrpoConfig,
@@ -51,11 +57,15 @@ pub struct HostCtx<B: AutodiffBackend> {
     pub accumulation: usize,
     /// Rollouts kept for reuse while `num_iterations > 1`, by rollout number.
     cache: Mutex<HashMap<usize, Rollout>>,
+    /// The plan's prompts, prepared ahead (set when the run is launched).
+    feed: Mutex<Option<PlanFeed>>,
 }
 
 impl<B: AutodiffBackend> HostCtx<B> {
-    pub fn new(
-        prompts: Vec<PromptInput>,
+    /// `prompts`: a [`PromptSource`] (`RecordPrompts` streams from disk; a
+    /// `Vec<PromptInput>` holds prepared prompts).
+    pub fn new<S: PromptSource + 'static>(
+        prompts: S,
         tokenizer: TextTokenizer,
         rewards: WeightedRewards,
         cfg: GrpoConfig,
@@ -64,7 +74,8 @@ impl<B: AutodiffBackend> HostCtx<B> {
         accumulation: usize,
     ) -> Self {
         Self {
-            prompts,
+            prompts: Arc::new(prompts),
+            stream: StreamOptions::default(),
             tokenizer: Arc::new(tokenizer),
             rewards,
             cfg,
@@ -72,13 +83,45 @@ impl<B: AutodiffBackend> HostCtx<B> {
             device,
             accumulation: accumulation.max(1),
             cache: Mutex::new(HashMap::new()),
+            feed: Mutex::new(None),
         }
+    }
+
+    /// Prepares prompts ahead with these settings instead of the defaults.
+    pub fn with_stream(mut self, stream: StreamOptions) -> Self {
+        self.stream = stream;
+        self
+    }
+
+    /// The prompts of plan entry `micro`: from the feed when the run's plan is set,
+    /// prepared on the spot otherwise.
+    fn prompts_of(
+        &self,
+        micro: &MicroBatch,
+    ) -> Result<Vec<PromptInput>, crate::stream::PromptError> {
+        let mut feed = self.feed.lock().expect("prompt feed");
+        match feed.as_mut() {
+            Some(f) => f.take(micro.index),
+            None => micro
+                .prompts
+                .iter()
+                .map(|&i| self.prompts.prepare(i))
+                .collect(),
+        }
+    }
+
+    fn set_plan(&self, plan: &[MicroBatch]) {
+        let groups = plan.iter().map(|m| m.prompts.clone()).collect();
+        *self.feed.lock().expect("prompt feed") =
+            Some(PlanFeed::new(self.prompts.clone(), groups, self.stream));
     }
 }
 
 /// One micro-batch of the run's plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MicroBatch {
+    /// Position in the plan.
+    pub index: usize,
     /// Optimizer step (0-based) this micro-batch belongs to.
     pub step: usize,
     /// Rollout number: steps of one `num_iterations` cycle share their rollouts.
@@ -130,6 +173,7 @@ pub fn plan(
                 rollouts.push(take(prompts_per_micro));
             }
             micro.push(MicroBatch {
+                index: micro.len(),
                 step,
                 rollout: r,
                 generate: step % ni == 0,
@@ -199,11 +243,9 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
     fn step(&self, batch: GrpoBatch<B>) -> TrainOutput<StepRecord> {
         let ctx = &batch.ctx;
         let micro = &batch.micro;
-        let prompts: Vec<PromptInput> = micro
-            .prompts
-            .iter()
-            .map(|&i| ctx.prompts[i].clone())
-            .collect();
+        let prompts = ctx
+            .prompts_of(micro)
+            .unwrap_or_else(|e| panic!("step {}: {e}", micro.step + 1));
         let reuse = ctx.cfg.num_iterations > 1;
         let cached = if micro.generate {
             None
@@ -298,16 +340,23 @@ impl<B: Backend> InferenceStep for GrpoPolicy<B> {
     }
 }
 
-/// Batches held-out prompts for validation.
+/// Batches held-out prompts for validation, preparing them from their source (indices in,
+/// one batch of pixels alive at a time).
 pub struct EvalBatcher {
+    pub source: Arc<dyn PromptSource>,
     pub tokenizer: Arc<TextTokenizer>,
     pub cfg: Arc<EvalConfig>,
 }
 
-impl<B: Backend> Batcher<B, PromptInput, EvalBatch> for EvalBatcher {
-    fn batch(&self, items: Vec<PromptInput>, _device: &B::Device) -> EvalBatch {
+impl<B: Backend> Batcher<B, usize, EvalBatch> for EvalBatcher {
+    fn batch(&self, items: Vec<usize>, _device: &B::Device) -> EvalBatch {
+        let prompts = items
+            .iter()
+            .map(|&i| self.source.prepare(i))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_else(|e| panic!("held-out evaluation: {e}"));
         EvalBatch {
-            prompts: items,
+            prompts,
             tokenizer: self.tokenizer.clone(),
             cfg: self.cfg.clone(),
         }

@@ -59,7 +59,7 @@ impl Default for GrpoConfig {
             num_generations: 4,
             sampling: Sampling {
                 temperature: 1.0,
-                top_k: 0,
+                top_k: 50,
                 top_p: 1.0,
             },
             max_completion_length: 256,

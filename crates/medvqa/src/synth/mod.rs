@@ -158,10 +158,16 @@ fn scene(q: QuestionType, value: usize, s: f64, rng: &mut Rng) -> Vec<Lesion> {
     }
 }
 
-/// Generates `cfg.n` items. Modalities and question types cycle so that every combination is
-/// equally frequent; within a question type the answer value cycles through a fresh shuffle of
-/// its values, and the correct letter cycles through the options, so answers are balanced.
+/// Generates `cfg.n` items, all in memory (small sets; [`items`] makes them one at a time).
 pub fn generate(cfg: &SynthConfig) -> Result<Vec<SynthItem>, DataError> {
+    Ok(items(cfg)?.collect())
+}
+
+/// The `cfg.n` items of `cfg`, made one at a time. Modalities and question types cycle so that
+/// every combination is equally frequent; within a question type the answer value cycles
+/// through a fresh shuffle of its values, and the correct letter cycles through the options,
+/// so answers are balanced.
+pub fn items(cfg: &SynthConfig) -> Result<SynthItems<'_>, DataError> {
     if cfg.modalities.is_empty() || cfg.question_types.is_empty() {
         return Err(DataError::Invalid(
             "synthetic data needs at least one modality and one question type".into(),
@@ -179,13 +185,39 @@ pub fn generate(cfg: &SynthConfig) -> Result<Vec<SynthItem>, DataError> {
             cfg.image_size
         )));
     }
-    let mut rng = Rng::new(cfg.seed);
-    let s = cfg.image_size as f64;
-    let (nm, nq) = (cfg.modalities.len(), cfg.question_types.len());
-    let mut cycles: Vec<Vec<usize>> = vec![Vec::new(); nq];
-    let mut letter_turn = vec![0usize; nq];
-    let mut items = Vec::with_capacity(cfg.n);
-    for i in 0..cfg.n {
+    Ok(SynthItems {
+        cfg,
+        rng: Rng::new(cfg.seed),
+        cycles: vec![Vec::new(); cfg.question_types.len()],
+        letter_turn: vec![0usize; cfg.question_types.len()],
+        next: 0,
+    })
+}
+
+/// The generator behind [`items`].
+pub struct SynthItems<'a> {
+    cfg: &'a SynthConfig,
+    rng: Rng,
+    cycles: Vec<Vec<usize>>,
+    letter_turn: Vec<usize>,
+    next: usize,
+}
+
+impl Iterator for SynthItems<'_> {
+    type Item = SynthItem;
+
+    fn next(&mut self) -> Option<SynthItem> {
+        if self.next >= self.cfg.n {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        let cfg = self.cfg;
+        let rng = &mut self.rng;
+        let s = cfg.image_size as f64;
+        let (nm, nq) = (cfg.modalities.len(), cfg.question_types.len());
+        let cycles = &mut self.cycles;
+        let letter_turn = &mut self.letter_turn;
         let modality = cfg.modalities[i % nm];
         let qi = (i / nm) % nq;
         let q = cfg.question_types[qi];
@@ -222,13 +254,13 @@ pub fn generate(cfg: &SynthConfig) -> Result<Vec<SynthItem>, DataError> {
             chosen.sort_unstable();
             chosen.iter().position(|&v| v == value).expect("inserted")
         };
-        let mut image = background(modality, cfg.image_size, &mut rng);
+        let mut image = background(modality, cfg.image_size, rng);
         let color = lesion_color(modality);
-        for lesion in scene(q, value, s, &mut rng) {
+        for lesion in scene(q, value, s, rng) {
             draw_lesion(&mut image, &lesion, color);
         }
         let id = format!("synth-{:06}", i);
-        items.push(SynthItem {
+        Some(SynthItem {
             record: VqaRecord {
                 image: format!("images/{id}.png"),
                 id,
@@ -240,9 +272,8 @@ pub fn generate(cfg: &SynthConfig) -> Result<Vec<SynthItem>, DataError> {
                 dataset: Some("synthetic".into()),
             },
             image,
-        });
+        })
     }
-    Ok(items)
 }
 
 /// Writes a synthetic set to `dir`: `images/*.png`, and `train.json` / `test.json` in Med-R1
@@ -252,21 +283,34 @@ pub fn write_synthetic(
     dir: &Path,
     test_fraction: f64,
 ) -> Result<(Vec<VqaRecord>, Vec<VqaRecord>), DataError> {
-    let items = generate(cfg)?;
+    write_synthetic_with(cfg, dir, test_fraction, &mut |_, _| {})
+}
+
+/// [`write_synthetic`], each image written as soon as it is made (memory does not grow with
+/// `n`), `progress(done, n)` after each.
+pub fn write_synthetic_with(
+    cfg: &SynthConfig,
+    dir: &Path,
+    test_fraction: f64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<VqaRecord>, Vec<VqaRecord>), DataError> {
+    let made = items(cfg)?;
     let images = dir.join("images");
     std::fs::create_dir_all(&images).map_err(|source| DataError::Io {
         path: images.clone(),
         source,
     })?;
-    for item in &items {
+    let mut records = Vec::with_capacity(cfg.n);
+    for item in made {
         let path = dir.join(&item.record.image);
         item.image
             .save_with_format(&path, image::ImageFormat::Png)
             .map_err(|e| {
                 DataError::Invalid(format!("{}: cannot write image: {e}", path.display()))
             })?;
+        records.push(item.record);
+        progress(records.len(), cfg.n);
     }
-    let records: Vec<VqaRecord> = items.into_iter().map(|i| i.record).collect();
     let (train, test) = split_train_test(&records, test_fraction, cfg.seed);
     write_med_r1(&train, &dir.join("train.json"), |_, _| {})?;
     write_med_r1(&test, &dir.join("test.json"), |_, _| {})?;
