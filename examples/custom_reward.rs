@@ -115,6 +115,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         resume: false,
         dashboard: false,
         interrupter: None,
+        max_bad_steps: 3,
     };
     let eval = EvalConfig {
         batch_size: 2,

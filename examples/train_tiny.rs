@@ -152,6 +152,7 @@ fn main() -> Result<(), Error> {
         resume: false,
         dashboard: false,
         interrupter: None,
+        max_bad_steps: 3,
     };
     let (trained, _) = launch(model, ctx, HeldOut::none(), eval.clone(), &opts)?;
     let after = evaluate(&trained, &test, &tok, &eval, &Default::default())?;

@@ -167,6 +167,9 @@ pub struct GrpoSection {
     pub decay: Decay,
     pub weight_decay: f32,
     pub max_grad_norm: f32,
+    /// A step whose loss, gradient norm or mean reward is not finite is skipped (weights
+    /// untouched); this many in a row stop the run with an error.
+    pub max_bad_steps: usize,
     /// Reward name -> weight: format, accuracy (Med-R1's exact match), letter_accuracy.
     pub rewards: std::collections::BTreeMap<String, f32>,
 }
@@ -321,6 +324,7 @@ impl Default for GrpoSection {
             decay: Decay::Linear,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
+            max_bad_steps: 3,
             rewards: [("accuracy".to_string(), 1.0), ("format".to_string(), 1.0)]
                 .into_iter()
                 .collect(),
@@ -445,6 +449,7 @@ impl RunConfig {
         if self.grpo.num_generations < 2 {
             bail!("grpo.num_generations must be at least 2: advantages compare within a group");
         }
+        self.validate_ranges()?;
         match self.data.resize.as_slice() {
             [] => {}
             [w, h] if *w > 0 && *h > 0 => {}
@@ -466,6 +471,90 @@ impl RunConfig {
         if self.data.source == "files" && self.data.train.is_empty() && self.grpo.trains() {
             bail!("data.source = \"files\" needs data.train (Med-R1 or OmniMedVQA record files)");
         }
+        Ok(())
+    }
+}
+
+impl RunConfig {
+    /// Every numeric setting within its allowed range, naming the key: checked before any work.
+    fn validate_ranges(&self) -> anyhow::Result<()> {
+        fn at_least(key: &str, v: usize, min: usize) -> anyhow::Result<()> {
+            if v < min {
+                bail!("{key} = {v}: must be at least {min}");
+            }
+            Ok(())
+        }
+        fn real(key: &str, v: f64, lo: f64, lo_open: bool, hi: f64) -> anyhow::Result<()> {
+            let above = if lo_open { v > lo } else { v >= lo };
+            if !(v.is_finite() && above && v <= hi) {
+                let open = if lo_open { "(" } else { "[" };
+                bail!("{key} = {v}: expected a finite number in {open}{lo}, {hi}]");
+            }
+            Ok(())
+        }
+        let inf = f64::MAX;
+        let m = &self.model;
+        at_least("model.min_pixels", m.min_pixels, 1)?;
+        if m.max_pixels < m.min_pixels {
+            bail!(
+                "model.max_pixels = {} is below model.min_pixels = {}",
+                m.max_pixels,
+                m.min_pixels
+            );
+        }
+        let d = &self.data;
+        if d.source == "synthetic" {
+            let sy = &d.synthetic;
+            at_least("data.synthetic.n", sy.n, 1)?;
+            at_least("data.synthetic.image_size", sy.image_size as usize, 28)?;
+            real(
+                "data.synthetic.test_fraction",
+                sy.test_fraction,
+                0.0,
+                false,
+                1.0,
+            )?;
+            at_least("data.synthetic.min_options", sy.min_options, 2)?;
+            if !(sy.min_options..=4).contains(&sy.max_options) {
+                bail!(
+                    "data.synthetic.max_options = {}: expected data.synthetic.min_options ({}) to 4",
+                    sy.max_options,
+                    sy.min_options
+                );
+            }
+        }
+        let sft = &self.sft;
+        if sft.steps > 0 {
+            at_least("sft.batch_size", sft.batch_size, 1)?;
+            real("sft.learning_rate", sft.learning_rate, 0.0, true, inf)?;
+        }
+        let g = &self.grpo;
+        at_least("grpo.prompts_per_step", g.prompts_per_step, 1)?;
+        at_least("grpo.gradient_accumulation", g.gradient_accumulation, 1)?;
+        at_least("grpo.max_completion_length", g.max_completion_length, 1)?;
+        at_least("grpo.num_iterations", g.num_iterations, 1)?;
+        at_least("grpo.max_bad_steps", g.max_bad_steps, 1)?;
+        real("grpo.temperature", g.temperature as f64, 0.0, true, inf)?;
+        real("grpo.top_p", g.top_p as f64, 0.0, true, 1.0)?;
+        real("grpo.beta", g.beta as f64, 0.0, false, inf)?;
+        real("grpo.epsilon", g.epsilon as f64, 0.0, false, inf)?;
+        real("grpo.epsilon_high", g.epsilon_high as f64, 0.0, false, inf)?;
+        real("grpo.learning_rate", g.learning_rate, 0.0, true, inf)?;
+        real("grpo.weight_decay", g.weight_decay as f64, 0.0, false, inf)?;
+        real("grpo.max_grad_norm", g.max_grad_norm as f64, 0.0, true, inf)?;
+        if g.rewards.is_empty() {
+            bail!("grpo.rewards is empty: GRPO needs at least one reward (format, accuracy, letter_accuracy)");
+        }
+        for (name, &w) in &g.rewards {
+            if !w.is_finite() {
+                bail!("grpo.rewards.{name} = {w}: a reward weight must be a finite number");
+            }
+        }
+        let e = &self.eval;
+        at_least("eval.batch_size", e.batch_size, 1)?;
+        at_least("eval.max_new_tokens", e.max_new_tokens, 1)?;
+        at_least("checkpoint.every", self.checkpoint.every, 1)?;
+        at_least("checkpoint.keep", self.checkpoint.keep, 1)?;
         Ok(())
     }
 }
@@ -579,6 +668,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("eval.scoring"), "{e}");
+    }
+
+    #[test]
+    fn every_numeric_setting_out_of_range_is_refused_naming_its_key() {
+        for (set, key) in [
+            ("grpo.temperature=nan", "grpo.temperature"),
+            ("grpo.temperature=inf", "grpo.temperature"),
+            ("grpo.temperature=0.0", "grpo.temperature"),
+            ("grpo.top_p=1.5", "grpo.top_p"),
+            ("grpo.top_p=0.0", "grpo.top_p"),
+            ("grpo.learning_rate=-1e-6", "grpo.learning_rate"),
+            ("grpo.learning_rate=nan", "grpo.learning_rate"),
+            ("grpo.beta=-0.04", "grpo.beta"),
+            ("grpo.max_completion_length=0", "grpo.max_completion_length"),
+            ("grpo.max_grad_norm=0.0", "grpo.max_grad_norm"),
+            ("grpo.prompts_per_step=0", "grpo.prompts_per_step"),
+            ("grpo.gradient_accumulation=0", "grpo.gradient_accumulation"),
+            ("grpo.num_iterations=0", "grpo.num_iterations"),
+            ("grpo.rewards.accuracy=nan", "grpo.rewards.accuracy"),
+            ("sft.learning_rate=0.0", "sft.learning_rate"),
+            ("sft.batch_size=0", "sft.batch_size"),
+            ("eval.batch_size=0", "eval.batch_size"),
+            ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+            ("checkpoint.every=0", "checkpoint.every"),
+            ("checkpoint.keep=0", "checkpoint.keep"),
+            ("model.max_pixels=100", "model.max_pixels"),
+            (
+                "data.synthetic.test_fraction=1.5",
+                "data.synthetic.test_fraction",
+            ),
+            ("data.synthetic.max_options=5", "data.synthetic.max_options"),
+        ] {
+            let e = RunConfig::load(None, &[set.into()])
+                .err()
+                .unwrap_or_else(|| panic!("{set} accepted"))
+                .to_string();
+            assert!(e.contains(key), "{set}: {e}");
+        }
+        let mut cfg = RunConfig::load(None, &[]).unwrap();
+        cfg.grpo.rewards.clear();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("grpo.rewards"), "{e}");
     }
 
     #[test]

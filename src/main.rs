@@ -65,13 +65,20 @@ enum Command {
         #[command(flatten)]
         run: commands::train::RunArgs,
         /// Continue the run from its newest complete checkpoint.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "force")]
         resume: bool,
+        /// Start over although runs/<name>/ holds a run: the old one is moved aside to
+        /// runs/<name>.replaced-<time>/, nothing is deleted.
+        #[arg(long)]
+        force: bool,
     },
     /// The supervised warm start alone (written to runs/<name>/sft/).
     Sft {
         #[command(flatten)]
         run: commands::train::RunArgs,
+        /// Train it again although runs/<name>/sft/ exists (the old run is moved aside).
+        #[arg(long)]
+        force: bool,
     },
     /// Evaluate checkpoint directories on the config's held-out set (greedy; answers judged
     /// as eval.scoring says); tables per modality and question type as JSON, Markdown and
@@ -99,11 +106,13 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args).map(|_| true),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),
-        Command::Train { run, resume } => {
-            commands::train::run(run, run::Job::Train { resume }).map(|_| true)
+        Command::Train { run, resume, force } => {
+            commands::train::run(run, run::Job::Train { resume, force }).map(|_| true)
         }
         Command::Bench(args) => commands::bench::run(args).map(|_| true),
-        Command::Sft { run } => commands::train::run(run, run::Job::Sft).map(|_| true),
+        Command::Sft { run, force } => {
+            commands::train::run(run, run::Job::Sft { force }).map(|_| true)
+        }
         Command::Eval { run, checkpoint } => commands::train::run(
             run,
             run::Job::Eval {

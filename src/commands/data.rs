@@ -6,8 +6,9 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use medvqa::convert::convert_omnimed;
 use medvqa::load::write_skip_report;
+use medvqa::load::{load_paths_with, Loaded};
 use medvqa::synth::{write_synthetic_with, SynthConfig};
-use medvqa::{load_paths, LoadOptions, Summary};
+use medvqa::{LoadOptions, Summary};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -81,7 +82,7 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<bool> {
                 skip_invalid,
                 ..Default::default()
             };
-            let loaded = load_paths(&paths, &opts)?;
+            let loaded = read_with_progress(&paths, &opts)?;
             let summary = Summary::of(&loaded.records);
             if json {
                 let mut v = summary.to_json();
@@ -157,7 +158,7 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<bool> {
                 allow_outside_root,
                 skip_invalid,
             };
-            let loaded = load_paths(&inputs, &opts)?;
+            let loaded = read_with_progress(&inputs, &opts)?;
             let converted = convert_omnimed(&loaded.records, shuffle_seed, &out)?;
             if let Some(report) = report {
                 write_skip_report(&loaded.skipped, &report)?;
@@ -171,4 +172,20 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<bool> {
             Ok(true)
         }
     }
+}
+
+/// Record files read with a progress bar (or lines) per file.
+pub fn read_with_progress(
+    paths: &[PathBuf],
+    opts: &LoadOptions,
+) -> Result<Loaded, medvqa::DataError> {
+    let mut bar: Option<crate::progress::Progress> = None;
+    let loaded = load_paths_with(paths, opts, &mut |done, total| {
+        bar.get_or_insert_with(|| crate::progress::Progress::new("reading record files", total))
+            .set(done)
+    })?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    Ok(loaded)
 }

@@ -10,7 +10,7 @@ use grpo::stream::{PromptSource, RecordPrompts, StreamOptions};
 use medvqa::load::write_skip_report;
 use medvqa::select::{balanced_sample, Filter};
 use medvqa::synth::{write_synthetic_with, SynthConfig};
-use medvqa::{load_paths, LoadOptions, Modality, PromptTemplate, QuestionType, VqaRecord};
+use medvqa::{LoadOptions, Modality, PromptTemplate, QuestionType, VqaRecord};
 use qwen2vl::processor::Processor;
 
 use super::scan::scan;
@@ -125,7 +125,7 @@ pub fn load(
         if paths.is_empty() {
             return Ok(Vec::new());
         }
-        let loaded = load_paths(paths, &opts)?;
+        let loaded = crate::commands::data::read_with_progress(paths, &opts)?;
         skipped.extend(loaded.skipped);
         Ok(loaded.records)
     };

@@ -1,8 +1,11 @@
-//! Safety around a run: the run directory is checked (writable, enough disk) before any
-//! training starts, files are written atomically, and Ctrl-C / SIGTERM ask the training loop to
-//! checkpoint and stop after the current step (a second Ctrl-C exits at once).
+//! Safety around a run: one process per run directory (an exclusive lock), a run already in
+//! the directory is never overwritten unasked, the directory is checked (writable, enough
+//! disk) before any training starts, files are written atomically, and Ctrl-C / SIGTERM ask
+//! the training loop to checkpoint and stop after the current step (a second Ctrl-C exits at
+//! once).
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -20,6 +23,112 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     ));
     std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// What a training run leaves in its directory: found there, a new run would overwrite it.
+pub const TRAIN_OUTPUTS: &[&str] = &[
+    "metrics.jsonl",
+    "train.log",
+    "grpo",
+    "eval_before.json",
+    "eval_after.json",
+    "final",
+    "report.md",
+];
+
+/// What `medr1 sft` leaves.
+pub const SFT_OUTPUTS: &[&str] = &["sft"];
+
+/// Which of `names` exist under `dir`.
+pub fn existing_outputs(dir: &Path, names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .filter(|n| dir.join(n).exists())
+        .map(|n| n.to_string())
+        .collect()
+}
+
+/// Moves a run directory aside to `<dir>.replaced-<unix time>` (taking the lock along) and
+/// makes a fresh, locked one in its place; returns where the old run went.
+pub fn move_aside(dir: &Path, lock: &mut RunLock) -> anyhow::Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = dir
+        .file_name()
+        .map_or("run".into(), |n| n.to_string_lossy().into_owned());
+    let mut aside = dir.with_file_name(format!("{name}.replaced-{secs}"));
+    let mut k = 1;
+    while aside.exists() {
+        aside = dir.with_file_name(format!("{name}.replaced-{secs}-{k}"));
+        k += 1;
+    }
+    std::fs::rename(dir, &aside)
+        .with_context(|| format!("cannot move {} aside to {}", dir.display(), aside.display()))?;
+    *lock = RunLock::acquire(dir)?;
+    Ok(aside)
+}
+
+/// An exclusive lock on a run directory (`.lock`, flock(2)): released when dropped or when
+/// the process dies, however it dies. The file holds the owner's pid and command line.
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    /// Creates `dir` if needed and locks it, or says which process holds it.
+    pub fn acquire(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+        let path = dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        if !try_lock(&file) {
+            let owner = std::fs::read_to_string(&path).unwrap_or_default();
+            let owner = owner.trim();
+            bail!(
+                "{} is in use by another medr1 process ({}): two runs in one directory would \
+                 mix their checkpoints and logs; wait for it to end, stop it, or give this run \
+                 another `name`",
+                dir.display(),
+                if owner.is_empty() {
+                    "pid unknown"
+                } else {
+                    owner
+                }
+            );
+        }
+        let me = format!(
+            "pid {}: {}",
+            std::process::id(),
+            std::env::args().collect::<Vec<_>>().join(" ")
+        );
+        // The lock is ours: say who holds it.
+        use std::io::{Seek, Write};
+        let mut f = &file;
+        let _ = f.set_len(0);
+        let _ = f.seek(std::io::SeekFrom::Start(0));
+        let _ = f.write_all(me.as_bytes());
+        let _ = f.flush();
+        Ok(Self { _file: file })
+    }
+}
+
+#[cfg(unix)]
+fn try_lock(file: &File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a valid open descriptor; LOCK_NB never blocks.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+#[cfg(not(unix))]
+fn try_lock(_: &File) -> bool {
+    true
 }
 
 /// Bytes free on the file system holding `path`.

@@ -41,9 +41,10 @@ pub use guard::Interrupt;
 #[derive(Debug, Clone)]
 pub enum Job {
     /// SFT warm start (if configured), evaluation before, GRPO, evaluation after, report.
-    Train { resume: bool },
+    /// `force`: a run directory that already holds a run is moved aside instead of refused.
+    Train { resume: bool, force: bool },
     /// The SFT warm start alone, written to `runs/<name>/sft/`.
-    Sft,
+    Sft { force: bool },
     /// Evaluate checkpoint directories on the configured eval set: a report each and one
     /// table with a row per checkpoint.
     Eval { checkpoints: Vec<PathBuf> },
@@ -180,7 +181,34 @@ fn execute<B: Backend>(
 ) -> anyhow::Result<()> {
     type A<B> = Autodiff<B>;
     let started = Instant::now();
+    if matches!(job, Job::Train { .. }) && !cfg.grpo.trains() {
+        anyhow::bail!("grpo.steps and grpo.epochs are both 0: set one of them to train");
+    }
     let dir = run_dir(cfg);
+    // One process per run directory, and a finished or interrupted run is not overwritten
+    // without being asked.
+    let mut lock = guard::RunLock::acquire(&dir)?;
+    let (what, force) = match job {
+        Job::Train {
+            resume: false,
+            force,
+        } => (guard::TRAIN_OUTPUTS, *force),
+        Job::Sft { force } => (guard::SFT_OUTPUTS, *force),
+        _ => (&[][..], false),
+    };
+    let found = guard::existing_outputs(&dir, what);
+    if !found.is_empty() {
+        if !force {
+            anyhow::bail!(
+                "{} already holds a run ({}): `--resume` continues it, `--force` starts over \
+                 (the old run is moved aside, nothing is deleted), or choose another `name`",
+                dir.display(),
+                found.join(", ")
+            );
+        }
+        let aside = guard::move_aside(&dir, &mut lock)?;
+        eprintln!("moved the previous run to {}", aside.display());
+    }
     guard::prepare_run_dir(&dir, cfg)?;
     // An evaluation must not overwrite the training run's resolved config.
     let config_name = match job {
@@ -224,7 +252,12 @@ fn execute<B: Backend>(
             let (m, _) = load_model::<B>(checkpoint, &device)
                 .with_context(|| format!("checkpoint {}", checkpoint.display()))?;
             let report = run_eval(&m, &eval_prompts, stream, &tok, &ecfg, &label, &device)?;
-            let stem = format!("eval_{}", label.replace(['/', '\\'], "_"));
+            // Never the training run's own reports (a checkpoint directory named `after`).
+            let name = label.replace(['/', '\\'], "_");
+            let stem = match name.as_str() {
+                "before" | "after" | "sft" => format!("eval_checkpoint_{name}"),
+                _ => format!("eval_{name}"),
+            };
             write_eval(&dir, &stem, &report, &label)?;
             eprintln!("wrote {}/{stem}.{{json,md,csv}}", dir.display());
             rows.push((label, report));
@@ -255,7 +288,7 @@ fn execute<B: Backend>(
     let sft_dir = dir.join("sft");
     let warm: Option<PathBuf> = if !cfg.sft.warm_start.is_empty() {
         Some(PathBuf::from(&cfg.sft.warm_start))
-    } else if sft_dir.join("config.json").is_file() && !matches!(job, Job::Sft) {
+    } else if sft_dir.join("config.json").is_file() && !matches!(job, Job::Sft { .. }) {
         Some(sft_dir.clone())
     } else {
         None
@@ -289,7 +322,7 @@ fn execute<B: Backend>(
             m
         }
     };
-    if matches!(job, Job::Sft) {
+    if matches!(job, Job::Sft { .. }) {
         if cfg.eval.after {
             let r = run_eval(
                 &policy.valid(),
@@ -304,7 +337,7 @@ fn execute<B: Backend>(
         }
         return Ok(());
     }
-    let resume = matches!(job, Job::Train { resume: true });
+    let resume = matches!(job, Job::Train { resume: true, .. });
 
     let before = if cfg.eval.before {
         let path = dir.join("eval_before.json");
@@ -368,6 +401,7 @@ fn execute<B: Backend>(
         resume,
         dashboard: true,
         interrupter: Some(interrupt.interrupter()),
+        max_bad_steps: cfg.grpo.max_bad_steps,
     };
     if !resume {
         // A fresh run starts fresh logs.

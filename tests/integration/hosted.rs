@@ -66,6 +66,7 @@ fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> 
         resume,
         dashboard: false,
         interrupter: None,
+        max_bad_steps: 3,
     };
     let eval = EvalConfig {
         batch_size: 2,

@@ -13,5 +13,6 @@ mod hosted;
 mod parity;
 mod processor;
 mod rewards;
+mod safety;
 mod scale;
 mod streaming;

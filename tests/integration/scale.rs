@@ -24,6 +24,8 @@ fn children_peak_rss() -> u64 {
 struct Measured {
     peak_rss: u64,
     to_first_step: Duration,
+    /// Of which the evaluation before GRPO, as the run reports it.
+    eval_seconds: f64,
     total: Duration,
 }
 
@@ -72,10 +74,16 @@ fn run(dir: &Path, n: usize, max_eval: usize) -> Measured {
     let started = Instant::now();
     let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let mut first_step = None;
+    let mut eval_seconds = 0.0;
     for line in BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
         if first_step.is_none() && line.trim_start().starts_with("step ") {
             first_step = Some(started.elapsed());
+        }
+        // "before GRPO: accuracy 0.000 (0 of 200), unparsable 200 (20.8s)"
+        if let Some(rest) = line.strip_prefix("before GRPO: accuracy") {
+            let secs = rest.rsplit('(').next().unwrap_or("").trim_end_matches("s)");
+            eval_seconds = secs.parse().unwrap_or(0.0);
         }
         eprintln!("  | {line}");
     }
@@ -83,8 +91,20 @@ fn run(dir: &Path, n: usize, max_eval: usize) -> Measured {
     Measured {
         peak_rss: children_peak_rss(),
         to_first_step: first_step.expect("a step line"),
+        eval_seconds,
         total: started.elapsed(),
     }
+}
+
+fn report(what: &str, m: &Measured) {
+    eprintln!(
+        "{what}: peak RSS {:.2} GB, first step after {:.1}s ({:.1}s of it the evaluation \
+         before GRPO), {:.1}s in all",
+        m.peak_rss as f64 / 1e9,
+        m.to_first_step.as_secs_f64(),
+        m.eval_seconds,
+        m.total.as_secs_f64()
+    );
 }
 
 #[test]
@@ -96,20 +116,10 @@ fn memory_stays_flat_at_med_r1_ct_split_size() {
     // Small first: RUSAGE_CHILDREN is a maximum over every child so far, so the large run's
     // figure is the larger of the two; both must stay under the bound.
     let small = run(&root.join("n1000"), 1_000, 200);
-    eprintln!(
-        "1,000 questions: peak RSS {:.2} GB, first step after {:.1}s, {:.1}s in all",
-        small.peak_rss as f64 / 1e9,
-        small.to_first_step.as_secs_f64(),
-        small.total.as_secs_f64()
-    );
+    report("1,000 questions (200 evaluated)", &small);
     // 12,567 + 3,241: the CT split's sizes; every held-out question is evaluated.
     let large = run(&root.join("n15808"), 15_808, 0);
-    eprintln!(
-        "15,808 questions: peak RSS {:.2} GB, first step after {:.1}s, {:.1}s in all",
-        large.peak_rss as f64 / 1e9,
-        large.to_first_step.as_secs_f64(),
-        large.total.as_secs_f64()
-    );
+    report("15,808 questions (3,162 evaluated)", &large);
     assert!(
         large.peak_rss < 3_000_000_000,
         "peak RSS {} bytes",

@@ -267,6 +267,15 @@ pub fn load_file(path: &Path, opts: &LoadOptions) -> Result<Loaded, DataError> {
 
 /// Loads several files (a directory contributes its `*.json`/`*.jsonl` files, sorted).
 pub fn load_paths(paths: &[PathBuf], opts: &LoadOptions) -> Result<Loaded, DataError> {
+    load_paths_with(paths, opts, &mut |_, _| {})
+}
+
+/// [`load_paths`], calling `progress(files_done, files)` after each file.
+pub fn load_paths_with(
+    paths: &[PathBuf],
+    opts: &LoadOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Loaded, DataError> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -279,10 +288,12 @@ pub fn load_paths(paths: &[PathBuf], opts: &LoadOptions) -> Result<Loaded, DataE
         }
     }
     let mut out = Loaded::default();
-    for f in files {
-        let l = load_file(&f, opts)?;
+    let total = files.len();
+    for (i, f) in files.iter().enumerate() {
+        let l = load_file(f, opts)?;
         out.records.extend(l.records);
         out.skipped.extend(l.skipped);
+        progress(i + 1, total);
     }
     Ok(out)
 }

@@ -53,6 +53,9 @@ impl From<Vec<PromptInput>> for HeldOut {
 pub enum HostError {
     #[error("{0}")]
     Config(String),
+    /// The run diverged (non-finite steps or weights); its last checkpoint is intact.
+    #[error("{0}")]
+    Diverged(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -119,6 +122,9 @@ pub struct HostOptions {
     /// burn-train's terminal dashboard when stdout is a terminal; progress lines otherwise.
     pub dashboard: bool,
     pub interrupter: Option<Interrupter>,
+    /// Steps in a row with a non-finite loss, gradient norm or reward that stop the run (each
+    /// is skipped, weights untouched).
+    pub max_bad_steps: usize,
 }
 
 /// Renders nothing: the loop's own progress lines stand in when there is no terminal.
@@ -222,6 +228,7 @@ pub fn launch<B: AutodiffBackend>(
     ));
 
     let show_dashboard = opts.dashboard && std::io::stdout().is_terminal();
+    let fatal = Arc::new(std::sync::Mutex::new(None));
     let existing = complete_checkpoints(&opts.dir);
     let strategy = GrpoStrategy {
         total_steps: opts.total_steps,
@@ -236,6 +243,8 @@ pub fn launch<B: AutodiffBackend>(
         metrics_jsonl: opts.metrics_jsonl.clone(),
         log_file: opts.log_file.clone(),
         progress_lines: !show_dashboard,
+        max_bad_steps: opts.max_bad_steps,
+        fatal: fatal.clone(),
     };
     let mut training = SupervisedTraining::new(&opts.dir, train, valid)
         .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)))
@@ -283,6 +292,9 @@ pub fn launch<B: AutodiffBackend>(
         ScheduledLr::new(opts.schedule),
     );
     let result = training.launch(learner);
+    if let Some(why) = fatal.lock().expect("fatal").take() {
+        return Err(HostError::Diverged(why));
+    }
     let state = latest_state(&opts.dir).unwrap_or(RunState {
         step: 0,
         data_position: 0,

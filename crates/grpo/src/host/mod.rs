@@ -8,12 +8,14 @@
 //! (c) resume mid-epoch at an exact data position.
 
 mod feed;
+mod health;
 mod launch;
 mod record;
 mod store;
 mod strategy;
 
 pub use feed::PlanFeed;
+pub use health::{CollapseWatch, Health, Verdict};
 pub use launch::{launch, HeldOut, HostError, HostOptions, OptimizerOptions};
 pub use record::{StepRecord, StepScalar};
 pub use store::{complete_checkpoints, latest_state, AtomicRecorder, KeepLast, RunState};

@@ -17,10 +17,13 @@ use burn::train::{
     TrainingItem, ValidLoader,
 };
 
+use std::sync::{Arc, Mutex};
+
+use super::health::{CollapseWatch, Health, Verdict};
 use super::record::StepRecord;
 use super::store::{state_path, write_state, KeepLast, RunState};
 use super::GrpoPolicy;
-use crate::learner::clip_global_norm;
+use crate::learner::{clip_global_norm, weights_finite};
 
 /// How the loop runs; see [`super::HostOptions`] for the meaning of each field.
 #[derive(Debug, Clone)]
@@ -38,6 +41,10 @@ pub struct GrpoStrategy {
     pub log_file: PathBuf,
     /// Print one progress line per step on stderr (when no dashboard is shown).
     pub progress_lines: bool,
+    /// Non-finite steps in a row that stop the run.
+    pub max_bad_steps: usize,
+    /// Why the run stopped on its own (divergence), for the caller.
+    pub fatal: Arc<Mutex<Option<String>>>,
 }
 
 type Lc<B, LR, O> = LearningComponentsMarker<B, LR, GrpoPolicy<B>, O>;
@@ -151,6 +158,8 @@ where
         if start > 0 {
             logs.line(&format!("resumed at step {start}"));
         }
+        let mut health = Health::new(self.max_bad_steps);
+        let mut collapse = CollapseWatch::new(5);
         for step in start..self.total_steps {
             let t0 = Instant::now();
             learner.lr_step();
@@ -172,13 +181,28 @@ where
             let mut grads = grads.unwrap_or_else(|| accumulator.grads());
             let model = learner.model();
             let grad_norm = clip_global_norm(&model.policy, &mut grads, self.max_grad_norm);
-            learner.optimizer_step(grads);
+            let merged = StepRecord::merge(&records);
+            let nan = f64::NAN;
+            let verdict = health.check(
+                step + 1,
+                merged.get("loss").unwrap_or(nan),
+                grad_norm as f64,
+                merged.get("reward_mean").unwrap_or(nan),
+            );
+            match &verdict {
+                Verdict::Apply => learner.optimizer_step(grads),
+                Verdict::Skip(why) | Verdict::Stop(why) => logs.line(&format!("warning: {why}")),
+            }
+            if let Some(w) = collapse.observe(step + 1, merged.get("reward_mean").unwrap_or(nan)) {
+                logs.line(&w);
+            }
             let secs = t0.elapsed().as_secs_f64();
             let mut rec = StepRecord::default();
             rec.set("step", (step + 1) as f64);
-            for (k, v) in StepRecord::merge(&records).values {
+            for (k, v) in merged.values {
                 rec.set(&k, v);
             }
+            rec.set("skipped", (verdict != Verdict::Apply) as u8 as f64);
             rec.set("lr", learner.lr_current());
             rec.set("grad_norm", grad_norm as f64);
             rec.set(
@@ -209,6 +233,10 @@ where
                 Some(learner.lr_current()),
             );
             processor.process_train(LearnerEvent::ProcessedItem(item));
+            if let Verdict::Stop(why) = verdict {
+                *self.fatal.lock().expect("fatal") = Some(why);
+                break;
+            }
 
             let steps_done = step + 1;
             let stop = interrupter.should_stop();
@@ -228,6 +256,16 @@ where
                 ));
             }
             if (boundary || stop) && steps_done != last_saved {
+                if !weights_finite(&learner.model().policy.valid()) {
+                    let why = format!(
+                        "step {steps_done}: the policy's weights are not all finite; no \
+                         checkpoint is written and the run stops (its last checkpoint, step \
+                         {last_saved}, is intact): lower grpo.learning_rate and rerun with --resume"
+                    );
+                    logs.line(&format!("error: {why}"));
+                    *self.fatal.lock().expect("fatal") = Some(why);
+                    break;
+                }
                 if let Some(ck) = checkpointer.as_mut() {
                     ck.checkpoint(&learner, steps_done, &components.event_store);
                     let state = RunState {

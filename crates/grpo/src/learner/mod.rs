@@ -3,8 +3,10 @@
 //! the clipped surrogate and the KL penalty to a frozen reference.
 
 mod clip;
+mod finite;
 
 pub use clip::clip_global_norm;
+pub use finite::weights_finite;
 
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};

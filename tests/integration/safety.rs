@@ -1,0 +1,172 @@
+//! A run that goes wrong says so and keeps what it had: a diverging run skips its non-finite
+//! updates, then stops with an error; bad settings are refused before any work.
+
+use serde_json::Value;
+
+use crate::cli::medr1;
+
+#[test]
+fn a_diverging_run_skips_bad_updates_then_stops_with_an_error() {
+    let runs = std::env::temp_dir().join(format!("medr1-diverge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let sets = [
+        format!("runs_dir=\"{}\"", runs.display()),
+        "data.synthetic.n=40".to_string(),
+        "sft.steps=0".into(),
+        "grpo.steps=12".into(),
+        "grpo.learning_rate=1e20".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+        "eval.every=0".into(),
+        "checkpoint.every=1".into(),
+        "checkpoint.keep=20".into(),
+    ];
+    let mut args = vec!["train"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let (ok, _, err) = medr1(&args);
+    assert!(!ok, "a diverged run must fail: {err}");
+    assert!(err.contains("not a finite number"), "{err}");
+    assert!(err.contains("grpo.max_bad_steps = 3"), "{err}");
+    let dir = runs.join("tiny");
+    let rows: Vec<Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let skipped: Vec<usize> = rows
+        .iter()
+        .filter(|r| r["skipped"] == 1.0)
+        .map(|r| r["step"].as_f64().unwrap() as usize)
+        .collect();
+    // Three bad steps in a row, the last of them the final row.
+    assert_eq!(skipped.len(), 3, "{rows:?}");
+    assert_eq!(skipped[2], rows.len(), "{rows:?}");
+    assert_eq!(skipped[1] + 1, skipped[2]);
+    assert!(rows.len() < 12, "the run went on: {rows:?}");
+    // Checkpoints were written only while the weights were finite, and none after the stop.
+    let states: Vec<usize> = std::fs::read_dir(dir.join("grpo/checkpoint"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("state-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        states.iter().all(|&s| s < rows.len()),
+        "{states:?} vs {} steps",
+        rows.len()
+    );
+    assert!(!dir.join("final").exists(), "a diverged run wrote final/");
+    let _ = std::fs::remove_dir_all(&runs);
+}
+
+#[test]
+fn bad_settings_are_refused_before_any_work() {
+    for (set, key) in [
+        ("grpo.rewards.accuracy=nan", "grpo.rewards.accuracy"),
+        ("grpo.temperature=nan", "grpo.temperature"),
+        ("grpo.top_p=1.5", "grpo.top_p"),
+    ] {
+        let (ok, _, err) = medr1(&["train", "--set", set]);
+        assert!(!ok && err.contains(key), "{set}: {err}");
+        assert!(!err.contains("generating"), "{set}: work started: {err}");
+    }
+    let (ok, _, err) = medr1(&["train", "--set", "grpo.steps=0"]);
+    assert!(!ok && err.contains("grpo.epochs"), "{err}");
+    assert!(!err.contains("SFT"), "work started: {err}");
+}
+
+#[test]
+fn a_run_directory_is_never_overwritten_unasked_and_never_shared() {
+    let runs = std::env::temp_dir().join(format!("medr1-rundir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let sets = [
+        format!("runs_dir=\"{}\"", runs.display()),
+        "data.synthetic.n=24".to_string(),
+        "sft.steps=0".into(),
+        "grpo.steps=1".into(),
+        "grpo.num_generations=2".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+        "eval.every=0".into(),
+    ];
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train"];
+        for s in &sets {
+            args.extend(["--set", s.as_str()]);
+        }
+        args.extend(extra);
+        medr1(&args)
+    };
+    let (ok, _, err) = train(&[]);
+    assert!(ok, "{err}");
+    let dir = runs.join("tiny");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+
+    // The same name again, without --resume or --force: refused, nothing touched.
+    let (ok, _, err) = train(&[]);
+    assert!(!ok && err.contains("already holds a run"), "{err}");
+    assert!(err.contains("--resume") && err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+
+    // --force starts over and keeps the old run beside the new one.
+    let (ok, _, err) = train(&["--force"]);
+    assert!(ok, "{err}");
+    let aside: Vec<_> = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("tiny.replaced-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        std::fs::read_to_string(aside[0].join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+    assert!(dir.join("final/config.json").is_file());
+
+    // Another process holds the directory: a second run says which and does nothing.
+    #[cfg(unix)]
+    {
+        use std::io::Write;
+        use std::os::unix::io::AsRawFd;
+        let mut held = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(".lock"))
+            .unwrap();
+        // SAFETY: a valid open descriptor.
+        assert_eq!(
+            unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+            0
+        );
+        held.set_len(0).unwrap();
+        held.write_all(b"pid 4242: medr1 train").unwrap();
+        let before = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        let (ok, _, err) = train(&["--resume"]);
+        assert!(
+            !ok && err.contains("in use by another medr1 process"),
+            "{err}"
+        );
+        assert!(err.contains("pid 4242"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(),
+            before
+        );
+        drop(held);
+        let (ok, _, err) = train(&["--resume"]);
+        assert!(ok, "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&runs);
+}
