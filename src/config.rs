@@ -86,7 +86,8 @@ pub struct DataConfig {
     pub template: String,
     pub eval_template: String,
     /// `[width, height]`: every image is resized to this (Pillow's bicubic) before the
-    /// processor, as Med-R1 resizes its images to 384 x 384 on disk; empty: as they are.
+    /// processor, as Med-R1 resizes its images to 384 x 384 on disk (the default); empty: as
+    /// they are.
     pub resize: Vec<usize>,
     /// Leave out records whose image is missing or unreadable (listed in
     /// `skipped_records.json`) instead of stopping before the run starts.
@@ -260,7 +261,7 @@ impl Default for DataConfig {
             max_eval: 0,
             template: "train_nothink".into(),
             eval_template: "eval_nothink".into(),
-            resize: Vec::new(),
+            resize: vec![384, 384],
             skip_invalid: false,
             prefetch: 8,
             workers: 2,

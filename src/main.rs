@@ -94,6 +94,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Output into a closed pipe (`medr1 ... | head`) ends the process quietly, as for other
+    // command-line tools, instead of a panic in println!.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Verify {

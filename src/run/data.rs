@@ -13,7 +13,7 @@ use medvqa::synth::{write_synthetic_with, SynthConfig};
 use medvqa::{LoadOptions, Modality, PromptTemplate, QuestionType, VqaRecord};
 use qwen2vl::processor::Processor;
 
-use super::scan::scan;
+use super::scan::{scan, Fit};
 use crate::config::RunConfig;
 
 pub struct RunData {
@@ -94,12 +94,14 @@ fn synthetic(cfg: &RunConfig, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The run's records, filtered, capped and with every image checked; `image` settings are
-/// the processor's (the checks include its size limits).
+/// The run's records, filtered, capped and each checked: its image (the processor's size
+/// limits included) and its prompt's length against the model's `positions`.
 pub fn load(
     cfg: &RunConfig,
     run_dir: &Path,
-    image: &qwen2vl::processor::ImageProcessorConfig,
+    processor: &Processor,
+    positions: usize,
+    interrupt: &super::Interrupt,
 ) -> anyhow::Result<RunData> {
     let d = &cfg.data;
     let (train_paths, test_paths, root) = match d.source.as_str() {
@@ -162,9 +164,25 @@ pub fn load(
     train = cap(train, d.max_train, cfg.seed);
     test = cap(test, d.max_eval, cfg.seed ^ 1);
     let size = resize(cfg);
-    let (train, bad) = scan(train, "training", &root, size, image, d.skip_invalid)?;
+    let stop = || interrupt.requested();
+    let (train_template, eval_template) = (
+        PromptTemplate::parse(&d.template)?,
+        PromptTemplate::parse(&d.eval_template)?,
+    );
+    let fit = Fit {
+        processor,
+        template: &train_template,
+        positions,
+        reserve: cfg.grpo.max_completion_length,
+    };
+    let (train, bad) = scan(train, "training", &root, size, &fit, d.skip_invalid, &stop)?;
     skipped.extend(bad);
-    let (test, bad) = scan(test, "held-out", &root, size, image, d.skip_invalid)?;
+    let fit = Fit {
+        template: &eval_template,
+        reserve: cfg.eval.max_new_tokens,
+        ..fit
+    };
+    let (test, bad) = scan(test, "held-out", &root, size, &fit, d.skip_invalid, &stop)?;
     skipped.extend(bad);
     if !skipped.is_empty() {
         let report = run_dir.join("skipped_records.json");

@@ -219,8 +219,8 @@ impl Interrupt {
         std::thread::spawn(move || loop {
             if STOP.load(Ordering::SeqCst) {
                 eprintln!(
-                    "\nstopping after the current step and writing a checkpoint (Ctrl-C again \
-                     to quit at once)"
+                    "\nstopping: during GRPO after the current step, with a checkpoint; \
+                     during data checks, SFT or evaluation at once (Ctrl-C again to quit now)"
                 );
                 i.stop(Some("interrupted by a signal"));
                 break;

@@ -95,10 +95,12 @@ fn write_eval(dir: &Path, stem: &str, report: &EvalReport, label: &str) -> anyho
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_eval<B: Backend>(
     model: &Qwen2VL<B>,
     prompts: &Arc<dyn PromptSource>,
     stream: StreamOptions,
+    interrupt: &Interrupt,
     tok: &TextTokenizer,
     ecfg: &EvalConfig,
     what: &str,
@@ -115,6 +117,7 @@ fn run_eval<B: Backend>(
         stream,
         device,
         &mut |done, _| bar.set(done),
+        &|| interrupt.requested(),
     )?;
     bar.finish();
     eprintln!(
@@ -225,7 +228,8 @@ fn execute<B: Backend>(
     }
     let (eos, pad) = model::special_ids(&tok)?;
     let processor = Arc::new(model::processor(cfg)?);
-    let data = data::load(cfg, &dir, &processor.image)?;
+    let positions = model::architecture(cfg)?.text.max_position_embeddings;
+    let data = data::load(cfg, &dir, &processor, positions, interrupt)?;
     eprintln!(
         "data: {} training, {} held-out questions",
         data.train.len(),
@@ -251,7 +255,16 @@ fn execute<B: Backend>(
         for (checkpoint, label) in checkpoints.iter().zip(labels) {
             let (m, _) = load_model::<B>(checkpoint, &device)
                 .with_context(|| format!("checkpoint {}", checkpoint.display()))?;
-            let report = run_eval(&m, &eval_prompts, stream, &tok, &ecfg, &label, &device)?;
+            let report = run_eval(
+                &m,
+                &eval_prompts,
+                stream,
+                interrupt,
+                &tok,
+                &ecfg,
+                &label,
+                &device,
+            )?;
             // Never the training run's own reports (a checkpoint directory named `after`).
             let name = label.replace(['/', '\\'], "_");
             let stem = match name.as_str() {
@@ -314,6 +327,7 @@ fn execute<B: Backend>(
                 eos[0],
                 pad,
                 cfg.sft.seed.unwrap_or(cfg.seed),
+                interrupt,
                 &device,
             )?;
             save_model(&m.valid(), &sft_dir, SaveDtype::F32)?;
@@ -328,6 +342,7 @@ fn execute<B: Backend>(
                 &policy.valid(),
                 &eval_prompts,
                 stream,
+                interrupt,
                 &tok,
                 &ecfg,
                 "SFT",
@@ -349,6 +364,7 @@ fn execute<B: Backend>(
                 &policy.valid(),
                 &eval_prompts,
                 stream,
+                interrupt,
                 &tok,
                 &ecfg,
                 "before GRPO",
@@ -430,6 +446,7 @@ fn execute<B: Backend>(
             &trained,
             &eval_prompts,
             stream,
+            interrupt,
             &tok,
             &ecfg,
             "after GRPO",

@@ -1,22 +1,33 @@
-//! The records' images checked before step 1: each file's header is read (format and
-//! dimensions, no pixels), so that a missing or unreadable image, or one the processor would
-//! refuse, is found at the start, naming its record and file, not hours into the run.
+//! The records checked before step 1: each image file's header is read (format and
+//! dimensions, no pixels) and each prompt's length computed from it, so that a missing or
+//! unreadable image, one the processor would refuse, or a prompt longer than the model's
+//! positions is found at the start, naming its record and file, not hours into the run.
 
 use std::path::Path;
 
 use medvqa::load::Skipped;
-use medvqa::VqaRecord;
-use qwen2vl::processor::{smart_resize, ImageProcessorConfig};
+use medvqa::{PromptTemplate, VqaRecord};
+use qwen2vl::processor::{render_chat, smart_resize, Message, Processor};
 
 use crate::progress::Progress;
 
-/// Why `record`'s image cannot be used, if it cannot.
+/// What a prompt must fit: the model's positions, less the tokens its completion may take.
+pub struct Fit<'a> {
+    pub processor: &'a Processor,
+    pub template: &'a PromptTemplate,
+    pub positions: usize,
+    /// New tokens the prompt must leave room for.
+    pub reserve: usize,
+}
+
+/// Why `record` cannot be used, if it cannot: its image, or a prompt too long for the model.
 fn check(
     record: &VqaRecord,
     root: &Path,
     resize: Option<(usize, usize)>,
-    image: &ImageProcessorConfig,
+    fit: &Fit<'_>,
 ) -> Result<(), String> {
+    let image = &fit.processor.image;
     let path = root.join(&record.image);
     let reader = image::ImageReader::open(&path)
         .and_then(|r| r.with_guessed_format())
@@ -31,7 +42,7 @@ fn check(
         .into_dimensions()
         .map_err(|e| format!("{}: cannot read the image header: {e}", path.display()))?;
     let (w, h) = resize.unwrap_or((w as usize, h as usize));
-    smart_resize(
+    let (rh, rw) = smart_resize(
         h,
         w,
         image.patch_size * image.merge_size,
@@ -39,24 +50,42 @@ fn check(
         image.max_pixels,
     )
     .map_err(|e| format!("{}: {w}x{h}: {e}", path.display()))?;
+    let merge = image.merge_size * image.merge_size;
+    let image_tokens = (rh / image.patch_size) * (rw / image.patch_size) / merge.max(1);
+    let text = fit.template.render(&record.problem());
+    let chat = render_chat(&[Message::user_with_image(text)], true, false);
+    let tokens = fit
+        .processor
+        .expand_ids(&chat, &[image_tokens])
+        .map_err(|e| e.to_string())?
+        .len();
+    if tokens + fit.reserve > fit.positions {
+        return Err(format!(
+            "the prompt is {tokens} tokens ({image_tokens} of them the image) and its \
+             completion may take {} more: over the model's {} positions",
+            fit.reserve, fit.positions
+        ));
+    }
     Ok(())
 }
 
 /// Checks every record's image; with `skip_invalid` the bad ones are left out and returned,
 /// otherwise the first is the error.
+#[allow(clippy::too_many_arguments)]
 pub fn scan(
     records: Vec<VqaRecord>,
     what: &str,
     root: &Path,
     resize: Option<(usize, usize)>,
-    image: &ImageProcessorConfig,
+    fit: &Fit<'_>,
     skip_invalid: bool,
+    should_stop: &dyn Fn() -> bool,
 ) -> anyhow::Result<(Vec<VqaRecord>, Vec<Skipped>)> {
     let mut progress = Progress::new(&format!("checking {what} images"), records.len());
     let mut kept = Vec::with_capacity(records.len());
     let mut skipped = Vec::new();
     for (i, r) in records.into_iter().enumerate() {
-        match check(&r, root, resize, image) {
+        match check(&r, root, resize, fit) {
             Ok(()) => kept.push(r),
             Err(reason) if skip_invalid => skipped.push(Skipped {
                 file: root.join(&r.image),
@@ -72,6 +101,9 @@ pub fn scan(
         }
         if i % 64 == 63 {
             progress.set(i + 1);
+            if should_stop() {
+                anyhow::bail!("interrupted while checking the {what} images");
+            }
         }
     }
     progress.set(kept.len() + skipped.len());

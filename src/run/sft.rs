@@ -41,6 +41,7 @@ pub fn train<B: AutodiffBackend>(
     eos: u32,
     pad: u32,
     seed: u64,
+    interrupt: &super::Interrupt,
     device: &B::Device,
 ) -> anyhow::Result<Qwen2VL<B>> {
     let mut optim = OptimizerOptions::default().adamw().init();
@@ -71,6 +72,15 @@ pub fn train<B: AutodiffBackend>(
     let started = Instant::now();
     let mut recent = Vec::new();
     for step in 0..cfg.steps {
+        if interrupt.requested() {
+            // A part-trained warm start is not saved: a later run would take it for the
+            // finished one.
+            anyhow::bail!(
+                "interrupted during the SFT warm start at step {step} of {}; nothing was saved \
+                 (the next run trains the warm start again)",
+                cfg.steps
+            );
+        }
         let ps = images.take(batch_size)?;
         let targets = texts
             .by_ref()

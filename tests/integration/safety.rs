@@ -170,3 +170,99 @@ fn a_run_directory_is_never_overwritten_unasked_and_never_shared() {
     }
     let _ = std::fs::remove_dir_all(&runs);
 }
+
+/// SIGINT during the SFT warm start stops the run at the next step, saving no half-trained
+/// warm start that a later run would take for a finished one.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_during_sft_stops_promptly_and_saves_nothing() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let runs = std::env::temp_dir().join(format!("medr1-sigint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_medr1"))
+        .args(["train", "--set"])
+        .arg(format!("runs_dir=\"{}\"", runs.display()))
+        .args(["--set", "sft.steps=100000", "--set", "data.synthetic.n=40"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let started = line.starts_with("SFT warm start");
+        seen.push(line);
+        if started {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let sent = Instant::now();
+    seen.extend(lines.map(|l| l.unwrap()));
+    let status = child.wait().unwrap();
+    let err = seen.join("\n");
+    assert!(
+        sent.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        sent.elapsed()
+    );
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("interrupted during the SFT warm start"),
+        "{err}"
+    );
+    assert!(
+        !runs.join("tiny/sft/config.json").exists(),
+        "a partial warm start was saved"
+    );
+    let _ = std::fs::remove_dir_all(&runs);
+}
+
+/// `medr1 ... | head`: the closed pipe ends medr1 quietly, no panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_is_not_a_panic() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen2_vl_2b_instruct_config.json");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "for i in 1 2 3 4 5 6 7 8; do '{}' inspect '{}'; done | head -c 1 >/dev/null",
+            env!("CARGO_BIN_EXE_medr1"),
+            config.display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A prompt that cannot fit the model's positions with its completion is found when the data
+/// is checked, before SFT, evaluation or any step.
+#[test]
+fn prompts_too_long_for_the_model_are_refused_at_the_data_check() {
+    let runs = std::env::temp_dir().join(format!("medr1-toolong-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let runs_set = format!("runs_dir=\"{}\"", runs.display());
+    let (ok, _, err) = medr1(&[
+        "train",
+        "--set",
+        &runs_set,
+        "--set",
+        "data.synthetic.n=24",
+        "--set",
+        "grpo.max_completion_length=10000000",
+    ]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("training record") && err.contains("positions"),
+        "{err}"
+    );
+    assert!(!err.contains("SFT warm start"), "work started: {err}");
+    let _ = std::fs::remove_dir_all(&runs);
+}

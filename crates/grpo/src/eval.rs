@@ -39,6 +39,8 @@ pub enum EvalError {
     Model(#[from] Qwen2VLError),
     #[error(transparent)]
     Prompt(#[from] PromptError),
+    #[error("evaluation interrupted after {done} of {total} questions")]
+    Interrupted { done: usize, total: usize },
 }
 
 /// Correct / total / unparsable counts of one group.
@@ -358,7 +360,9 @@ fn evaluate_batch<B: Backend>(
 }
 
 /// Greedy answers for every prompt of `source`, `batch_size` at a time, the next batches
-/// prepared while one is generating; `progress(done, total)` after each batch.
+/// prepared while one is generating; `progress(done, total)` after each batch, and
+/// `should_stop()` before each (a stop request ends the evaluation with an error).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_source<B: Backend>(
     model: &Qwen2VL<B>,
     source: Arc<dyn PromptSource>,
@@ -367,6 +371,7 @@ pub fn evaluate_source<B: Backend>(
     stream: StreamOptions,
     device: &B::Device,
     progress: &mut dyn FnMut(usize, usize),
+    should_stop: &dyn Fn() -> bool,
 ) -> Result<EvalReport, EvalError> {
     let total = source.len();
     let batch = cfg.batch_size.max(1);
@@ -378,6 +383,9 @@ pub fn evaluate_source<B: Backend>(
     let mut report = EvalReport::default();
     let mut done = 0;
     while done < total {
+        if should_stop() {
+            return Err(EvalError::Interrupted { done, total });
+        }
         let chunk = prompts.take(batch)?;
         evaluate_batch(model, &chunk, tokenizer, cfg, &mut report, device)?;
         done += chunk.len();
