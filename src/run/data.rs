@@ -56,8 +56,10 @@ fn question_types(names: &[String], key: &str) -> anyhow::Result<Vec<QuestionTyp
 
 /// Synthetic data under `dir` (generated unless `dir/train.json` and `dir/test.json` exist).
 fn synthetic(cfg: &RunConfig, dir: &Path) -> anyhow::Result<()> {
+    let settings = super::settings::synthetic_data(cfg);
     if dir.join("train.json").is_file() && dir.join("test.json").is_file() {
-        return Ok(());
+        let what = format!("{} (the synthetic data)", dir.display());
+        return super::settings::check_reuse(dir, &what, &settings);
     }
     let s = &cfg.data.synthetic;
     let mut sc = SynthConfig {
@@ -89,6 +91,7 @@ fn synthetic(cfg: &RunConfig, dir: &Path) -> anyhow::Result<()> {
         }
     })?;
     bar.finish();
+    super::settings::record(&tmp, &settings)?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&tmp, dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(())

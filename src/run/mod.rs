@@ -10,6 +10,7 @@ pub mod model;
 mod plot;
 mod report;
 mod scan;
+mod settings;
 mod sft;
 
 use std::path::{Path, PathBuf};
@@ -213,6 +214,34 @@ fn execute<B: Backend>(
         eprintln!("moved the previous run to {}", aside.display());
     }
     guard::prepare_run_dir(&dir, cfg)?;
+    // A resumed run continues the same run: only step counts, logging, checkpoint and
+    // evaluation settings may change (and are recorded).
+    let previous = std::fs::read_to_string(dir.join("config.toml")).ok();
+    if let (Job::Train { resume: true, .. }, Some(old)) = (job, &previous) {
+        let new = cfg.to_toml();
+        let fixed = settings::differences(old, &new, |k| !settings::may_change_on_resume(k))?;
+        if !fixed.is_empty() {
+            anyhow::bail!(
+                "--resume continues the run in {} with the settings it was made with; these \
+                 differ:\n  {}\nundo them, or start a new run (another `name`, or `--force`)",
+                dir.display(),
+                fixed.join("\n  ")
+            );
+        }
+        let changed = settings::differences(old, &new, settings::may_change_on_resume)?;
+        if !changed.is_empty() {
+            let line = format!("resumed with changed settings: {}", changed.join("; "));
+            eprintln!("{line}");
+            use std::io::Write;
+            if let Ok(mut log) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("train.log"))
+            {
+                let _ = writeln!(log, "{line}");
+            }
+        }
+    }
     // An evaluation must not overwrite the training run's resolved config.
     let config_name = match job {
         Job::Eval { .. } => "eval_config.toml",
@@ -302,6 +331,8 @@ fn execute<B: Backend>(
     let warm: Option<PathBuf> = if !cfg.sft.warm_start.is_empty() {
         Some(PathBuf::from(&cfg.sft.warm_start))
     } else if sft_dir.join("config.json").is_file() && !matches!(job, Job::Sft { .. }) {
+        let what = format!("{} (the warm start)", sft_dir.display());
+        settings::check_reuse(&sft_dir, &what, &settings::warm_start(cfg))?;
         Some(sft_dir.clone())
     } else {
         None
@@ -332,6 +363,7 @@ fn execute<B: Backend>(
             )?;
             save_model(&m.valid(), &sft_dir, SaveDtype::F32)?;
             write_processor_files(&sft_dir, cfg)?;
+            settings::record(&sft_dir, &settings::warm_start(cfg))?;
             eprintln!("wrote the warm start to {}", sft_dir.display());
             m
         }

@@ -266,3 +266,54 @@ fn prompts_too_long_for_the_model_are_refused_at_the_data_check() {
     assert!(!err.contains("SFT warm start"), "work started: {err}");
     let _ = std::fs::remove_dir_all(&runs);
 }
+
+/// What a run reuses from its directory (synthetic data, warm start) must come from the same
+/// settings, and `--resume` continues only the same run: step counts and the like may change
+/// (recorded), the rest is refused with the differences listed.
+#[test]
+fn reused_data_warm_starts_and_resumes_must_match_their_settings() {
+    let runs = std::env::temp_dir().join(format!("medr1-settings-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let base = [
+        format!("runs_dir=\"{}\"", runs.display()),
+        "data.synthetic.n=24".to_string(),
+        "sft.steps=2".into(),
+        "grpo.steps=1".into(),
+        "grpo.num_generations=2".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+        "eval.every=0".into(),
+    ];
+    let run = |cmd: &str, extra: &[&str]| {
+        let mut args = vec![cmd];
+        for s in &base {
+            args.extend(["--set", s.as_str()]);
+        }
+        for e in extra {
+            if e.starts_with("--") {
+                args.push(e);
+            } else {
+                args.extend(["--set", e]);
+            }
+        }
+        medr1(&args)
+    };
+    let (ok, _, err) = run("sft", &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run("train", &["data.synthetic.n=30"]);
+    assert!(!ok && err.contains("the synthetic data"), "{err}");
+    assert!(err.contains("n: 24 -> 30"), "{err}");
+    let (ok, _, err) = run("train", &["sft.learning_rate=0.5"]);
+    assert!(!ok && err.contains("the warm start") && err.contains("sft.learning_rate"), "{err}");
+    let (ok, _, err) = run("train", &[]);
+    assert!(ok && err.contains("warm start from"), "{err}");
+
+    let (ok, _, err) = run("train", &["--resume", "grpo.learning_rate=0.01"]);
+    assert!(!ok && err.contains("grpo.learning_rate"), "{err}");
+    let (ok, _, err) = run("train", &["--resume", "grpo.steps=2"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("resumed with changed settings: grpo.steps: 1 -> 2"), "{err}");
+    let log = std::fs::read_to_string(runs.join("tiny/train.log")).unwrap();
+    assert!(log.contains("grpo.steps: 1 -> 2"), "{log}");
+    let _ = std::fs::remove_dir_all(&runs);
+}
