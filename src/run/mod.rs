@@ -277,23 +277,38 @@ fn execute<B: Backend>(
         &data.image_root,
     )?;
     let ecfg = eval_config(cfg, &eos, pad);
+    let eval_with = |model: &Qwen2VL<B>, what: &str| {
+        run_eval(
+            model,
+            &eval_prompts,
+            stream,
+            interrupt,
+            &tok,
+            &ecfg,
+            what,
+            &device,
+        )
+    };
 
+    // An empty held-out set is not an accuracy of 0.
+    let has_eval = !eval_prompts.is_empty();
+    if let Job::Eval { .. } = job {
+        if !has_eval {
+            anyhow::bail!(
+                "no held-out questions to evaluate on: data.test is empty or the filters \
+                 (data.eval_modalities, data.question_types) left none"
+            );
+        }
+    } else if !has_eval && (cfg.eval.before || cfg.eval.after) {
+        eprintln!("no held-out questions (data.test): the evaluations are skipped");
+    }
     if let Job::Eval { checkpoints } = job {
         let mut rows = Vec::with_capacity(checkpoints.len());
         let labels = checkpoint_labels(checkpoints);
         for (checkpoint, label) in checkpoints.iter().zip(labels) {
             let (m, _) = load_model::<B>(checkpoint, &device)
                 .with_context(|| format!("checkpoint {}", checkpoint.display()))?;
-            let report = run_eval(
-                &m,
-                &eval_prompts,
-                stream,
-                interrupt,
-                &tok,
-                &ecfg,
-                &label,
-                &device,
-            )?;
+            let report = eval_with(&m, &label)?;
             // Never the training run's own reports (a checkpoint directory named `after`).
             let name = label.replace(['/', '\\'], "_");
             let stem = match name.as_str() {
@@ -369,39 +384,21 @@ fn execute<B: Backend>(
         }
     };
     if matches!(job, Job::Sft { .. }) {
-        if cfg.eval.after {
-            let r = run_eval(
-                &policy.valid(),
-                &eval_prompts,
-                stream,
-                interrupt,
-                &tok,
-                &ecfg,
-                "SFT",
-                &device,
-            )?;
+        if cfg.eval.after && has_eval {
+            let r = eval_with(&policy.valid(), "SFT")?;
             write_eval(&dir, "eval_sft", &r, "SFT")?;
         }
         return Ok(());
     }
     let resume = matches!(job, Job::Train { resume: true, .. });
 
-    let before = if cfg.eval.before {
+    let before = if cfg.eval.before && has_eval {
         let path = dir.join("eval_before.json");
         if resume && path.is_file() {
             eprintln!("evaluation before GRPO already in {}", path.display());
             None
         } else {
-            let r = run_eval(
-                &policy.valid(),
-                &eval_prompts,
-                stream,
-                interrupt,
-                &tok,
-                &ecfg,
-                "before GRPO",
-                &device,
-            )?;
+            let r = eval_with(&policy.valid(), "before GRPO")?;
             write_eval(&dir, "eval_before", &r, "before GRPO")?;
             Some(r)
         }
@@ -473,17 +470,8 @@ fn execute<B: Backend>(
             cfg.grpo.steps
         );
     }
-    let after = if cfg.eval.after {
-        let r = run_eval(
-            &trained,
-            &eval_prompts,
-            stream,
-            interrupt,
-            &tok,
-            &ecfg,
-            "after GRPO",
-            &device,
-        )?;
+    let after = if cfg.eval.after && has_eval {
+        let r = eval_with(&trained, "after GRPO")?;
         write_eval(&dir, "eval_after", &r, "after GRPO")?;
         Some(r)
     } else {

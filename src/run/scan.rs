@@ -82,9 +82,21 @@ pub fn scan(
     should_stop: &dyn Fn() -> bool,
 ) -> anyhow::Result<(Vec<VqaRecord>, Vec<Skipped>)> {
     let mut progress = Progress::new(&format!("checking {what} images"), records.len());
+    let real_root = std::fs::canonicalize(root).ok();
+    let (mut outside, mut outside_count) = (None::<std::path::PathBuf>, 0usize);
     let mut kept = Vec::with_capacity(records.len());
     let mut skipped = Vec::new();
     for (i, r) in records.into_iter().enumerate() {
+        // The record's path stays under the root (checked when it was read); a symbolic link
+        // may still lead out of it (data on another disk, or a mistake): counted and said.
+        if let (Some(real_root), Ok(real)) =
+            (&real_root, std::fs::canonicalize(root.join(&r.image)))
+        {
+            if !real.starts_with(real_root) {
+                outside.get_or_insert_with(|| real.clone());
+                outside_count += 1;
+            }
+        }
         match check(&r, root, resize, fit) {
             Ok(()) => kept.push(r),
             Err(reason) if skip_invalid => skipped.push(Skipped {
@@ -108,5 +120,13 @@ pub fn scan(
     }
     progress.set(kept.len() + skipped.len());
     progress.finish();
+    if let Some(first) = outside {
+        eprintln!(
+            "note: {outside_count} {what} image(s) lead out of the data root {} through \
+             symbolic links (the first to {})",
+            root.display(),
+            first.display()
+        );
+    }
     Ok((kept, skipped))
 }

@@ -171,6 +171,27 @@ fn each_malformed_record_is_named_by_file_and_index() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("line 2"), "{msg}");
+    // An empty file says so; a byte-order mark before the JSON is not an error.
+    for body in ["", "  \n"] {
+        let p = write(&dir.0, "empty.json", body);
+        let msg = load_file(&p, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("empty.json") && msg.contains("the file is empty"),
+            "{msg}"
+        );
+    }
+    let good =
+        r#"[{"image": "x.png", "problem": "Q? A)a, B)b", "solution": "<answer> A </answer>"}]"#;
+    let p = write(&dir.0, "bom.json", &format!("\u{feff}{good}"));
+    assert_eq!(
+        load_file(&p, &LoadOptions::default())
+            .unwrap()
+            .records
+            .len(),
+        1
+    );
 }
 
 #[test]

@@ -304,7 +304,10 @@ fn reused_data_warm_starts_and_resumes_must_match_their_settings() {
     assert!(!ok && err.contains("the synthetic data"), "{err}");
     assert!(err.contains("n: 24 -> 30"), "{err}");
     let (ok, _, err) = run("train", &["sft.learning_rate=0.5"]);
-    assert!(!ok && err.contains("the warm start") && err.contains("sft.learning_rate"), "{err}");
+    assert!(
+        !ok && err.contains("the warm start") && err.contains("sft.learning_rate"),
+        "{err}"
+    );
     let (ok, _, err) = run("train", &[]);
     assert!(ok && err.contains("warm start from"), "{err}");
 
@@ -312,7 +315,10 @@ fn reused_data_warm_starts_and_resumes_must_match_their_settings() {
     assert!(!ok && err.contains("grpo.learning_rate"), "{err}");
     let (ok, _, err) = run("train", &["--resume", "grpo.steps=2"]);
     assert!(ok, "{err}");
-    assert!(err.contains("resumed with changed settings: grpo.steps: 1 -> 2"), "{err}");
+    assert!(
+        err.contains("resumed with changed settings: grpo.steps: 1 -> 2"),
+        "{err}"
+    );
     let log = std::fs::read_to_string(runs.join("tiny/train.log")).unwrap();
     assert!(log.contains("grpo.steps: 1 -> 2"), "{log}");
     let _ = std::fs::remove_dir_all(&runs);

@@ -79,6 +79,13 @@ fn bad_images_stop_the_run_before_step_1_or_are_left_out_and_listed() {
     std::fs::write(img(&train[3]), b"this is not a PNG").unwrap();
     image::RgbImage::new(1, 300).save(img(&train[5])).unwrap();
     std::fs::write(img(&test[1]), &b"\x89PNG\r\n\x1a\n"[..]).unwrap();
+    // One good image reached through a link that leads out of the data root: said, not hidden.
+    #[cfg(unix)]
+    {
+        let outside = root.join("outside.png");
+        std::fs::rename(img(&train[7]), &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, img(&train[7])).unwrap();
+    }
 
     let runs = root.join("runs");
     let (ok, err) = train_on(&data, &runs, &["grpo.steps=1"]);

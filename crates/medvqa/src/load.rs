@@ -204,6 +204,14 @@ fn read_values(path: &Path) -> Result<Vec<Value>, DataError> {
         path: path.to_path_buf(),
         source,
     })?;
+    // A byte-order mark (what some editors write first) is not part of the JSON.
+    let body = body.strip_prefix('\u{feff}').unwrap_or(&body);
+    if body.trim().is_empty() {
+        return Err(DataError::Invalid(format!(
+            "{}: the file is empty (expected a JSON array of records, or JSONL)",
+            path.display()
+        )));
+    }
     let json_err = |e: serde_json::Error, line_offset: usize| DataError::Json {
         path: path.to_path_buf(),
         line: e.line() + line_offset,
@@ -211,7 +219,7 @@ fn read_values(path: &Path) -> Result<Vec<Value>, DataError> {
         message: e.to_string(),
     };
     if body.trim_start().starts_with('[') {
-        return serde_json::from_str::<Vec<Value>>(&body).map_err(|e| json_err(e, 0));
+        return serde_json::from_str::<Vec<Value>>(body).map_err(|e| json_err(e, 0));
     }
     let mut values = Vec::new();
     for (i, line) in body.lines().enumerate() {

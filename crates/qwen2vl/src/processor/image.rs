@@ -49,7 +49,30 @@ impl ImageProcessorConfig {
             file: path.display().to_string(),
             message: format!("invalid JSON: {e}"),
         })?;
-        Ok(Self::from_json(&v))
+        let c = Self::from_json(&v);
+        for (key, n) in [
+            ("patch_size", c.patch_size),
+            ("temporal_patch_size", c.temporal_patch_size),
+            ("merge_size", c.merge_size),
+            ("max_pixels", c.max_pixels),
+        ] {
+            if n == 0 {
+                return Err(ProcessorError::Config {
+                    file: path.display().to_string(),
+                    message: format!("`{key}` is 0; it must be at least 1"),
+                });
+            }
+        }
+        if c.min_pixels > c.max_pixels {
+            return Err(ProcessorError::Config {
+                file: path.display().to_string(),
+                message: format!(
+                    "`min_pixels` ({}) is above `max_pixels` ({})",
+                    c.min_pixels, c.max_pixels
+                ),
+            });
+        }
+        Ok(c)
     }
 
     /// Settings from a `preprocessor_config.json`-shaped object; absent fields keep Qwen2-VL's.
@@ -263,6 +286,29 @@ pub fn preprocess(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zero_size_in_the_config_file_is_an_error_naming_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("qwen2vl-pp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("preprocessor_config.json");
+        std::fs::write(&path, r#"{"patch_size": 0}"#).unwrap();
+        let e = ImageProcessorConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("preprocessor_config.json") && e.contains("patch_size"),
+            "{e}"
+        );
+        std::fs::write(&path, r#"{"min_pixels": 9000, "max_pixels": 3136}"#).unwrap();
+        let e = ImageProcessorConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_pixels"), "{e}");
+        std::fs::write(&path, r#"{"patch_size": 14}"#).unwrap();
+        assert!(ImageProcessorConfig::from_file(&path).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn smart_resize_rounds_half_to_even() {
