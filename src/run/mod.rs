@@ -218,8 +218,7 @@ fn execute<B: Backend>(
     // evaluation settings may change (and are recorded).
     let previous = std::fs::read_to_string(dir.join("config.toml")).ok();
     if let (Job::Train { resume: true, .. }, Some(old)) = (job, &previous) {
-        let new = cfg.to_toml();
-        let fixed = settings::differences(old, &new, |k| !settings::may_change_on_resume(k))?;
+        let (fixed, changed) = settings::resume_differences(old, &cfg.to_toml())?;
         if !fixed.is_empty() {
             anyhow::bail!(
                 "--resume continues the run in {} with the settings it was made with; these \
@@ -228,7 +227,6 @@ fn execute<B: Backend>(
                 fixed.join("\n  ")
             );
         }
-        let changed = settings::differences(old, &new, settings::may_change_on_resume)?;
         if !changed.is_empty() {
             let line = format!("resumed with changed settings: {}", changed.join("; "));
             eprintln!("{line}");

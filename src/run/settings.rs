@@ -77,9 +77,17 @@ pub fn warm_start(cfg: &RunConfig) -> String {
         toml::Value::try_from(&c.sft).expect("serialisable"),
     );
     if let Some(toml::Value::Table(d)) = t.get_mut("data") {
-        // How data is fed does not change what is learnt.
-        d.remove("prefetch");
-        d.remove("workers");
+        // How data is fed, and what is evaluated, do not change what SFT learns.
+        for key in [
+            "prefetch",
+            "workers",
+            "test",
+            "eval_modalities",
+            "max_eval",
+            "eval_template",
+        ] {
+            d.remove(key);
+        }
     }
     if let Some(toml::Value::Table(s)) = t.get_mut("sft") {
         s.remove("warm_start");
@@ -110,6 +118,30 @@ pub fn check_reuse(dir: &Path, what: &str, expected: &str) -> anyhow::Result<()>
 /// Records the settings that made what is in `dir`.
 pub fn record(dir: &Path, settings: &str) -> anyhow::Result<()> {
     super::guard::write_atomic(&dir.join("settings.toml"), settings)
+}
+
+/// Settings newer than some runs' `config.toml`, with the value that does what runs made
+/// before them did: a key a run did not record is compared with this value.
+const LEGACY: &[(&str, &str)] = &[("data.resize", "[]"), ("data.skip_invalid", "false")];
+
+/// `(refused, allowed)`: the differences between a run's recorded config and a resumed
+/// run's, split by [`may_change_on_resume`].
+pub fn resume_differences(old: &str, new: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let mut old_table: toml::Table = toml::from_str(old)?;
+    for (key, value) in LEGACY {
+        let (section, name) = key.split_once('.').expect("dotted");
+        if let Some(toml::Value::Table(t)) = old_table.get_mut(section) {
+            if !t.contains_key(name) {
+                let v: toml::Table = toml::from_str(&format!("v = {value}")).expect("valid");
+                t.insert(name.to_string(), v["v"].clone());
+            }
+        }
+    }
+    let old = toml::to_string(&old_table)?;
+    Ok((
+        differences(&old, new, |k| !may_change_on_resume(k))?,
+        differences(&old, new, may_change_on_resume)?,
+    ))
 }
 
 /// Keys a resumed run may change: how long it runs, how it is logged, checkpointed and
@@ -148,5 +180,19 @@ mod tests {
             !may_change_on_resume("grpo.learning_rate")
                 && !may_change_on_resume("model.tiny.layers")
         );
+    }
+
+    #[test]
+    fn a_run_recorded_before_a_setting_existed_resumes_with_its_old_behaviour() {
+        let old = "seed = 0\n[data]\nmax_eval = 0\n[grpo]\nsteps = 10\n";
+        let same = "seed = 0\n[data]\nmax_eval = 0\nresize = []\nskip_invalid = false\n\
+                    [grpo]\nsteps = 20\nepochs = 0.0\n";
+        let (refused, allowed) = resume_differences(old, same).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(allowed.len(), 2, "{allowed:?}");
+        let resized = same.replace("resize = []", "resize = [384, 384]");
+        let (refused, _) = resume_differences(old, &resized).unwrap();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].starts_with("data.resize: []"), "{refused:?}");
     }
 }
