@@ -120,12 +120,9 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<bool> {
                 ..Default::default()
             };
             let mut bar = crate::progress::Progress::new("writing synthetic images", n);
-            let (train, test) = write_synthetic_with(&cfg, &out, test_fraction, &mut |done, _| {
-                if done % 16 == 0 || done == n {
-                    bar.set(done)
-                }
-            })
-            .with_context(|| format!("writing {}", out.display()))?;
+            let (train, test) =
+                write_synthetic_with(&cfg, &out, test_fraction, &mut |done, _| bar.set(done))
+                    .with_context(|| format!("writing {}", out.display()))?;
             bar.finish();
             // The byte-level tokenizer tiny models use with this data.
             let tokenizer = out.join("tokenizer.json");

@@ -85,11 +85,7 @@ fn synthetic(cfg: &RunConfig, dir: &Path) -> anyhow::Result<()> {
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
     let mut bar = crate::progress::Progress::new("writing synthetic images", s.n);
-    write_synthetic_with(&sc, &tmp, s.test_fraction, &mut |done, _| {
-        if done % 16 == 0 || done == s.n {
-            bar.set(done)
-        }
-    })?;
+    write_synthetic_with(&sc, &tmp, s.test_fraction, &mut |done, _| bar.set(done))?;
     bar.finish();
     super::settings::record(&tmp, &settings)?;
     let _ = std::fs::remove_dir_all(dir);

@@ -49,11 +49,6 @@ impl PromptStream {
         self.pipe.next_n(n).into_iter().collect()
     }
 
-    /// Prompts handed out so far.
-    pub fn position(&self) -> usize {
-        self.pipe.position()
-    }
-
     pub fn len(&self) -> usize {
         self.pipe.len()
     }

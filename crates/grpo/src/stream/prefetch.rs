@@ -75,11 +75,6 @@ impl<T: Send + 'static> Prefetch<T> {
         self.shared.total == 0
     }
 
-    /// Jobs handed out so far (the index of the next one).
-    pub fn position(&self) -> usize {
-        self.shared.state.lock().expect("prefetch state").taken
-    }
-
     /// The next job's result, in order; `None` after the last.
     pub fn next_item(&mut self) -> Option<T> {
         let sh = &*self.shared;
