@@ -192,11 +192,82 @@ pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// The terminal's settings before burn-train's dashboard changed them, for a second Ctrl-C
+/// that leaves at once (set once, before the dashboard starts; read in the signal handler).
+#[cfg(unix)]
+static TERMINAL: std::sync::OnceLock<(libc::c_int, libc::termios)> = std::sync::OnceLock::new();
+
 #[cfg(unix)]
 extern "C" fn on_signal(_: libc::c_int) {
     if STOP.swap(true, Ordering::SeqCst) {
-        // Second signal: leave now (only async-signal-safe calls here).
+        // Second signal: leave now (only async-signal-safe calls here: tcsetattr, write,
+        // _exit), putting a terminal the dashboard held back as it was.
+        // (OnceLock::get is one atomic load.)
+        if let Some((fd, t)) = TERMINAL.get() {
+            // SAFETY: a saved termios of an open descriptor; a static byte string.
+            unsafe {
+                libc::tcsetattr(*fd, libc::TCSANOW, t);
+                let leave = b"\x1b[?1049l\x1b[?25h\r\n";
+                libc::write(libc::STDOUT_FILENO, leave.as_ptr().cast(), leave.len());
+            }
+        }
         unsafe { libc::_exit(130) };
+    }
+}
+
+/// burn-train's dashboard puts the terminal in raw mode, where Ctrl-C is a key press rather
+/// than SIGINT, and the dashboard itself only knows `q`. While a `SignalKeys` lives it keeps
+/// the terminal's signal keys on (checked every 100 ms), so that Ctrl-C stops the run after
+/// the current step as it does without the dashboard.
+pub struct SignalKeys {
+    done: std::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SignalKeys {
+    /// Starts keeping them when stdin is a terminal (None otherwise).
+    #[cfg(unix)]
+    pub fn keep() -> Option<Self> {
+        let fd = libc::STDIN_FILENO;
+        // SAFETY: isatty / tcgetattr on a descriptor with a writable termios.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::isatty(fd) } != 1 || unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+            return None;
+        }
+        let _ = TERMINAL.set((fd, t));
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                let mut now: libc::termios = unsafe { std::mem::zeroed() };
+                // SAFETY: as above; only ISIG is changed.
+                unsafe {
+                    if libc::tcgetattr(fd, &mut now) == 0 && now.c_lflag & libc::ISIG == 0 {
+                        now.c_lflag |= libc::ISIG;
+                        libc::tcsetattr(fd, libc::TCSANOW, &now);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Some(Self {
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    #[cfg(not(unix))]
+    pub fn keep() -> Option<Self> {
+        None
+    }
+}
+
+impl Drop for SignalKeys {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

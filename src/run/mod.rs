@@ -13,6 +13,7 @@ mod scan;
 mod settings;
 mod sft;
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -458,7 +459,13 @@ fn execute<B: Backend>(
     };
     let grpo_started = Instant::now();
     eprintln!("GRPO: {} steps", cfg.grpo.steps);
-    let (trained, state) = launch(policy, ctx, held_out, ecfg.clone(), &opts)?;
+    let keys = std::io::stdout()
+        .is_terminal()
+        .then(guard::SignalKeys::keep)
+        .flatten();
+    let launched = launch(policy, ctx, held_out, ecfg.clone(), &opts);
+    drop(keys);
+    let (trained, state) = launched?;
     let grpo_secs = grpo_started.elapsed().as_secs_f64();
     if state.step < cfg.grpo.steps {
         anyhow::bail!(

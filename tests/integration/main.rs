@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod data;
 mod demo;
+mod faults;
 mod generation;
 mod grpo_learns;
 mod hosted;

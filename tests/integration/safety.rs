@@ -223,6 +223,70 @@ fn ctrl_c_during_sft_stops_promptly_and_saves_nothing() {
     let _ = std::fs::remove_dir_all(&runs);
 }
 
+/// With burn-train's dashboard on a terminal (raw mode, where Ctrl-C is a key press), Ctrl-C
+/// still stops the run after the current step with a checkpoint. The terminal is a pty made
+/// by util-linux `script`; the ^C byte is typed into it.
+#[cfg(target_os = "linux")]
+#[test]
+fn ctrl_c_at_the_dashboard_stops_the_run() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let runs = std::env::temp_dir().join(format!("medr1-tui-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let mut cmd = format!("'{}' train", env!("CARGO_BIN_EXE_medr1"));
+    for s in [
+        format!("runs_dir=\"{}\"", runs.display()),
+        "data.synthetic.n=24".into(),
+        "sft.steps=0".into(),
+        "grpo.steps=200".into(),
+        "grpo.num_generations=2".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+        "eval.every=0".into(),
+        "checkpoint.every=1".into(),
+    ] {
+        cmd += &format!(" --set '{s}'");
+    }
+    let mut child = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("util-linux `script` runs the dashboard on a pseudo-terminal");
+    let log = runs.join("tiny/train.log");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("checkpoint at step 2")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the run did not start"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"\x03").unwrap();
+    stdin.flush().unwrap();
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if sent.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("Ctrl-C at the dashboard did not stop the run");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stdin);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("interrupted after step"), "{text}");
+    let _ = std::fs::remove_dir_all(&runs);
+}
+
 /// `medr1 ... | head`: the closed pipe ends medr1 quietly, no panic.
 #[cfg(unix)]
 #[test]

@@ -8,7 +8,9 @@ use crate::optim::MasterAdamW;
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataset::InMemDataset;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::metric::MetricDefinition;
+use burn::train::logger::MetricLogger;
+use burn::train::metric::store::{EpochSummary, MetricsUpdate, Split};
+use burn::train::metric::{MetricDefinition, NumericEntry};
 use burn::train::renderer::{
     EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
     MetricsRendererTraining, ProgressType, TrainingProgress,
@@ -17,8 +19,11 @@ use burn::train::{Interrupter, Learner, SupervisedTraining, TrainingStrategy};
 use qwen2vl::Qwen2VL;
 
 use super::record::StepScalar;
-use super::store::{complete_checkpoints, latest_state, AtomicRecorder, KeepLast, RunState};
-use super::strategy::GrpoStrategy;
+use super::store::{
+    complete_checkpoints, latest_state, remove_checkpoint, remove_partial_writes, resume_point,
+    AtomicRecorder, RunState, SaveOnly, WriteLog,
+};
+use super::strategy::{Fatal, GrpoStrategy};
 use super::{plan, EvalBatcher, GrpoBatcher, GrpoPolicy, HostCtx};
 use crate::eval::EvalConfig;
 use crate::learner::PromptInput;
@@ -56,6 +61,9 @@ pub enum HostError {
     /// The run diverged (non-finite steps or weights); its last checkpoint is intact.
     #[error("{0}")]
     Diverged(String),
+    /// A checkpoint could not be written; the last complete one is intact.
+    #[error("{0}")]
+    Storage(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -98,7 +106,7 @@ impl OptimizerOptions {
 /// A hosted run's shape.
 #[derive(Clone)]
 pub struct HostOptions {
-    /// burn-train's directory: `checkpoint/`, `train/`, `valid/`, `experiment.log`.
+    /// burn-train's directory: `checkpoint/` and `experiment.log`.
     pub dir: PathBuf,
     /// One JSON object per step (and per held-out evaluation).
     pub metrics_jsonl: PathBuf,
@@ -125,6 +133,27 @@ pub struct HostOptions {
     /// Steps in a row with a non-finite loss, gradient norm or reward that stop the run (each
     /// is skipped, weights untouched).
     pub max_bad_steps: usize,
+}
+
+/// burn-train's metric logger, replaced: its file logger writes the same numbers as
+/// `metrics.jsonl` a second time and panics when the disk is full. metrics.jsonl (written by
+/// the loop, failures reported) is the run's record; nothing reads these back.
+struct NoMetricFiles;
+
+impl MetricLogger for NoMetricFiles {
+    fn log(&mut self, _: MetricsUpdate, _: usize, _: &Split) {}
+    fn read_numeric(
+        &mut self,
+        name: &str,
+        _: usize,
+        _: &Split,
+    ) -> Result<Vec<NumericEntry>, String> {
+        Err(format!(
+            "{name}: a hosted GRPO run keeps its metrics in metrics.jsonl"
+        ))
+    }
+    fn log_metric_definition(&mut self, _: MetricDefinition) {}
+    fn log_epoch_summary(&mut self, _: EpochSummary) {}
 }
 
 /// Renders nothing: the loop's own progress lines stand in when there is no terminal.
@@ -176,8 +205,23 @@ pub fn launch<B: AutodiffBackend>(
         path: opts.dir.clone(),
         source,
     })?;
+    remove_partial_writes(&opts.dir);
     let resume_state = if opts.resume {
-        latest_state(&opts.dir)
+        let point = resume_point(&opts.dir);
+        for (step, why) in &point.damaged {
+            eprintln!("the checkpoint of step {step} is damaged and is removed: {why}");
+            remove_checkpoint(&opts.dir, *step).map_err(|source| HostError::Io {
+                path: opts.dir.join("checkpoint"),
+                source,
+            })?;
+        }
+        if let (Some(s), false) = (&point.state, point.damaged.is_empty()) {
+            eprintln!(
+                "resuming from the newest intact checkpoint, step {}",
+                s.step
+            );
+        }
+        point.state
     } else {
         None
     };
@@ -230,6 +274,7 @@ pub fn launch<B: AutodiffBackend>(
     let show_dashboard = opts.dashboard && std::io::stdout().is_terminal();
     let fatal = Arc::new(std::sync::Mutex::new(None));
     let existing = complete_checkpoints(&opts.dir);
+    let writes = WriteLog::default();
     let strategy = GrpoStrategy {
         total_steps: opts.total_steps,
         accumulation: ctx.accumulation,
@@ -245,11 +290,13 @@ pub fn launch<B: AutodiffBackend>(
         progress_lines: !show_dashboard,
         max_bad_steps: opts.max_bad_steps,
         fatal: fatal.clone(),
+        writes: writes.clone(),
     };
     let mut training = SupervisedTraining::new(&opts.dir, train, valid)
         .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)))
-        .with_file_checkpointer(AtomicRecorder::default())
-        .with_checkpointing_strategy(KeepLast::new(opts.keep_checkpoints, existing))
+        .with_file_checkpointer(AtomicRecorder::new(writes))
+        .with_checkpointing_strategy(SaveOnly)
+        .with_metric_logger(NoMetricFiles)
         .metric_valid_numeric(StepScalar::new("accuracy", true));
     for (key, higher) in [
         ("loss", false),
@@ -292,8 +339,10 @@ pub fn launch<B: AutodiffBackend>(
         ScheduledLr::new(opts.schedule),
     );
     let result = training.launch(learner);
-    if let Some(why) = fatal.lock().expect("fatal").take() {
-        return Err(HostError::Diverged(why));
+    match fatal.lock().expect("fatal").take() {
+        Some(Fatal::Diverged(why)) => return Err(HostError::Diverged(why)),
+        Some(Fatal::Storage(why)) => return Err(HostError::Storage(why)),
+        None => {}
     }
     let state = latest_state(&opts.dir).unwrap_or(RunState {
         step: 0,

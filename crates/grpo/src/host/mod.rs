@@ -18,8 +18,11 @@ pub use feed::PlanFeed;
 pub use health::{CollapseWatch, Health, Verdict};
 pub use launch::{launch, HeldOut, HostError, HostOptions, OptimizerOptions};
 pub use record::{StepRecord, StepScalar};
-pub use store::{complete_checkpoints, latest_state, AtomicRecorder, KeepLast, RunState};
-pub use strategy::GrpoStrategy;
+pub use store::{
+    check_checkpoint, complete_checkpoints, latest_state, resume_point, AtomicRecorder, FileDigest,
+    KeepLast, ResumePoint, RunState, SaveOnly, WriteLog, RENAME_DELAY_ENV,
+};
+pub use strategy::{Fatal, GrpoStrategy};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use super::health::{CollapseWatch, Health, Verdict};
 use super::record::StepRecord;
-use super::store::{state_path, write_state, KeepLast, RunState};
+use super::store::{remove_checkpoint, write_state, KeepLast, RunState, WriteLog};
 use super::GrpoPolicy;
 use crate::learner::{clip_global_norm, weights_finite};
 
@@ -43,8 +43,19 @@ pub struct GrpoStrategy {
     pub progress_lines: bool,
     /// Non-finite steps in a row that stop the run.
     pub max_bad_steps: usize,
-    /// Why the run stopped on its own (divergence), for the caller.
-    pub fatal: Arc<Mutex<Option<String>>>,
+    /// Why the run stopped on its own, for the caller.
+    pub fatal: Arc<Mutex<Option<Fatal>>>,
+    /// Where the checkpoint recorder reports the files it finished.
+    pub writes: WriteLog,
+}
+
+/// Why a hosted run stopped on its own.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fatal {
+    /// Non-finite steps or weights.
+    Diverged(String),
+    /// A checkpoint could not be written (disk full, I/O error).
+    Storage(String),
 }
 
 type Lc<B, LR, O> = LearningComponentsMarker<B, LR, GrpoPolicy<B>, O>;
@@ -53,6 +64,9 @@ struct Logs {
     jsonl: File,
     log: File,
     echo: bool,
+    /// Lines that could not be written, per file (each first failure is said at once).
+    lost_json: usize,
+    lost_log: usize,
 }
 
 impl Logs {
@@ -62,19 +76,43 @@ impl Logs {
             jsonl: append(&s.metrics_jsonl)?,
             log: append(&s.log_file)?,
             echo: s.progress_lines,
+            lost_json: 0,
+            lost_log: 0,
         })
     }
 
     fn json(&mut self, rec: &StepRecord) {
-        let _ = writeln!(self.jsonl, "{}", rec.to_json());
-        let _ = self.jsonl.flush();
+        let written = writeln!(self.jsonl, "{}", rec.to_json()).and_then(|_| self.jsonl.flush());
+        if let Err(e) = written {
+            self.lost_json += 1;
+            if self.lost_json == 1 {
+                eprintln!("warning: a metrics.jsonl line could not be written: {e}");
+            }
+        }
     }
 
     fn line(&mut self, text: &str) {
-        let _ = writeln!(self.log, "{text}");
-        let _ = self.log.flush();
+        let written = writeln!(self.log, "{text}").and_then(|_| self.log.flush());
+        if let Err(e) = written {
+            self.lost_log += 1;
+            if self.lost_log == 1 {
+                eprintln!("warning: a train.log line could not be written: {e}");
+            }
+        }
         if self.echo {
             eprintln!("{text}");
+        }
+    }
+
+    /// Says how many lines were lost, if any.
+    fn finish(&self) {
+        for (lost, file) in [
+            (self.lost_json, "metrics.jsonl"),
+            (self.lost_log, "train.log"),
+        ] {
+            if lost > 0 {
+                eprintln!("warning: {lost} line(s) of {file} could not be written");
+            }
         }
     }
 }
@@ -234,7 +272,7 @@ where
             );
             processor.process_train(LearnerEvent::ProcessedItem(item));
             if let Verdict::Stop(why) = verdict {
-                *self.fatal.lock().expect("fatal") = Some(why);
+                *self.fatal.lock().expect("fatal") = Some(Fatal::Diverged(why));
                 break;
             }
 
@@ -263,7 +301,7 @@ where
                          {last_saved}, is intact): lower grpo.learning_rate and rerun with --resume"
                     );
                     logs.line(&format!("error: {why}"));
-                    *self.fatal.lock().expect("fatal") = Some(why);
+                    *self.fatal.lock().expect("fatal") = Some(Fatal::Diverged(why));
                     break;
                 }
                 if let Some(ck) = checkpointer.as_mut() {
@@ -273,12 +311,35 @@ where
                         data_position: steps_done * acc,
                         seed: self.seed,
                     };
-                    if let Err(e) = write_state(&self.train_dir, &state) {
-                        logs.line(&format!("warning: checkpoint state not written: {e}"));
+                    let written = self.writes.wait_for(steps_done).and_then(|files| {
+                        write_state(&self.train_dir, &state, &files).map_err(|e| {
+                            format!("{}: {e}", self.train_dir.join("checkpoint").display())
+                        })
+                    });
+                    if let Err(e) = written {
+                        let since = if last_saved == 0 {
+                            "no checkpoint was written yet: a rerun starts over".to_string()
+                        } else {
+                            format!("its last complete checkpoint, step {last_saved}, is intact")
+                        };
+                        let why = format!(
+                            "the checkpoint of step {steps_done} could not be written ({e}); \
+                             the run stops ({since}): free space on that disk and rerun with \
+                             --resume"
+                        );
+                        logs.line(&format!("error: {why}"));
+                        *self.fatal.lock().expect("fatal") = Some(Fatal::Storage(why));
+                        break;
                     }
+                    // The new checkpoint is complete and durable: now the old ones may go.
                     for action in states.actions(steps_done) {
                         if let CheckpointingAction::Delete(old) = action {
-                            let _ = std::fs::remove_file(state_path(&self.train_dir, old));
+                            if let Err(e) = remove_checkpoint(&self.train_dir, old) {
+                                logs.line(&format!(
+                                    "warning: the checkpoint of step {old} could not be \
+                                     deleted: {e}"
+                                ));
+                            }
                         }
                     }
                     last_saved = steps_done;
@@ -293,6 +354,7 @@ where
                 break;
             }
         }
+        logs.finish();
         (learner.model(), processor)
     }
 }
