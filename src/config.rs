@@ -404,7 +404,21 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let cfg: RunConfig = serde_path_to_error(doc).map_err(|e| anyhow!("{origin}: {e}"))?;
+        let cfg: RunConfig = serde_path_to_error(doc).map_err(|e| {
+            let Some(key) = e.key else {
+                return anyhow!("{origin}: {}", e.message);
+            };
+            // Name the override when the key came from one.
+            let from_set = overrides.iter().any(|o| {
+                let k = o.split('=').next().unwrap_or("").trim();
+                k == key || key.starts_with(&format!("{k}."))
+            });
+            if from_set {
+                anyhow!("--set {key}: {}", e.message)
+            } else {
+                anyhow!("{origin}: key `{key}`: {}", e.message)
+            }
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -579,31 +593,54 @@ impl GrpoSection {
     }
 }
 
-/// Deserialises with the path of the offending key in the error.
-fn serde_path_to_error(doc: toml::Table) -> Result<RunConfig, String> {
-    let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
+/// A deserialisation error with the dotted path of the offending key, if one is found.
+struct KeyError {
+    key: Option<String>,
+    message: String,
+}
+
+/// Deserialises, naming the offending key: for an unknown key the name in the message under
+/// the table the error points into; otherwise the key on the line the error points at.
+fn serde_path_to_error(doc: toml::Table) -> Result<RunConfig, KeyError> {
+    let text = toml::to_string(&doc).map_err(|e| KeyError {
+        key: None,
+        message: e.to_string(),
+    })?;
     toml::from_str::<RunConfig>(&text).map_err(|e| {
-        let mut msg = e.message().trim().to_string();
-        if let Some(span) = e.span() {
-            let line = text[..span.start].lines().count();
-            let snippet = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
-            let section = text[..span.start]
-                .lines()
-                .rev()
-                .find(|l| l.trim_start().starts_with('['))
-                .map(|l| l.trim().trim_matches(['[', ']']).to_string());
-            let key = snippet.split('=').next().unwrap_or("").trim();
-            let full = match (&section, key.is_empty()) {
-                (Some(s), false) => format!("{s}.{key}"),
-                (None, false) => key.to_string(),
-                (Some(s), true) => s.clone(),
-                (None, true) => String::new(),
-            };
-            if !full.is_empty() {
-                msg = format!("key `{full}`: {msg}");
+        let message = e.message().trim().to_string();
+        let Some(span) = e.span() else {
+            return KeyError { key: None, message };
+        };
+        let start = span.start.min(text.len());
+        // The line holding the error's start, and the table header at or above it.
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[line_start..].lines().next().unwrap_or("").trim();
+        let header = |l: &str| {
+            let l = l.trim();
+            (l.starts_with('[') && l.ends_with(']'))
+                .then(|| l.trim_matches(['[', ']']).trim().to_string())
+        };
+        let section = header(line).or_else(|| text[..line_start].lines().rev().find_map(header));
+        let unknown = message
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split('`').next())
+            .map(str::to_string);
+        let key = match unknown {
+            Some(field) => Some(match &section {
+                Some(s) => format!("{s}.{field}"),
+                None => field,
+            }),
+            None if header(line).is_some() => section,
+            None => {
+                let k = line.split('=').next().unwrap_or("").trim();
+                match (&section, k.is_empty()) {
+                    (Some(s), false) => Some(format!("{s}.{k}")),
+                    (None, false) => Some(k.to_string()),
+                    (s, true) => s.clone(),
+                }
             }
-        }
-        msg
+        };
+        KeyError { key, message }
     })
 }
 
@@ -731,5 +768,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key=value"), "{e}");
+    }
+
+    /// The key named is the one that is wrong (not a neighbour of it, nor its table's
+    /// header), and an override's error says `--set`, not the file it overrides.
+    #[test]
+    fn errors_name_exactly_the_wrong_key_and_where_it_came_from() {
+        for (set, want) in [
+            (
+                "grpo.lerning_rate=1",
+                "--set grpo.lerning_rate: unknown field `lerning_rate`",
+            ),
+            (
+                "data.synthetic.nn=3",
+                "--set data.synthetic.nn: unknown field `nn`",
+            ),
+            ("foo=1", "--set foo: unknown field `foo`"),
+            (
+                "model.tiny.hiden=3",
+                "--set model.tiny.hiden: unknown field `hiden`",
+            ),
+            (
+                "eval.max_new_tokens=-3",
+                "--set eval.max_new_tokens: invalid value",
+            ),
+        ] {
+            let e = RunConfig::load(None, &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{set}: {e}");
+        }
+        for (text, want) in [
+            (
+                "[grpo]\nsteps = 3\nbeta_typo = 1\n",
+                "f.toml: key `grpo.beta_typo`: unknown",
+            ),
+            (
+                "name = \"x\"\nbogus = 1\n[grpo]\nsteps = 3\n",
+                "f.toml: key `bogus`: unknown",
+            ),
+            (
+                "[grpo]\nbeta = 0.0\nsteps = \"x\"\n",
+                "f.toml: key `grpo.steps`: invalid type",
+            ),
+            (
+                "[data.synthetic]\nn = 3\nnn = 4\n",
+                "f.toml: key `data.synthetic.nn`: unknown",
+            ),
+        ] {
+            let e = RunConfig::from_toml(text, "f.toml", &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{text}: {e}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use qwen2vl::generation::{generate, GenerationConfig, Sampling};
 use qwen2vl::processor::{load_image, preprocess, Message, Processor};
-use qwen2vl::{load_model, Images, TokenBatch};
+use qwen2vl::{Images, TokenBatch};
 
 use crate::backend::{dispatch, BackendTask, DeviceKind};
 
@@ -89,7 +89,7 @@ impl BackendTask for Task {
                 std::slice::from_ref(&processed),
             )
             .context("building the prompt")?;
-        let (model, _) = load_model::<B>(&a.model, &device)
+        let model = crate::run::model::load_checkpoint::<B>(&a.model, &device)
             .with_context(|| format!("loading {}", a.model.display()))?;
         let limit = model.config.text.max_position_embeddings;
         if ids.len() + a.max_new_tokens > limit {

@@ -32,7 +32,7 @@ use grpo::{AccuracyReward, FormatReward, LetterAccuracyReward, WeightedRewards};
 use medvqa::PromptTemplate;
 use qwen2vl::generation::Sampling;
 use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
-use qwen2vl::{load_model, save_model, Qwen2VL, SaveDtype};
+use qwen2vl::{save_model, Qwen2VL, SaveDtype};
 
 use crate::backend::BackendTask;
 use crate::config::RunConfig;
@@ -268,6 +268,11 @@ fn execute<B: Backend>(
     resolved.grpo.steps = cfg.grpo.total_steps(data.train.len());
     let cfg = &resolved;
     let stream = data::stream_options(cfg);
+    let test_records = match job {
+        Job::Eval { .. } => data.test.clone(),
+        _ => Vec::new(),
+    };
+    let data_root = data.image_root.clone();
     let eval_prompts = data::source(
         cfg,
         data.test,
@@ -305,9 +310,42 @@ fn execute<B: Backend>(
         let mut rows = Vec::with_capacity(checkpoints.len());
         let labels = checkpoint_labels(checkpoints);
         for (checkpoint, label) in checkpoints.iter().zip(labels) {
-            let (m, _) = load_model::<B>(checkpoint, &device)
+            let m = model::load_checkpoint::<B>(checkpoint, &device)
                 .with_context(|| format!("checkpoint {}", checkpoint.display()))?;
-            let report = eval_with(&m, &label)?;
+            // A checkpoint saved with another tokenizer is evaluated with its own: prompts,
+            // special ids and decoding all come from it.
+            let report = match model::own_tokenizer(cfg, checkpoint)? {
+                None => eval_with(&m, &label)?,
+                Some((own, path, origin)) => {
+                    eprintln!(
+                        "{label}: {} differs from the run's tokenizer ({origin}); evaluating \
+                         this checkpoint with its own",
+                        path.display()
+                    );
+                    let (eos, pad) = model::special_ids(&own)
+                        .with_context(|| format!("tokenizer {}", path.display()))?;
+                    let again = TextTokenizer::from_file(&path)
+                        .with_context(|| format!("tokenizer {}", path.display()))?;
+                    let processor = Arc::new(model::processor_with(cfg, again)?);
+                    let prompts = data::source(
+                        cfg,
+                        test_records.clone(),
+                        &cfg.data.eval_template,
+                        &processor,
+                        &data_root,
+                    )?;
+                    run_eval(
+                        &m,
+                        &prompts,
+                        stream,
+                        interrupt,
+                        &own,
+                        &eval_config(cfg, &eos, pad),
+                        &label,
+                        &device,
+                    )?
+                }
+            };
             // Never the training run's own reports (a checkpoint directory named `after`).
             let name = label.replace(['/', '\\'], "_");
             let stem = match name.as_str() {
@@ -354,9 +392,19 @@ fn execute<B: Backend>(
     let policy: Qwen2VL<A<B>> = match (&warm, cfg.sft.steps) {
         (Some(w), _) => {
             eprintln!("warm start from {}", w.display());
-            load_model::<A<B>>(w, &device)
+            if let Some((_, path, origin)) = model::own_tokenizer(cfg, w)? {
+                anyhow::bail!(
+                    "the warm start {} was saved with another tokenizer ({}) than this run's \
+                     ({origin}): its token ids mean other words here. Use a warm start made \
+                     from this run's model, or train from its base (model.checkpoint, \
+                     model.tokenizer = \"{}\")",
+                    w.display(),
+                    path.display(),
+                    path.display()
+                );
+            }
+            model::load_checkpoint::<A<B>>(w, &device)
                 .with_context(|| format!("warm start {}", w.display()))?
-                .0
         }
         (None, 0) => model::initial::<A<B>>(cfg, &device)?,
         (None, _) => {

@@ -78,12 +78,75 @@ pub fn tokenizer(cfg: &RunConfig) -> anyhow::Result<TextTokenizer> {
 }
 
 pub fn processor(cfg: &RunConfig) -> anyhow::Result<Processor> {
+    processor_with(cfg, tokenizer(cfg)?)
+}
+
+/// The run's image settings around `tokenizer`.
+pub fn processor_with(cfg: &RunConfig, tokenizer: TextTokenizer) -> anyhow::Result<Processor> {
     let image = ImageProcessorConfig {
         min_pixels: cfg.model.min_pixels,
         max_pixels: cfg.model.max_pixels,
         ..Default::default()
     };
-    Ok(Processor::new(tokenizer(cfg)?, image)?)
+    Ok(Processor::new(tokenizer, image)?)
+}
+
+/// The run's tokenizer as a JSON value (formatting aside), and where it comes from.
+fn run_tokenizer_json(cfg: &RunConfig) -> anyhow::Result<(serde_json::Value, String)> {
+    match tokenizer_path(cfg) {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("tokenizer {} (set model.tokenizer)", p.display()))?;
+            let v = serde_json::from_str(&text)
+                .with_context(|| format!("tokenizer {}: not JSON", p.display()))?;
+            Ok((v, p.display().to_string()))
+        }
+        None => Ok((byte_tokenizer_json(), "the byte-level tokenizer".into())),
+    }
+}
+
+/// `dir/tokenizer.json` when `dir` has one that differs from the run's tokenizer (a model
+/// trained or saved with another vocabulary), with the run tokenizer's origin.
+pub fn own_tokenizer(
+    cfg: &RunConfig,
+    dir: &Path,
+) -> anyhow::Result<Option<(TextTokenizer, PathBuf, String)>> {
+    let path = dir.join("tokenizer.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let own: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a tokenizer (not JSON)", path.display()))?;
+    let (run, origin) = run_tokenizer_json(cfg)?;
+    if own == run {
+        return Ok(None);
+    }
+    let tok =
+        TextTokenizer::from_file(&path).with_context(|| format!("tokenizer {}", path.display()))?;
+    Ok(Some((tok, path, origin)))
+}
+
+/// Loads a checkpoint directory, saying which of its tensors no parameter of the model uses
+/// (a checkpoint of another architecture or version, loaded without them).
+pub fn load_checkpoint<B: Backend>(dir: &Path, device: &B::Device) -> anyhow::Result<Qwen2VL<B>> {
+    let (model, info) = load_model::<B>(dir, device)?;
+    if !info.unused.is_empty() {
+        let shown: Vec<&str> = info.unused.iter().take(8).map(String::as_str).collect();
+        let more = info.unused.len() - shown.len();
+        eprintln!(
+            "warning: {}: {} tensor(s) of the checkpoint are not used by this model and were \
+             not loaded: {}{}",
+            dir.display(),
+            info.unused.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(model)
 }
 
 /// The model a run starts from: the configured checkpoint, or a seeded random tiny model.
@@ -91,7 +154,7 @@ pub fn initial<B: Backend>(cfg: &RunConfig, device: &B::Device) -> anyhow::Resul
     if !cfg.model.checkpoint.is_empty() {
         let dir = Path::new(&cfg.model.checkpoint);
         eprintln!("loading {}", dir.display());
-        return Ok(load_model::<B>(dir, device)?.0);
+        return load_checkpoint::<B>(dir, device);
     }
     if !cfg.model.random_config.is_empty() {
         eprintln!(

@@ -20,6 +20,34 @@ pub struct Fit<'a> {
     pub reserve: usize,
 }
 
+/// A cut-short JPEG or PNG decodes without an error (the missing rows come out grey), so the
+/// file's end is checked: a JPEG's end-of-image marker or a PNG's IEND chunk must be within its
+/// last 4 KiB (some writers pad after them).
+fn ends_whole(path: &Path, format: image::ImageFormat) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let marker: &[u8] = match format {
+        image::ImageFormat::Jpeg => &[0xff, 0xd9],
+        image::ImageFormat::Png => b"IEND",
+        _ => return Ok(()),
+    };
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096)))
+        .map_err(io)?;
+    let mut tail = Vec::with_capacity(4096);
+    f.read_to_end(&mut tail).map_err(io)?;
+    if tail.windows(marker.len()).any(|w| w == marker) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: the {format:?} file is cut short (no end marker; {len} bytes): re-copy or \
+             re-download it",
+            path.display()
+        ))
+    }
+}
+
 /// Why `record` cannot be used, if it cannot: its image, or a prompt too long for the model.
 fn check(
     record: &VqaRecord,
@@ -32,12 +60,13 @@ fn check(
     let reader = image::ImageReader::open(&path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(format!(
             "{}: not an image format medr1 reads (PNG, JPEG)",
             path.display()
         ));
-    }
+    };
+    ends_whole(&path, format)?;
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| format!("{}: cannot read the image header: {e}", path.display()))?;

@@ -79,6 +79,17 @@ fn bad_images_stop_the_run_before_step_1_or_are_left_out_and_listed() {
     std::fs::write(img(&train[3]), b"this is not a PNG").unwrap();
     image::RgbImage::new(1, 300).save(img(&train[5])).unwrap();
     std::fs::write(img(&test[1]), &b"\x89PNG\r\n\x1a\n"[..]).unwrap();
+    // Two cut short (as by an interrupted copy), which decode without an error: a PNG and a
+    // JPEG, each its first half.
+    let png = std::fs::read(img(&test[2])).unwrap();
+    std::fs::write(img(&test[2]), &png[..png.len() / 2]).unwrap();
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    image::open(img(&test[4]))
+        .unwrap()
+        .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+        .unwrap();
+    let jpeg = jpeg.into_inner();
+    std::fs::write(img(&test[4]), &jpeg[..jpeg.len() / 2]).unwrap();
     // One good image reached through a link that leads out of the data root: said, not hidden.
     #[cfg(unix)]
     {
@@ -118,12 +129,21 @@ fn bad_images_stop_the_run_before_step_1_or_are_left_out_and_listed() {
     )
     .unwrap();
     let listed = listed.as_array().unwrap();
-    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed.len(), 5, "{listed:?}");
     let reasons: Vec<&str> = listed
         .iter()
         .map(|l| l["reason"].as_str().unwrap())
         .collect();
     assert!(reasons.iter().any(|r| r.contains("1x300")), "{reasons:?}");
+    for (r, format) in [(&test[2], "Png"), (&test[4], "Jpeg")] {
+        let name = r["image"].as_str().unwrap();
+        assert!(
+            reasons
+                .iter()
+                .any(|x| x.contains(name) && x.contains(&format!("the {format} file is cut short"))),
+            "{reasons:?}"
+        );
+    }
     assert!(
         err.contains(&format!("data: {} training", train.len() - 2)),
         "{err}"
@@ -199,6 +219,28 @@ fn eval_writes_one_table_with_a_row_per_checkpoint() {
         let f = f.unwrap().path();
         std::fs::copy(&f, second.join(f.file_name().unwrap())).unwrap();
     }
+    // A third copy saved with a tokenizer of its own (another Unicode normalisation: the same
+    // ids for these ASCII prompts) and a tensor no parameter uses.
+    let third: PathBuf = root.join("other/final");
+    std::fs::create_dir_all(&third).unwrap();
+    for f in std::fs::read_dir(&first).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, third.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(third.join("tokenizer.json")).unwrap())
+            .unwrap();
+    tok["normalizer"] = serde_json::json!({"type": "NFKC"});
+    std::fs::write(third.join("tokenizer.json"), tok.to_string()).unwrap();
+    let weights = std::fs::read(third.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let extra = [0u8; 8];
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    views.push((
+        "visual.leftover.weight".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &extra).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &third.join("model.safetensors")).unwrap();
     let sets = [
         format!("runs_dir=\"{}\"", runs.display()),
         "name=\"evals\"".to_string(),
@@ -213,9 +255,18 @@ fn eval_writes_one_table_with_a_row_per_checkpoint() {
     for x in &sets {
         args.extend(["--set", x.as_str()]);
     }
-    args.extend(["--checkpoint", s(&first), s(&second)]);
+    args.extend(["--checkpoint", s(&first), s(&second), s(&third)]);
     let (ok, out, err) = medr1(&args);
     assert!(ok, "{err}");
+    assert!(
+        err.contains("differs from the run's tokenizer")
+            && err.contains("evaluating this checkpoint with its own"),
+        "{err}"
+    );
+    assert!(
+        err.contains("not used by this model") && err.contains("visual.leftover.weight"),
+        "{err}"
+    );
     let table = std::fs::read_to_string(runs.join("evals/eval_table.md")).unwrap();
     assert_eq!(out.trim(), table.trim());
     assert!(
@@ -232,6 +283,20 @@ fn eval_writes_one_table_with_a_row_per_checkpoint() {
             .to_string()
     };
     assert_eq!(row("tiny/final"), row("copy/final"));
+    assert_eq!(row("tiny/final"), row("other/final"));
+
+    // A warm start saved with another tokenizer is refused, not read with the wrong ids.
+    let (ok, err) = train_on(
+        &data,
+        &runs,
+        &[
+            "name=\"warm\"",
+            "grpo.steps=1",
+            &format!("sft.warm_start=\"{}\"", third.display()),
+        ],
+    );
+    assert!(!ok, "{err}");
+    assert!(err.contains("was saved with another tokenizer"), "{err}");
     let csv = std::fs::read_to_string(runs.join("evals/eval_table.csv")).unwrap();
     assert!(
         csv.lines()
