@@ -420,6 +420,7 @@ fn execute<B: Backend>(
                 eos[0],
                 pad,
                 cfg.sft.seed.unwrap_or(cfg.seed),
+                cfg.grpo.max_bad_steps,
                 interrupt,
                 &device,
             )?;

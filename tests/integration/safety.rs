@@ -65,6 +65,33 @@ fn a_diverging_run_skips_bad_updates_then_stops_with_an_error() {
     let _ = std::fs::remove_dir_all(&runs);
 }
 
+/// The SFT warm start has the same guard: non-finite steps are skipped, too many in a row end
+/// it with an error and nothing saved.
+#[test]
+fn a_diverging_warm_start_stops_with_an_error_and_saves_nothing() {
+    let runs = std::env::temp_dir().join(format!("medr1-sft-diverge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let sets = [
+        format!("runs_dir=\"{}\"", runs.display()),
+        "data.synthetic.n=24".to_string(),
+        "sft.steps=40".into(),
+        "sft.learning_rate=1e20".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+    ];
+    let mut args = vec!["train"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let (ok, _, err) = medr1(&args);
+    assert!(!ok, "{err}");
+    assert!(err.contains("the SFT warm start diverged"), "{err}");
+    assert!(err.contains("the update is skipped"), "{err}");
+    assert!(!err.contains("GRPO:"), "GRPO started: {err}");
+    assert!(!runs.join("tiny/sft/config.json").exists());
+    let _ = std::fs::remove_dir_all(&runs);
+}
+
 #[test]
 fn bad_settings_are_refused_before_any_work() {
     for (set, key) in [

@@ -11,7 +11,8 @@ use crate::loss::masked_mean;
 
 /// Mean negative log-likelihood of `targets` after each prompt (per sequence, then over the
 /// batch), and one optimizer step on it. Returns the model, the loss before the step and the
-/// gradient norm.
+/// gradient norm. A loss or gradient norm that is not a finite number skips the step: the
+/// model and the optimizer state come back untouched (the caller sees the value).
 #[allow(clippy::too_many_arguments)]
 pub fn sft_step<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
     model: Qwen2VL<B>,
@@ -28,6 +29,9 @@ pub fn sft_step<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
     let grads = loss.backward();
     let mut grads = GradientsParams::from_grads(grads, &model);
     let norm = clip_global_norm(&model, &mut grads, max_grad_norm);
+    if !(value.is_finite() && norm.is_finite()) {
+        return Ok((model, value, norm));
+    }
     Ok((optimizer.step(lr, model, grads), value, norm))
 }
 
