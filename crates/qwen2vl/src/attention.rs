@@ -18,23 +18,33 @@ pub fn scaled_dot_product<B: Backend>(
     let [b, heads, l, d] = q.dims();
     let kv_heads = k.dims()[1];
     let s = k.dims()[2];
-    let (k, v) = if kv_heads == heads {
-        (k, v)
-    } else {
-        let rep = heads / kv_heads;
-        let expand = |t: Tensor<B, 4>| -> Tensor<B, 4> {
-            t.unsqueeze_dim::<5>(2)
-                .expand([b, kv_heads, rep, s, d])
-                .reshape([b, heads, s, d])
+    let scale = 1.0 / (d as f64).sqrt();
+    if kv_heads == heads {
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        let scores = match masked {
+            Some(m) => scores.mask_fill(m.expand([b, heads, l, s]), MASKED_SCORE),
+            None => scores,
         };
-        (expand(k), expand(v))
-    };
-    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
+        return softmax(scores, 3).matmul(v);
+    }
+    // Grouped-query attention without repeating K/V: query head h uses kv head h / rep (as
+    // transformers' repeat_kv), so the rep query heads of one kv head are stacked along the
+    // query axis and attend to that kv head's keys in one matmul. Only the queries (one row
+    // per new token) are rearranged, never the cache.
+    let rep = heads / kv_heads;
+    let q = q.reshape([b, kv_heads, rep * l, d]);
+    let scores = q.matmul(k.swap_dims(2, 3)) * scale;
     let scores = match masked {
-        Some(m) => scores.mask_fill(m.expand([b, heads, l, s]), MASKED_SCORE),
+        Some(m) => scores
+            .reshape([b, kv_heads, rep, l, s])
+            .mask_fill(
+                m.unsqueeze_dim::<5>(1).expand([b, kv_heads, rep, l, s]),
+                MASKED_SCORE,
+            )
+            .reshape([b, kv_heads, rep * l, s]),
         None => scores,
     };
-    softmax(scores, 3).matmul(v)
+    softmax(scores, 3).matmul(v).reshape([b, heads, l, d])
 }
 
 /// `[-x2 | x1]` for `x = [x1 | x2]` split at the middle of the last axis.

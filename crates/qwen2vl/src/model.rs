@@ -6,7 +6,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::config::Qwen2VLConfig;
 use crate::error::Qwen2VLError;
-use crate::params::{linear, ParamSource, RandomInit};
+use crate::params::{linear, Dense, ParamSource, RandomInit};
 use crate::positions::{rope_index, RopePositions, TokenBatch, VisionTokens};
 use crate::text::{causal_padding_mask, position_axes, TextDecoder};
 use crate::vision::{VisionTower, VisionTrace};
@@ -193,7 +193,7 @@ impl<B: Backend> Qwen2VL<B> {
     /// Logits from final hidden states: `[.., hidden] -> [.., vocab]`.
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => head.apply(hidden),
             None => {
                 let w = self.text.embed_tokens.weight.val();
                 let dims = hidden.dims();

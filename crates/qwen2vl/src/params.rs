@@ -79,7 +79,41 @@ impl<B: Backend> ParamSource<B> for RandomInit<B> {
     }
 }
 
-/// `{prefix}.weight` `[out, in]` (and `{prefix}.bias`) as a Burn `Linear` (`[in, out]`).
+/// `t` laid out densely in its own shape. A transposed view would otherwise be copied by
+/// every reshape of it: Burn's `linear` reshapes its weight on each call, so a strided weight
+/// costs a copy of itself per call (at 2B, gigabytes per decoded token). Done once, at load;
+/// the optimizer's element-wise updates keep the layout.
+pub fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    let device = t.device();
+    Tensor::from_data(t.into_data(), &device)
+}
+
+/// A `Linear` applied as one 2-D matrix product over the flattened leading axes. Burn's
+/// `Linear::forward` (0.21) reshapes the weight to the input's rank on every call and its
+/// backward reshapes the transposed weight, which copies a strided weight each time; a 2-D
+/// `matmul` reads either layout in place, forward and backward.
+pub trait Dense<B: Backend> {
+    fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
+}
+
+impl<B: Backend> Dense<B> for Linear<B> {
+    fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mut dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows: usize = dims[..D - 1].iter().product();
+        let w = self.weight.val();
+        dims[D - 1] = w.dims()[1];
+        let y = x.reshape([rows, d_in]).matmul(w);
+        let y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze_dim::<2>(0),
+            None => y,
+        };
+        y.reshape(dims)
+    }
+}
+
+/// `{prefix}.weight` `[out, in]` (and `{prefix}.bias`) as a Burn `Linear` (`[in, out]`,
+/// dense in that layout).
 pub fn linear<B: Backend, S: ParamSource<B>>(
     src: &mut S,
     prefix: &str,
@@ -102,7 +136,7 @@ pub fn linear<B: Backend, S: ParamSource<B>>(
         None
     };
     Ok(Linear {
-        weight: Param::from_tensor(weight.transpose()),
+        weight: Param::from_tensor(contiguous(weight.transpose())),
         bias,
     })
 }

@@ -71,11 +71,16 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
         return argmax(logits);
     }
     let t = s.temperature as f64;
+    // Most likely first, ties by index (what a stable sort gives). With top-k only the k
+    // largest are found (linear time) and sorted, the same tokens in the same order as a
+    // full sort.
+    let before = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     if s.top_k > 0 && s.top_k < order.len() {
+        order.select_nth_unstable_by(s.top_k - 1, before);
         order.truncate(s.top_k);
     }
+    order.sort_unstable_by(before);
     let max = logits[order[0]] as f64 / t;
     let mut probs: Vec<f64> = order
         .iter()
@@ -144,6 +149,50 @@ mod tests {
             assert!(sample(&logits, &k2, &mut rng) < 2);
             // p(token 0) = 0.48 < 0.5, so tokens 0 and 1 stay.
             assert!(sample(&logits, &p, &mut rng) < 2);
+        }
+    }
+
+    /// The top-k selection draws exactly what a full stable sort drew (ties included).
+    #[test]
+    fn top_k_selection_draws_as_a_full_sort_did() {
+        fn by_full_sort(logits: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            order.truncate(s.top_k);
+            let t = s.temperature as f64;
+            let max = logits[order[0]] as f64 / t;
+            let probs: Vec<f64> = order
+                .iter()
+                .map(|&i| (logits[i] as f64 / t - max).exp())
+                .collect();
+            let total: f64 = probs.iter().sum();
+            let mut u = rng.next_f64();
+            for (i, p) in probs.iter().enumerate() {
+                if u < p / total {
+                    return order[i];
+                }
+                u -= p / total;
+            }
+            *order.last().unwrap()
+        }
+        let mut gen = Rng::new(9);
+        // Coarse values: many ties, also across the k-th place.
+        let logits: Vec<f32> = (0..5000)
+            .map(|_| (gen.next_f64() * 40.0).floor() as f32 / 4.0)
+            .collect();
+        for k in [1, 7, 50, 400] {
+            let s = Sampling {
+                temperature: 0.9,
+                top_k: k,
+                top_p: 1.0,
+            };
+            let (mut a, mut b) = (Rng::new(k as u64), Rng::new(k as u64));
+            for _ in 0..300 {
+                assert_eq!(
+                    sample(&logits, &s, &mut a),
+                    by_full_sort(&logits, &s, &mut b)
+                );
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use burn::tensor::{activation::silu, backend::Backend, Bool, Tensor};
 use crate::attention::{apply_rotary, scaled_dot_product};
 use crate::config::TextConfig;
 use crate::error::Qwen2VLError;
-use crate::params::{linear, rms_norm, ParamSource};
+use crate::params::{linear, rms_norm, Dense, ParamSource};
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
@@ -89,9 +89,9 @@ impl<B: Backend> DecoderLayer<B> {
         let heads = |t: Tensor<B, 3>, n: usize| -> Tensor<B, 4> {
             t.reshape([b, l, n, self.head_dim]).swap_dims(1, 2)
         };
-        let q = heads(self.q_proj.forward(a.clone()), self.num_heads);
-        let k = heads(self.k_proj.forward(a.clone()), self.num_kv_heads);
-        let v = heads(self.v_proj.forward(a), self.num_kv_heads);
+        let q = heads(self.q_proj.apply(a.clone()), self.num_heads);
+        let k = heads(self.k_proj.apply(a.clone()), self.num_kv_heads);
+        let v = heads(self.v_proj.apply(a), self.num_kv_heads);
         let q = apply_rotary(q, rope.cos.clone(), rope.sin.clone());
         let k = apply_rotary(k, rope.cos.clone(), rope.sin.clone());
         let (k_all, v_all) = match cache {
@@ -112,11 +112,11 @@ impl<B: Backend> DecoderLayer<B> {
         let o = o
             .swap_dims(1, 2)
             .reshape([b, l, self.num_heads * self.head_dim]);
-        let x = x + self.o_proj.forward(o);
+        let x = x + self.o_proj.apply(o);
         let m = self.post_attention_layernorm.forward(x.clone());
         let m = self
             .down_proj
-            .forward(silu(self.gate_proj.forward(m.clone())) * self.up_proj.forward(m));
+            .apply(silu(self.gate_proj.apply(m.clone())) * self.up_proj.apply(m));
         x + m
     }
     // ANCHOR_END: decoder_layer

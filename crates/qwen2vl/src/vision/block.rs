@@ -6,7 +6,7 @@ use burn::tensor::{activation::sigmoid, backend::Backend, Tensor};
 
 use crate::attention::{apply_rotary, scaled_dot_product};
 use crate::error::Qwen2VLError;
-use crate::params::{layer_norm, linear, ParamSource};
+use crate::params::{layer_norm, linear, Dense, ParamSource};
 
 #[derive(Module, Debug)]
 pub struct VisionBlock<B: Backend> {
@@ -56,7 +56,7 @@ impl<B: Backend> VisionBlock<B> {
         let x = x + h;
         let m = self
             .fc2
-            .forward(quick_gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+            .apply(quick_gelu(self.fc1.apply(self.norm2.forward(x.clone()))));
         x + m
     }
 
@@ -70,7 +70,7 @@ impl<B: Backend> VisionBlock<B> {
         let [n, dim] = x.dims();
         let heads = self.num_heads;
         let hd = dim / heads;
-        let qkv = self.qkv.forward(x).reshape([n, 3, heads, hd]);
+        let qkv = self.qkv.apply(x).reshape([n, 3, heads, hd]);
         let q = qkv.clone().narrow(1, 0, 1).reshape([n, heads, hd]);
         let k = qkv.clone().narrow(1, 1, 1).reshape([n, heads, hd]);
         let v = qkv.narrow(1, 2, 1).reshape([n, heads, hd]);
@@ -104,6 +104,6 @@ impl<B: Backend> VisionBlock<B> {
         } else {
             Tensor::cat(outputs, 0)
         };
-        self.proj.forward(o)
+        self.proj.apply(o)
     }
 }

@@ -6,7 +6,7 @@ use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{activation::gelu, backend::Backend, Tensor};
 
 use crate::error::Qwen2VLError;
-use crate::params::{layer_norm, linear, ParamSource};
+use crate::params::{layer_norm, linear, Dense, ParamSource};
 
 #[derive(Module, Debug)]
 pub struct PatchMerger<B: Backend> {
@@ -45,7 +45,7 @@ impl<B: Backend> PatchMerger<B> {
         let [n, dim] = normed.dims();
         let groups = n * dim / self.merged_dim;
         let merged = normed.clone().reshape([groups, self.merged_dim]);
-        let out = self.fc2.forward(gelu(self.fc1.forward(merged)));
+        let out = self.fc2.apply(gelu(self.fc1.apply(merged)));
         (normed, out)
     }
 }

@@ -13,7 +13,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::config::VisionConfig;
 use crate::error::Qwen2VLError;
-use crate::params::{ParamKind, ParamSource};
+use crate::params::{Dense, ParamKind, ParamSource};
 use crate::rope::{vision_patch_positions, vision_tables};
 
 #[derive(Module, Debug)]
@@ -71,7 +71,9 @@ impl<B: Backend> VisionTower<B> {
             ParamKind::Weight,
         )?;
         let patch_embed = Linear {
-            weight: burn::module::Param::from_tensor(w.reshape([e, patch_dim]).transpose()),
+            weight: burn::module::Param::from_tensor(crate::params::contiguous(
+                w.reshape([e, patch_dim]).transpose(),
+            )),
             bias: None,
         };
         let mlp_dim = (e as f64 * c.mlp_ratio) as usize;
@@ -156,7 +158,7 @@ impl<B: Backend> VisionTower<B> {
             .flat_map(|[t, h, w]| std::iter::repeat_n(h * w, *t))
             .collect();
 
-        let mut x = self.patch_embed.forward(pixel_values);
+        let mut x = self.patch_embed.apply(pixel_values);
         if let Some(t) = trace.as_deref_mut() {
             t.patch_embed = Some(x.clone());
             t.rot_cos = Some(cos.clone());
