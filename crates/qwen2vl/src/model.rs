@@ -56,6 +56,9 @@ impl<B: Backend> Default for ModelTrace<B> {
     }
 }
 
+/// Rows up to which a tied head multiplies as `(W h^T)^T` (see [`Qwen2VL::logits`]).
+pub const DENSE_HEAD_ROWS: usize = 64;
+
 impl<B: Backend> Qwen2VL<B> {
     /// Builds the model from a parameter source using checkpoint (hub) names.
     pub fn load_from<S: ParamSource<B>>(
@@ -191,6 +194,8 @@ impl<B: Backend> Qwen2VL<B> {
     // ANCHOR_END: forward_hidden
 
     /// Logits from final hidden states: `[.., hidden] -> [.., vocab]`.
+    ///
+    /// Rows up to [`DENSE_HEAD_ROWS`] take the decoding form of a tied head.
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
             Some(head) => head.apply(hidden),
@@ -199,7 +204,17 @@ impl<B: Backend> Qwen2VL<B> {
                 let dims = hidden.dims();
                 let d = dims[D - 1];
                 let rows: usize = dims[..D - 1].iter().product();
-                let out = hidden.reshape([rows, d]).matmul(w.transpose());
+                let h = hidden.reshape([rows, d]);
+                // For a few rows (decoding) `(W h^T)^T`: the embedding is read in its own
+                // row-major layout, where as the transposed right operand the matmul repacked
+                // all of it per call (at 107M two thirds of a decode step). For many rows
+                // (scoring) that packing is amortised, and `h W^T` gives the dense
+                // `[rows, vocab]` that log-softmax and its backward want.
+                let out = if rows <= DENSE_HEAD_ROWS {
+                    w.matmul(h.transpose()).transpose()
+                } else {
+                    h.matmul(w.transpose())
+                };
                 let mut shape = dims;
                 shape[D - 1] = self.config.text.vocab_size;
                 out.reshape(shape)

@@ -102,8 +102,14 @@ impl<B: Backend> DecoderLayer<B> {
                     offset..offset + l,
                     0..self.head_dim,
                 ];
-                kv.k = kv.k.clone().slice_assign(range.clone(), k);
-                kv.v = kv.v.clone().slice_assign(range, v);
+                // Moved out (not cloned) so that the cache is the buffer's only owner and the
+                // new keys are written in place: a clone made slice_assign copy the whole
+                // fixed-capacity cache of every layer at every step.
+                let device = k.device();
+                let old_k = std::mem::replace(&mut kv.k, Tensor::empty([0, 0, 0, 0], &device));
+                let old_v = std::mem::replace(&mut kv.v, Tensor::empty([0, 0, 0, 0], &device));
+                kv.k = old_k.slice_assign(range.clone(), k);
+                kv.v = old_v.slice_assign(range, v);
                 (kv.k.clone(), kv.v.clone())
             }
             None => (k, v),
