@@ -225,13 +225,27 @@ pub struct SignalKeys {
 }
 
 impl SignalKeys {
-    /// Starts keeping them when stdin is a terminal (None otherwise).
+    /// Starts keeping them on the controlling terminal (stdin, or `/dev/tty` when stdin is
+    /// redirected); None without one.
     #[cfg(unix)]
     pub fn keep() -> Option<Self> {
-        let fd = libc::STDIN_FILENO;
-        // SAFETY: isatty / tcgetattr on a descriptor with a writable termios.
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: isatty / tcgetattr on descriptors this process holds open.
+        let fd = if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
+            libc::STDIN_FILENO
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/tty")
+                .ok()?;
+            // Left open for the process's life: the signal handler may restore through it.
+            let fd = f.as_raw_fd();
+            std::mem::forget(f);
+            fd
+        };
         let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        if unsafe { libc::isatty(fd) } != 1 || unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+        if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
             return None;
         }
         let _ = TERMINAL.set((fd, t));
