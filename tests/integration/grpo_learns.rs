@@ -48,6 +48,10 @@ pub(crate) fn record() -> VqaRecord {
 
 /// A random model with the tiny fixture's architecture, seeded.
 pub(crate) fn tiny_random_model(seed: u64, device: &burn::tensor::Device<Ad>) -> Qwen2VL<Ad> {
+    // The backend's random generator is global: two tests seeding and drawing at once would
+    // interleave their draws and get other models than their seeds say.
+    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     Ad::seed(device, seed);
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -158,3 +158,30 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
         std::fs::remove_dir_all(parts),
     );
 }
+
+/// A resumed run whose newest checkpoint was damaged after it was written (cut short, as by a
+/// failing disk) falls back to the one before and still ends where an uninterrupted run does.
+#[test]
+fn a_damaged_newest_checkpoint_is_passed_over_on_resume() {
+    let whole = fresh_dir("whole-6");
+    let parts = fresh_dir("damaged");
+    let a = run(&whole, 6, false);
+    run(&parts, 4, false);
+    assert_eq!(complete_checkpoints(&parts.join("grpo")), vec![2, 4]);
+    let model4 = parts.join("grpo/checkpoint/model-4.bin");
+    let bytes = std::fs::read(&model4).unwrap();
+    std::fs::write(&model4, &bytes[..bytes.len() - 1]).unwrap();
+    let b = run(&parts, 6, true);
+    assert_eq!(flat(&a), flat(&b), "final weights differ");
+    let steps: Vec<f64> = lines(&parts)
+        .iter()
+        .map(|l| l["step"].as_f64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(complete_checkpoints(&parts.join("grpo")), vec![4, 6]);
+    assert!(grpo::host::check_checkpoint(&parts.join("grpo"), 4).is_ok());
+    let _ = (
+        std::fs::remove_dir_all(whole),
+        std::fs::remove_dir_all(parts),
+    );
+}

@@ -328,6 +328,8 @@ where
                              --resume"
                         );
                         logs.line(&format!("error: {why}"));
+                        // What of it did get written is incomplete: give the space back.
+                        let _ = remove_checkpoint(&self.train_dir, steps_done);
                         *self.fatal.lock().expect("fatal") = Some(Fatal::Storage(why));
                         break;
                     }
