@@ -223,7 +223,8 @@ impl CheckpointingStrategy for SaveOnly {
     }
 }
 
-/// Save at every call, keep the newest `keep` checkpoints.
+/// Which checkpoints to keep: the newest `keep`. The loop deletes what it names only once the
+/// new checkpoint is complete (it is not burn-train's strategy: that would delete first).
 pub struct KeepLast {
     keep: usize,
     saved: Vec<usize>,
@@ -250,12 +251,6 @@ impl KeepLast {
             actions.push(CheckpointingAction::Delete(self.saved.remove(0)));
         }
         actions
-    }
-}
-
-impl CheckpointingStrategy for KeepLast {
-    fn checkpointing(&mut self, step: usize, _: &EventStoreClient) -> Vec<CheckpointingAction> {
-        self.actions(step)
     }
 }
 
