@@ -162,6 +162,10 @@ pub struct GrpoSection {
     /// Prompt and completion widths padded to multiples of this so steps share shapes (and
     /// compiled kernels on GPU backends); 0: 64 on cuda and wgpu, exact (1) on flex.
     pub shape_bucket: usize,
+    /// Each prompt and its image run once per group (rollout prefill and every scoring pass)
+    /// instead of once per completion; the same results up to float rounding. `false` repeats
+    /// the prompt per completion, as TRL does (for comparison).
+    pub share_prompt: bool,
     pub learning_rate: f64,
     pub warmup_steps: usize,
     /// constant | linear | cosine
@@ -320,6 +324,7 @@ impl Default for GrpoSection {
             mask_truncated_completions: false,
             num_iterations: 1,
             shape_bucket: 0,
+            share_prompt: true,
             learning_rate: 1e-6,
             warmup_steps: 0,
             decay: Decay::Linear,

@@ -16,4 +16,5 @@ mod processor;
 mod rewards;
 mod safety;
 mod scale;
+mod shared;
 mod streaming;

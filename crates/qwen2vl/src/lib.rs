@@ -18,5 +18,5 @@ pub mod vision;
 pub use checkpoint::{load_model, save_model, CheckpointInfo, SaveDtype};
 pub use config::{ParameterCounts, Qwen2VLConfig, TextConfig, VisionConfig};
 pub use error::Qwen2VLError;
-pub use model::{Images, ModelTrace, Qwen2VL};
+pub use model::{Images, ModelTrace, PreparedInputs, Qwen2VL};
 pub use positions::{rope_index, RopePositions, TokenBatch, VisionTokens};

@@ -28,6 +28,40 @@ pub struct Images<B: Backend> {
     pub grids: Vec<[usize; 3]>,
 }
 
+/// A batch ready for the decoder ([`Qwen2VL::prepare_inputs`]).
+#[derive(Debug, Clone)]
+pub struct PreparedInputs<B: Backend> {
+    /// `[batch, len, hidden]`, images in place.
+    pub embeds: Tensor<B, 3>,
+    pub positions: RopePositions,
+    pub device: B::Device,
+}
+
+impl<B: Backend> PreparedInputs<B> {
+    /// The position each row continues at: one past its largest position on any axis
+    /// (transformers' `max_position_ids + 1`, what decoding and scoring after the row use).
+    pub fn next_positions(&self, batch: &TokenBatch) -> Vec<i64> {
+        let l = batch.len;
+        (0..batch.batch)
+            .map(|r| {
+                let valid = batch.mask_row(r);
+                (0..l)
+                    .filter(|&i| valid[i] != 0)
+                    .map(|i| {
+                        self.positions
+                            .axes
+                            .iter()
+                            .map(|a| a[r * l + i])
+                            .max()
+                            .unwrap_or(0)
+                    })
+                    .max()
+                    .map_or(0, |m| m + 1)
+            })
+            .collect()
+    }
+}
+
 /// Intermediate activations of one forward, for parity checks.
 #[derive(Debug, Clone)]
 pub struct ModelTrace<B: Backend> {
@@ -140,14 +174,15 @@ impl<B: Backend> Qwen2VL<B> {
         Ok(rows.select(0, index).reshape([b, l, d]))
     }
 
-    /// Final-normed hidden states `[batch, len, hidden]` of a left-padded batch.
-    // ANCHOR: forward_hidden
-    pub fn forward_hidden(
+    /// A batch made ready for the decoder: the image placeholders replaced by the vision
+    /// tower's embeddings, and the M-RoPE positions. The one input preparation of the model's
+    /// forward, of generation and of scoring.
+    pub fn prepare_inputs(
         &self,
         batch: &TokenBatch,
         images: Option<&Images<B>>,
         mut trace: Option<&mut ModelTrace<B>>,
-    ) -> Result<Tensor<B, 3>, Qwen2VLError> {
+    ) -> Result<PreparedInputs<B>, Qwen2VLError> {
         batch.validate()?;
         let device = match images {
             Some(im) => im.pixel_values.device(),
@@ -167,10 +202,30 @@ impl<B: Backend> Qwen2VL<B> {
             }
             _ => None,
         };
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace {
             t.image_embeds = image_embeds.clone();
         }
         let embeds = self.embed(batch, image_embeds, &device)?;
+        Ok(PreparedInputs {
+            embeds,
+            positions,
+            device,
+        })
+    }
+
+    /// Final-normed hidden states `[batch, len, hidden]` of a left-padded batch.
+    // ANCHOR: forward_hidden
+    pub fn forward_hidden(
+        &self,
+        batch: &TokenBatch,
+        images: Option<&Images<B>>,
+        mut trace: Option<&mut ModelTrace<B>>,
+    ) -> Result<Tensor<B, 3>, Qwen2VLError> {
+        let PreparedInputs {
+            embeds,
+            positions,
+            device,
+        } = self.prepare_inputs(batch, images, trace.as_deref_mut())?;
         let rope =
             self.text
                 .rope_tables(position_axes(&positions), batch.batch, batch.len, &device);

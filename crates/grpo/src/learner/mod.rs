@@ -12,7 +12,8 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};
 use medvqa::VqaRecord;
 use qwen2vl::generation::{
-    completion_scores_bucketed, generate, GenerationConfig, Sampling, ShapeBuckets,
+    completion_scores_bucketed, generate_grouped, grouped_completion_scores,
+    GenerationConfig, Sampling, ShapeBuckets,
 };
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
@@ -53,6 +54,12 @@ pub struct GrpoConfig {
     /// Prompt and completion widths are padded (masked) to multiples of this, so that steps
     /// share tensor shapes: on CubeCL backends every new shape compiles kernels. 1: exact.
     pub shape_bucket: usize,
+    /// Group-shared compute: each prompt and its images run once per group, in the rollout
+    /// (one prefill, its KV cache forked to the group's samples) and in every scoring pass
+    /// (the completions scored against the prompt's keys and values). The same results as
+    /// repeating the prompt per completion, as every other trainer does (`false`), up to
+    /// float rounding.
+    pub share_prompt: bool,
 }
 
 impl Default for GrpoConfig {
@@ -74,6 +81,7 @@ impl Default for GrpoConfig {
             pad_token_id: 151643,
             num_iterations: 1,
             shape_bucket: 1,
+            share_prompt: true,
         }
     }
 }
@@ -163,8 +171,6 @@ pub fn rollout<B: Backend>(
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, g))
         .collect();
-    let rows: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
-    let batch = TokenBatch::left_padded(&rows, cfg.pad_token_id);
     let gen_cfg = GenerationConfig {
         max_new_tokens: cfg.max_completion_length,
         sampling: cfg.sampling,
@@ -173,8 +179,10 @@ pub fn rollout<B: Backend>(
         seed,
         prompt_bucket: cfg.shape_bucket,
     };
-    let imgs = images_of::<B>(&repeated, device);
-    let out = generate(model, &batch, imgs.as_ref(), &gen_cfg, false)?;
+    let scoring = ScoringRows::new(prompts, cfg);
+    let imgs = scoring.images::<B>(device);
+    let batch = TokenBatch::left_padded(&scoring.prompt_ids, cfg.pad_token_id);
+    let out = generate_grouped(model, &batch, imgs.as_ref(), scoring.group, &gen_cfg, false)?;
     let texts: Vec<String> = out
         .tokens
         .iter()
@@ -186,17 +194,8 @@ pub fn rollout<B: Backend>(
     let advantages = group_advantages(&scores.total, g, cfg.scale_rewards);
     let width = out.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
     let old_logprobs = if cfg.num_iterations > 1 {
-        let prompt_ids: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
         let completions = scoring_completions(&out.tokens, cfg.pad_token_id);
-        let (lp, _) = completion_scores_bucketed(
-            model,
-            &prompt_ids,
-            &completions,
-            imgs.as_ref(),
-            cfg.pad_token_id,
-            false,
-            cfg.buckets(),
-        )?;
+        let (lp, _) = scoring.score(model, imgs.as_ref(), &completions, false, cfg)?;
         let lp = pad_to(lp, width);
         Some(
             lp.into_data()
@@ -236,8 +235,7 @@ pub fn policy_loss<B: AutodiffBackend>(
 ) -> Result<(Tensor<B, 1>, StepMetrics), Qwen2VLError> {
     let n = roll.completions.len();
     let width = roll.masks.first().map_or(0, Vec::len);
-    let repeated: Vec<&PromptInput> = roll.prompt_of.iter().map(|&i| &prompts[i]).collect();
-    let prompt_ids: Vec<Vec<u32>> = repeated.iter().map(|p| p.ids.clone()).collect();
+    let scoring = ScoringRows::of_rollout(prompts, &roll.prompt_of, cfg);
     let completions = scoring_completions(&roll.completions, cfg.pad_token_id);
     let t = cfg.buckets().completion_width(
         completions
@@ -261,27 +259,18 @@ pub fn policy_loss<B: AutodiffBackend>(
         })
         .collect();
     let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_values, [n, t]), device);
-    let (logp, entropy) = completion_scores_bucketed(
-        policy,
-        &prompt_ids,
-        &completions,
-        images_of::<B>(&repeated, device).as_ref(),
-        cfg.pad_token_id,
-        true,
-        cfg.buckets(),
-    )?;
+    // The pixels go to the device once; the policy reads them through the autodiff wrapper.
+    let inner_images = scoring.images::<B::InnerBackend>(device);
+    let images = inner_images.as_ref().map(|im| Images {
+        pixel_values: Tensor::from_inner(im.pixel_values.clone()),
+        grids: im.grids.clone(),
+    });
+    let (logp, entropy) = scoring.score(policy, images.as_ref(), &completions, true, cfg)?;
     let logp = pad_to(logp, t);
     let ref_logp = match (reference, cfg.loss.beta != 0.0) {
         (Some(r), true) => {
-            let (inner, _) = completion_scores_bucketed(
-                r,
-                &prompt_ids,
-                &completions,
-                images_of::<B::InnerBackend>(&repeated, &device.clone()).as_ref(),
-                cfg.pad_token_id,
-                false,
-                cfg.buckets(),
-            )?;
+            let (inner, _) =
+                scoring.score(r, inner_images.as_ref(), &completions, false, cfg)?;
             Some(pad_to(Tensor::<B, 2>::from_inner(inner), t))
         }
         _ => None,
@@ -354,6 +343,83 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
 }
 
 use burn::tensor::ElementConversion;
+
+/// The prompt rows of a rollout's scoring passes: each prompt once with `group` completions
+/// after it (group-shared), or the prompt repeated per completion (`group` 1).
+struct ScoringRows<'a> {
+    /// The prompts in the order of `prompt_ids`.
+    rows: Vec<&'a PromptInput>,
+    prompt_ids: Vec<Vec<u32>>,
+    group: usize,
+}
+
+impl<'a> ScoringRows<'a> {
+    /// For a rollout of `prompts` with `cfg.num_generations` completions each.
+    fn new(prompts: &'a [PromptInput], cfg: &GrpoConfig) -> Self {
+        let prompt_of: Vec<usize> = (0..prompts.len() * cfg.num_generations)
+            .map(|i| i / cfg.num_generations.max(1))
+            .collect();
+        Self::of_rollout(prompts, &prompt_of, cfg)
+    }
+
+    /// For completions whose prompts are `prompt_of`: shared when `cfg.share_prompt` and the
+    /// completions come in equal groups, prompt after prompt (as [`rollout`] makes them).
+    fn of_rollout(prompts: &'a [PromptInput], prompt_of: &[usize], cfg: &GrpoConfig) -> Self {
+        let group = prompt_of.len() / prompts.len().max(1);
+        let grouped = group > 0
+            && prompt_of.len() == prompts.len() * group
+            && prompt_of.iter().enumerate().all(|(i, &p)| p == i / group);
+        let rows: Vec<&PromptInput> = if cfg.share_prompt && grouped {
+            prompts.iter().collect()
+        } else {
+            prompt_of.iter().map(|&i| &prompts[i]).collect()
+        };
+        let group = if cfg.share_prompt && grouped { group } else { 1 };
+        Self {
+            prompt_ids: rows.iter().map(|p| p.ids.clone()).collect(),
+            rows,
+            group,
+        }
+    }
+
+    /// The images of the rows, each prompt's once per row.
+    fn images<B: Backend>(&self, device: &B::Device) -> Option<Images<B>> {
+        images_of::<B>(&self.rows, device)
+    }
+
+    /// Per-token log-probs (and entropies) of `completions` under `model`.
+    fn score<B: Backend>(
+        &self,
+        model: &Qwen2VL<B>,
+        images: Option<&Images<B>>,
+        completions: &[Vec<u32>],
+        with_entropy: bool,
+        cfg: &GrpoConfig,
+    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
+        if self.group > 1 {
+            grouped_completion_scores(
+                model,
+                &self.prompt_ids,
+                images,
+                completions,
+                self.group,
+                cfg.pad_token_id,
+                with_entropy,
+                cfg.buckets(),
+            )
+        } else {
+            completion_scores_bucketed(
+                model,
+                &self.prompt_ids,
+                completions,
+                images,
+                cfg.pad_token_id,
+                with_entropy,
+                cfg.buckets(),
+            )
+        }
+    }
+}
 
 /// Empty completions (an immediate stop) still need one slot to be scored.
 fn scoring_completions(tokens: &[Vec<u32>], pad: u32) -> Vec<Vec<u32>> {

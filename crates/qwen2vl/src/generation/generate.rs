@@ -1,13 +1,13 @@
 //! KV-cached batched generation: one prefill over the left-padded prompts, then one token per
 //! step for every row, each row stopping at its own EOS.
 
-use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 
 use super::sampling::{log_softmax_at, sample, Rng, Sampling};
 use super::scoring::round_up;
 use crate::error::Qwen2VLError;
 use crate::model::{Images, Qwen2VL};
-use crate::positions::{rope_index, TokenBatch};
+use crate::positions::TokenBatch;
 use crate::text::KvCache;
 
 /// Cache capacities are rounded up to this many slots, so that prompts of similar length share
@@ -88,7 +88,28 @@ pub fn generate<B: Backend>(
     cfg: &GenerationConfig,
     keep_logits: bool,
 ) -> Result<Generation, Qwen2VLError> {
+    generate_grouped(model, prompts, images, 1, cfg, keep_logits)
+}
+
+/// [`generate`] with `group` samples per prompt row (transformers' `num_return_sequences`):
+/// each prompt and its images are prefilled once and the prompt's cache rows are forked to
+/// its `group` samples, which come out prompt after prompt (row `p * group + g`). The same
+/// tokens, log-probs and draws as [`generate`] over the prompts each repeated `group` times,
+/// without running the vision tower and the prefill `group` times.
+pub fn generate_grouped<B: Backend>(
+    model: &Qwen2VL<B>,
+    prompts: &TokenBatch,
+    images: Option<&Images<B>>,
+    group: usize,
+    cfg: &GenerationConfig,
+    keep_logits: bool,
+) -> Result<Generation, Qwen2VLError> {
     prompts.validate()?;
+    if group == 0 {
+        return Err(Qwen2VLError::Input(
+            "at least one sample per prompt is needed".into(),
+        ));
+    }
     let width = round_up(prompts.len, cfg.prompt_bucket);
     let padded;
     let prompts = if width > prompts.len {
@@ -97,12 +118,8 @@ pub fn generate<B: Backend>(
     } else {
         prompts
     };
-    let device = match images {
-        Some(im) => im.pixel_values.device(),
-        None => model.text.embed_tokens.weight.val().device(),
-    };
-    let (b, l) = (prompts.batch, prompts.len);
-    if b == 0 || (0..b).any(|r| prompts.mask_row(r).iter().all(|&m| m == 0)) {
+    let (p, l) = (prompts.batch, prompts.len);
+    if p == 0 || (0..p).any(|r| prompts.mask_row(r).iter().all(|&m| m == 0)) {
         return Err(Qwen2VLError::Input(
             "every prompt row needs at least one token".into(),
         ));
@@ -114,45 +131,46 @@ pub fn generate<B: Backend>(
             cfg.max_new_tokens
         )));
     }
-    let grids: &[[usize; 3]] = images.map_or(&[], |im| &im.grids);
-    let positions = rope_index(prompts, grids, model.vision_tokens())?;
-    let image_embeds = match images {
-        Some(im) if !im.grids.is_empty() => {
-            let [rows, cols] = im.pixel_values.dims();
-            model.visual.validate(rows, cols, &im.grids)?;
-            Some(model.visual.forward(im.pixel_values.clone(), &im.grids))
-        }
-        _ => None,
-    };
-    let embeds = model.embed(prompts, image_embeds, &device)?;
+    let inputs = model.prepare_inputs(prompts, images, None)?;
+    let device = inputs.device.clone();
     let capacity = round_up(l + cfg.max_new_tokens, CACHE_BUCKET);
-    let mut cache = KvCache::new(&model.config.text, b, capacity, &device);
-    let valid: Vec<Vec<bool>> = (0..b)
+    let mut cache = KvCache::new(&model.config.text, p, capacity, &device);
+    let prompt_valid: Vec<Vec<bool>> = (0..p)
         .map(|r| prompts.mask_row(r).iter().map(|&m| m != 0).collect())
         .collect();
 
-    // Prefill.
+    // Prefill, once per prompt.
     let axes = [
-        &positions.axes[0][..],
-        &positions.axes[1][..],
-        &positions.axes[2][..],
+        &inputs.positions.axes[0][..],
+        &inputs.positions.axes[1][..],
+        &inputs.positions.axes[2][..],
     ];
-    let rope = model.text.rope_tables(axes, b, l, &device);
-    let mask = cache_mask::<B>(&valid, 0, l, capacity, &device);
-    let hidden = model.text.forward_cached(embeds, &rope, mask, &mut cache);
+    let rope = model.text.rope_tables(axes, p, l, &device);
+    let mask = cache_mask::<B>(&prompt_valid, 0, l, capacity, &device);
+    let hidden = model
+        .text
+        .forward_cached(inputs.embeds.clone(), &rope, mask, &mut cache);
     let d = model.config.text.hidden_size;
-    let mut last = model.logits(hidden.narrow(1, l - 1, 1).reshape([b, d]));
+    let mut last = model.logits(hidden.narrow(1, l - 1, 1).reshape([p, d]));
+    let prompt_next = inputs.next_positions(prompts);
 
-    // The next position of each row continues after its largest prompt position.
-    let mut next_pos: Vec<i64> = (0..b)
-        .map(|r| {
-            (0..l)
-                .filter(|&i| valid[r][i])
-                .map(|i| axes.iter().map(|a| a[r * l + i]).max().unwrap_or(0))
-                .max()
-                .map_or(0, |m| m + 1)
-        })
+    // Fork each prompt's cache rows to its samples.
+    let b = p * group;
+    let of_prompt = |r: usize| r / group;
+    if group > 1 {
+        let rows: Vec<i64> = (0..b).map(|r| of_prompt(r) as i64).collect();
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b]), &device);
+        for kv in &mut cache.layers {
+            kv.k = kv.k.clone().select(0, rows.clone());
+            kv.v = kv.v.clone().select(0, rows.clone());
+        }
+        last = last.select(0, rows);
+    }
+    let valid: Vec<Vec<bool>> = (0..b)
+        .map(|r| prompt_valid[of_prompt(r)].clone())
         .collect();
+    // The next position of each row continues after its largest prompt position.
+    let mut next_pos: Vec<i64> = (0..b).map(|r| prompt_next[of_prompt(r)]).collect();
 
     let mut rng = Rng::new(cfg.seed);
     let mut out = Generation {

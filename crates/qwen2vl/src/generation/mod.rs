@@ -4,9 +4,10 @@ mod generate;
 mod sampling;
 mod scoring;
 
-pub use generate::{generate, Generation, GenerationConfig, CACHE_BUCKET};
+pub use generate::{generate, generate_grouped, Generation, GenerationConfig, CACHE_BUCKET};
 pub use sampling::{argmax, log_softmax_at, sample, Rng, Sampling};
 pub use scoring::{
-    completion_logprobs, completion_scores, completion_scores_bucketed, prompt_completion_batch,
+    completion_logprobs, completion_scores, completion_scores_bucketed, grouped_completion_scores,
+    prompt_completion_batch,
     prompt_completion_batch_bucketed, round_up, ShapeBuckets,
 };

@@ -1,11 +1,12 @@
 //! Teacher-forced per-token log-probs of given completions in one batched forward: what GRPO
 //! needs for the policy (with autodiff) and the reference model (without).
 
-use burn::tensor::{activation::log_softmax, backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{activation::log_softmax, backend::Backend, Bool, Int, Tensor, TensorData};
 
 use crate::error::Qwen2VLError;
 use crate::model::{Images, Qwen2VL};
 use crate::positions::TokenBatch;
+use crate::text::causal_padding_mask;
 
 /// Prompts left-padded to a common length, completions right-padded after them:
 /// `[pad.. prompt | completion ..pad]`. Returns the batch and the prompt width.
@@ -171,6 +172,126 @@ pub fn completion_scores_bucketed<B: Backend>(
             entropy.map(|e| e.narrow(1, 0, exact)),
         ))
     }
+}
+
+/// [`completion_scores_bucketed`] for groups of completions that share a prompt: `prompts`
+/// (and `images`, theirs only) once, `completions` `group` per prompt, prompt after prompt
+/// (completion `p * group + g` follows prompt `p`). Each prompt and its images run once; its
+/// keys and values serve its `group` completions, and in the backward pass the gradients of
+/// the shared part are summed over the group. The same values as the unshared call on the
+/// prompts each repeated `group` times, up to float rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_completion_scores<B: Backend>(
+    model: &Qwen2VL<B>,
+    prompts: &[Vec<u32>],
+    images: Option<&Images<B>>,
+    completions: &[Vec<u32>],
+    group: usize,
+    pad_id: u32,
+    with_entropy: bool,
+    buckets: ShapeBuckets,
+) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
+    if prompts.is_empty() || group == 0 || completions.len() != prompts.len() * group {
+        return Err(Qwen2VLError::Input(format!(
+            "{} prompts x {group} per group need as many completions, not {}",
+            prompts.len(),
+            completions.len()
+        )));
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(Qwen2VLError::Input(
+            "an empty prompt cannot be scored".into(),
+        ));
+    }
+    let lp = buckets.prompt_width(prompts.iter().map(Vec::len).max().unwrap_or(0));
+    let exact = completions.iter().map(Vec::len).max().unwrap_or(0);
+    let tc = buckets.completion_width(exact).max(1);
+    let n = completions.len();
+    let prompt_batch = TokenBatch::left_padded(prompts, pad_id).left_padded_to(lp, pad_id);
+
+    // The prompts, once: hidden states and every layer's keys and values.
+    let inputs = model.prepare_inputs(&prompt_batch, images, None)?;
+    let device = inputs.device.clone();
+    let next = inputs.next_positions(&prompt_batch);
+    let rope = model.text.rope_tables(
+        crate::text::position_axes(&inputs.positions),
+        prompts.len(),
+        lp,
+        &device,
+    );
+    let masked = causal_padding_mask::<B>(&prompt_batch, &device);
+    let (prompt_hidden, prefix) = model.text.forward_keep(inputs.embeds, &rope, Some(masked));
+    let of_prompt: Vec<i64> = (0..n).map(|r| (r / group) as i64).collect();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(of_prompt, [n]), &device);
+    // Predicts each completion's first token.
+    let first = prompt_hidden.narrow(1, lp - 1, 1).select(0, rows.clone());
+
+    // The completions after their prompt's keys and values.
+    let mut ids = Vec::with_capacity(n * tc);
+    for c in completions {
+        ids.extend_from_slice(c);
+        ids.extend(std::iter::repeat_n(pad_id, tc - c.len()));
+    }
+    let comp_batch = TokenBatch {
+        attention_mask: vec![1; ids.len()],
+        ids,
+        batch: n,
+        len: tc,
+    };
+    let hidden = if tc > 1 {
+        let embeds = model.embed(&comp_batch, None, &device)?;
+        let pos: Vec<i64> = (0..n)
+            .flat_map(|r| {
+                let start = next[r / group];
+                (0..tc as i64).map(move |t| t + start)
+            })
+            .collect();
+        let rope = model.text.rope_tables([&pos, &pos, &pos], n, tc, &device);
+        let masked = after_prefix_mask::<B>(&prompt_batch, group, tc, &device);
+        let after = model
+            .text
+            .forward_after(embeds, &rope, masked, &prefix, rows);
+        Tensor::cat(vec![first, after.narrow(1, 0, tc - 1)], 1)
+    } else {
+        first
+    };
+    let logp = log_softmax(model.logits(hidden), 2);
+    let targets: Vec<i64> = comp_batch.ids.iter().map(|&t| t as i64).collect();
+    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [n, tc, 1]), &device);
+    let entropy = with_entropy.then(|| {
+        let lp = logp.clone().detach();
+        lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc])
+    });
+    let logp = logp.gather(2, targets).reshape([n, tc]);
+    if exact == tc {
+        Ok((logp, entropy))
+    } else {
+        Ok((
+            logp.narrow(1, 0, exact),
+            entropy.map(|e| e.narrow(1, 0, exact)),
+        ))
+    }
+}
+
+/// `[rows, 1, len, prefix_len + len]`, true where masked: completion token `i` of row `r`
+/// sees its prompt's real tokens (row `r / group` of `prefix`) and its own tokens up to `i`.
+fn after_prefix_mask<B: Backend>(
+    prefix: &TokenBatch,
+    group: usize,
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let rows = prefix.batch * group;
+    let keys = prefix.len + len;
+    let mut m = Vec::with_capacity(rows * len * keys);
+    for r in 0..rows {
+        let valid = prefix.mask_row(r / group);
+        for i in 0..len {
+            m.extend(valid.iter().map(|&v| v == 0));
+            m.extend((0..len).map(|j| j > i));
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [rows, 1, len, keys]), device)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::{activation::silu, backend::Backend, Bool, Tensor};
+use burn::tensor::{activation::silu, backend::Backend, Bool, Int, Tensor};
 
 use crate::attention::{apply_rotary, scaled_dot_product};
 use crate::config::TextConfig;
@@ -31,6 +31,22 @@ pub struct DecoderLayer<B: Backend> {
 pub struct LayerKv<B: Backend> {
     pub k: Tensor<B, 4>,
     pub v: Tensor<B, 4>,
+}
+
+/// Where a layer's attention takes its keys and values from, besides the input's own.
+pub enum Keys<'a, B: Backend> {
+    /// Only the input's own tokens.
+    Own,
+    /// The input's own, and this layer's post-RoPE keys and values are pushed to the list (a
+    /// shared prompt's, for the completions scored after it).
+    Keep(&'a mut Vec<LayerKv<B>>),
+    /// Written into a fixed-capacity cache at the offset; the queries attend over the whole
+    /// cache.
+    Cache(&'a mut LayerKv<B>, usize),
+    /// A prefix's keys and values (`[prefix rows, kv_heads, prefix_len, head_dim]`) come
+    /// before the input's own: input row `r` continues prefix row `rows[r]`. Gradients reach
+    /// the prefix through the row selection (summed over the rows that share it).
+    After(&'a LayerKv<B>, Tensor<B, 1, Int>),
 }
 
 /// Rotary tables for the tokens of one forward, `[batch, 1, len, head_dim]`.
@@ -73,16 +89,17 @@ impl<B: Backend> DecoderLayer<B> {
     }
 
     /// `x` is `[batch, len, hidden]`; `masked` is `[batch, 1, len, keys]`, true where a query
-    /// may not attend. Without a cache the keys are `x`'s own; with one, the post-RoPE keys and
-    /// values of `x` are written into it at its fill offset and the queries attend over its
-    /// whole (fixed) capacity, so every decoding step has the same shapes.
+    /// may not attend. With [`Keys::Own`] the keys are `x`'s own; with a cache, the post-RoPE
+    /// keys and values of `x` are written into it at its fill offset and the queries attend
+    /// over its whole (fixed) capacity, so every decoding step has the same shapes; after a
+    /// prefix, the keys are the prefix's followed by `x`'s own.
     // ANCHOR: decoder_layer
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         masked: Option<Tensor<B, 4, Bool>>,
-        cache: Option<(&mut LayerKv<B>, usize)>,
+        keys: Keys<'_, B>,
     ) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
         let a = self.input_layernorm.forward(x.clone());
@@ -94,8 +111,8 @@ impl<B: Backend> DecoderLayer<B> {
         let v = heads(self.v_proj.apply(a), self.num_kv_heads);
         let q = apply_rotary(q, rope.cos.clone(), rope.sin.clone());
         let k = apply_rotary(k, rope.cos.clone(), rope.sin.clone());
-        let (k_all, v_all) = match cache {
-            Some((kv, offset)) => {
+        let (k_all, v_all) = match keys {
+            Keys::Cache(kv, offset) => {
                 let range = [
                     0..b,
                     0..self.num_kv_heads,
@@ -112,7 +129,18 @@ impl<B: Backend> DecoderLayer<B> {
                 kv.v = old_v.slice_assign(range, v);
                 (kv.k.clone(), kv.v.clone())
             }
-            None => (k, v),
+            Keys::Own => (k, v),
+            Keys::Keep(kept) => {
+                kept.push(LayerKv {
+                    k: k.clone(),
+                    v: v.clone(),
+                });
+                (k, v)
+            }
+            Keys::After(prefix, rows) => (
+                Tensor::cat(vec![prefix.k.clone().select(0, rows.clone()), k], 2),
+                Tensor::cat(vec![prefix.v.clone().select(0, rows), v], 2),
+            ),
         };
         let o = scaled_dot_product(q, k_all, v_all, masked);
         let o = o

@@ -2,11 +2,11 @@
 
 mod layer;
 
-pub use layer::{DecoderLayer, LayerKv, RopeTables};
+pub use layer::{DecoderLayer, Keys, LayerKv, RopeTables};
 
 use burn::module::Module;
 use burn::nn::{Embedding, RmsNorm};
-use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 
 use crate::config::TextConfig;
 use crate::error::Qwen2VLError;
@@ -80,10 +80,50 @@ impl<B: Backend> TextDecoder<B> {
     ) -> Tensor<B, 3> {
         let mut h = embeds;
         for layer in &self.layers {
-            h = layer.forward(h, rope, masked.clone(), None);
+            h = layer.forward(h, rope, masked.clone(), Keys::Own);
             if let Some(out) = layer_outputs.as_deref_mut() {
                 out.push(h.clone());
             }
+        }
+        self.norm.forward(h)
+    }
+
+    /// [`Self::forward`] that also returns every layer's post-RoPE keys and values: a prompt
+    /// run once, for the completions that [`Self::forward_after`] scores after it.
+    pub fn forward_keep(
+        &self,
+        embeds: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        masked: Option<Tensor<B, 4, Bool>>,
+    ) -> (Tensor<B, 3>, Vec<LayerKv<B>>) {
+        let mut kept = Vec::with_capacity(self.layers.len());
+        let mut h = embeds;
+        for layer in &self.layers {
+            h = layer.forward(h, rope, masked.clone(), Keys::Keep(&mut kept));
+        }
+        (self.norm.forward(h), kept)
+    }
+
+    /// Runs `embeds` (`[rows, len, hidden]`) as the tokens after a prefix whose keys and values
+    /// per layer are `prefix` (from [`Self::forward_keep`], `[prefix rows, ..]`): row `r`
+    /// continues prefix row `rows[r]`. `masked` is `[rows, 1, len, prefix_len + len]`.
+    pub fn forward_after(
+        &self,
+        embeds: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        masked: Tensor<B, 4, Bool>,
+        prefix: &[LayerKv<B>],
+        rows: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 3> {
+        assert_eq!(prefix.len(), self.layers.len(), "one prefix entry per layer");
+        let mut h = embeds;
+        for (layer, kv) in self.layers.iter().zip(prefix) {
+            h = layer.forward(
+                h,
+                rope,
+                Some(masked.clone()),
+                Keys::After(kv, rows.clone()),
+            );
         }
         self.norm.forward(h)
     }
@@ -162,7 +202,7 @@ impl<B: Backend> TextDecoder<B> {
         );
         let mut h = embeds;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(h, rope, Some(masked.clone()), Some((kv, cache.len)));
+            h = layer.forward(h, rope, Some(masked.clone()), Keys::Cache(kv, cache.len));
         }
         cache.len += l;
         self.norm.forward(h)
