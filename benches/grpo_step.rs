@@ -1,7 +1,9 @@
 //! One GRPO step on the tiny model (Flex CPU backend), as the tiny demo takes it: 4 prompts x
 //! 8 generations sampled with a KV cache, Med-R1's rewards, group advantages, then the policy
 //! loss with the KL penalty to a frozen reference, backward, global-norm clipping and AdamW.
-//! The rollout alone is measured as well. `cargo bench --bench grpo_step`.
+//! The rollout alone is measured as well, and the step both with group-shared compute (each
+//! prompt and image once per group) and with the prompt repeated per completion (as TRL).
+//! `cargo bench --bench grpo_step`.
 
 mod common;
 
@@ -29,7 +31,7 @@ fn bench(c: &mut Criterion) {
     let prompts = common::synthetic_prompts(PROMPTS);
     let tokenizer = common::byte_tokenizer();
     let rewards = WeightedRewards::med_r1(false);
-    let cfg = GrpoConfig {
+    let shared = GrpoConfig {
         num_generations: GENERATIONS,
         max_completion_length: MAX_COMPLETION,
         loss: LossConfig {
@@ -41,6 +43,10 @@ fn bench(c: &mut Criterion) {
         pad_token_id: common::PAD,
         ..Default::default()
     };
+    let unshared = GrpoConfig {
+        share_prompt: false,
+        ..shared.clone()
+    };
     let mut optim = OptimizerOptions::default().adamw().init();
     let mut seed = 0u64;
     let mut group = c.benchmark_group("grpo");
@@ -51,37 +57,48 @@ fn bench(c: &mut Criterion) {
         let model = policy.as_ref().expect("policy").valid();
         b.iter(|| {
             seed += 1;
-            rollout(&model, &prompts, &tokenizer, &rewards, &cfg, seed, &device).expect("rollout")
+            rollout(
+                &model, &prompts, &tokenizer, &rewards, &shared, seed, &device,
+            )
+            .expect("rollout")
         })
     });
-    group.bench_function("step 4x8 (rollout + update)", |b| {
-        b.iter(|| {
-            seed += 1;
-            let model = policy.take().expect("policy");
-            let roll = rollout(
-                &model.valid(),
-                &prompts,
-                &tokenizer,
-                &rewards,
-                &cfg,
-                seed,
-                &device,
-            )
-            .expect("rollout");
-            let (model, metrics) = update(
-                model,
-                Some(&reference),
-                &mut optim,
-                &prompts,
-                &roll,
-                &cfg,
-                &device,
-            )
-            .expect("update");
-            policy = Some(model);
-            metrics
-        })
-    });
+    for (name, cfg) in [
+        ("step 4x8 (rollout + update)", &shared),
+        (
+            "step 4x8 unshared (prompt repeated per completion)",
+            &unshared,
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                seed += 1;
+                let model = policy.take().expect("policy");
+                let roll = rollout(
+                    &model.valid(),
+                    &prompts,
+                    &tokenizer,
+                    &rewards,
+                    cfg,
+                    seed,
+                    &device,
+                )
+                .expect("rollout");
+                let (model, metrics) = update(
+                    model,
+                    Some(&reference),
+                    &mut optim,
+                    &prompts,
+                    &roll,
+                    cfg,
+                    &device,
+                )
+                .expect("update");
+                policy = Some(model);
+                metrics
+            })
+        });
+    }
     group.finish();
 }
 

@@ -56,8 +56,8 @@ enum Command {
     /// Med-VQA data: summary, synth, convert.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
-    /// Rollout tokens/s, train-step time and peak memory of a model built from a config with
-    /// random weights, on synthetic inputs.
+    /// The speed of a GRPO step (rollout, scoring, update) and its peak memory, group-shared
+    /// and unshared, on a model built from a config with random weights and synthetic inputs.
     Bench(commands::bench::BenchArgs),
     /// Train: SFT warm start (if configured), evaluation, GRPO under burn-train, evaluation,
     /// report. Without --config, runs the embedded tiny demo (configs/tiny.toml).

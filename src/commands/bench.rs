@@ -1,6 +1,8 @@
-//! `medr1 bench`: rollout and train-step speed of a model built from a config with random
-//! weights (no checkpoint needed), on the chosen backend. Synthetic inputs: each prompt is one
-//! image of `--image-size` pixels square plus `--prompt-len` text tokens.
+//! `medr1 bench`: the speed of a GRPO step (rollout with rewards, policy and reference scoring,
+//! backward, clipping, AdamW: the learner's own step) on a model built from a config with
+//! random weights (no checkpoint needed), on the chosen backend, with group-shared compute and
+//! again with the prompt repeated per completion, as TRL computes it. Synthetic inputs: each
+//! prompt is one image of `--image-size` pixels square plus `--prompt-len` text tokens.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,14 +13,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use grpo::host::OptimizerOptions;
-use grpo::learner::clip_global_norm;
-use qwen2vl::generation::{completion_logprobs, generate, GenerationConfig, Sampling};
-use qwen2vl::{Images, Qwen2VL, Qwen2VLConfig, TokenBatch};
+use grpo::learner::{rollout, update, GrpoConfig, PromptInput};
+use grpo::loss::LossConfig;
+use grpo::WeightedRewards;
+use medvqa::VqaRecord;
+use qwen2vl::generation::Sampling;
+use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
+use qwen2vl::{Qwen2VL, Qwen2VLConfig};
 
 use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
 
@@ -32,9 +36,12 @@ pub struct BenchArgs {
     /// Run the CUDA backend in bf16.
     #[arg(long)]
     pub bf16: bool,
-    /// Sequences per rollout and per train step (prompts x generations).
-    #[arg(long, default_value_t = 8)]
+    /// Prompts per GRPO step, each with its own image.
+    #[arg(long, default_value_t = 2)]
     pub batch: usize,
+    /// Completions sampled per prompt (a GRPO group): a step has batch x num_generations rows.
+    #[arg(long, default_value_t = 4)]
+    pub num_generations: usize,
     /// Text tokens per prompt (besides the image's).
     #[arg(long, default_value_t = 64)]
     pub prompt_len: usize,
@@ -51,6 +58,13 @@ pub struct BenchArgs {
     /// 24 GiB machine, its decoding does).
     #[arg(long)]
     pub rollout_only: bool,
+    /// Do not time the step again with the prompt repeated per completion
+    /// (`grpo.share_prompt = false`, as TRL computes it).
+    #[arg(long)]
+    pub no_unshared: bool,
+    /// Print the results as one JSON object on the last line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 struct Task(BenchArgs, Qwen2VLConfig);
@@ -134,107 +148,110 @@ impl BackendTask for Task {
         let t = Instant::now();
         let mut model = Qwen2VL::<Autodiff<B>>::random(&config, &device);
         eprintln!("built a random model in {:.1}s", t.elapsed().as_secs_f64());
-        let merge = config.vision.spatial_merge_size;
-        let patch = config.vision.patch_size;
-        let side = a.image_size / (patch * merge) * merge;
-        let grid = [1, side, side];
-        let image_tokens = if a.image_size == 0 {
-            0
-        } else {
-            side * side / (merge * merge)
-        };
-        // `<|vision_start|>` image pads `<|vision_end|>` then text ids below the specials.
-        let mut prompt = Vec::new();
-        if image_tokens > 0 {
-            prompt.push(config.vision_start_token_id);
-            prompt.extend(std::iter::repeat_n(config.image_token_id, image_tokens));
-            prompt.push(config.vision_end_token_id);
-        }
-        prompt.extend((0..a.prompt_len).map(|i| (i % 200 + 32) as u32));
-        let rows = vec![prompt.clone(); a.batch];
-        let images = |dev: &B::Device| -> Option<Images<B>> {
-            (image_tokens > 0).then(|| {
-                let dim =
-                    config.vision.in_channels * config.vision.temporal_patch_size * patch * patch;
-                let n = side * side * a.batch;
-                let values: Vec<f32> = (0..n * dim)
-                    .map(|i| ((i % 97) as f32 / 97.0) - 0.5)
-                    .collect();
-                Images {
-                    pixel_values: Tensor::from_data(TensorData::new(values, [n, dim]), dev),
-                    grids: vec![grid; a.batch],
-                }
-            })
-        };
+        let (prompts, image_tokens) = synthetic_prompts(&a, &config);
+        let prompt_tokens = prompts[0].ids.len();
         let pad = config.bos_token_id.unwrap_or(0);
-        let gen = GenerationConfig {
-            max_new_tokens: a.new_tokens,
+        let rows = a.batch * a.num_generations;
+        let cfg = |share_prompt: bool| GrpoConfig {
+            num_generations: a.num_generations,
             sampling: Sampling {
                 temperature: 1.0,
                 top_k: 0,
                 top_p: 1.0,
             },
+            max_completion_length: a.new_tokens,
+            loss: LossConfig {
+                max_completion_length: a.new_tokens,
+                ..LossConfig::default()
+            },
+            // No early stop: every completion takes --new-tokens tokens.
             eos_token_ids: Vec::new(),
             pad_token_id: pad,
-            seed: 0,
-            prompt_bucket: 1,
+            share_prompt,
+            ..GrpoConfig::default()
         };
-        let batch = TokenBatch::left_padded(&rows, pad);
-        let inner_images = images(&device);
-        let mut rollout_s = Vec::new();
-        let mut completions = Vec::new();
-        for i in 0..=a.steps {
-            let t = Instant::now();
-            let out = generate(&model.valid(), &batch, inner_images.as_ref(), &gen, false)?;
-            if i > 0 {
-                rollout_s.push(t.elapsed().as_secs_f64());
-            }
-            completions = out.tokens;
-        }
-        let rollout_peak = gpu.as_ref().map(GpuMemory::take_peak_gib);
-        let completions: Vec<Vec<u32>> = completions
-            .into_iter()
-            .map(|c| if c.is_empty() { vec![pad] } else { c })
-            .collect();
+        let tokenizer =
+            TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "byte-level")?;
+        let rewards = WeightedRewards::med_r1(false);
+        let reference = (!a.rollout_only).then(|| model.valid());
         let mut optim = OptimizerOptions::default().adamw().init();
-        let ad_images = images_ad::<B>(inner_images.as_ref());
-        let mut step_s = Vec::new();
-        for i in 0..=a.steps {
-            if a.rollout_only {
-                break;
+        let mut seed = 0;
+        // `steps` timed GRPO steps after a warm-up; the rollout is timed within each.
+        let mut measure = |share_prompt: bool, model: &mut Option<Qwen2VL<Autodiff<B>>>| {
+            let cfg = cfg(share_prompt);
+            let mut timing = Timing::default();
+            reset_peak_rss();
+            for i in 0..=a.steps {
+                seed += 1;
+                let t = Instant::now();
+                let policy = model.take().expect("the policy");
+                let roll = rollout(
+                    &policy.valid(),
+                    &prompts,
+                    &tokenizer,
+                    &rewards,
+                    &cfg,
+                    seed,
+                    &device,
+                )?;
+                let rollout_s = t.elapsed().as_secs_f64();
+                let policy = if a.rollout_only {
+                    policy
+                } else {
+                    let (policy, _) = update(
+                        policy,
+                        reference.as_ref(),
+                        &mut optim,
+                        &prompts,
+                        &roll,
+                        &cfg,
+                        &device,
+                    )?;
+                    // Wait for the device before stopping the clock.
+                    let _ = policy.text.norm.gamma.val().into_data();
+                    policy
+                };
+                let step_s = t.elapsed().as_secs_f64();
+                *model = Some(policy);
+                if i > 0 {
+                    timing.rollout_s.push(rollout_s);
+                    timing.step_s.push(step_s);
+                }
             }
-            let t = Instant::now();
-            let lp = completion_logprobs(&model, &rows, &completions, ad_images.as_ref(), pad)?;
-            let loss = lp.mean().neg();
-            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-            clip_global_norm(&model, &mut grads, 1.0);
-            model = optim.step(1e-6, model, grads);
-            // Wait for the device before stopping the clock.
-            let _ = model.text.norm.gamma.val().into_data();
-            if i > 0 {
-                step_s.push(t.elapsed().as_secs_f64());
-            }
-        }
+            timing.peak_rss_mib = peak_rss_gib().map(|g| g * 1024.0);
+            anyhow::Ok(timing)
+        };
+        let mut held = Some(model);
+        let shared = measure(true, &mut held)?;
         let step_peak = gpu.as_ref().map(GpuMemory::take_peak_gib);
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let (r, s) = (mean(&rollout_s), mean(&step_s));
+        let unshared = if a.no_unshared {
+            None
+        } else {
+            Some(measure(false, &mut held)?)
+        };
+        model = held.take().expect("the policy");
+        drop(model);
+
         let params = config.parameter_counts().total();
         println!(
-            "device {} ({}), model {} parameters, batch {}, prompt {} tokens ({} image + {} text), {} new tokens",
+            "device {} ({}), model {} parameters, {} prompts x {} generations, prompt {} tokens \
+             ({} image + {} text), {} new tokens",
             a.device.name(),
             if a.bf16 { "bf16" } else { "f32" },
             params,
             a.batch,
-            prompt.len(),
+            a.num_generations,
+            prompt_tokens,
             image_tokens,
             a.prompt_len,
             a.new_tokens
         );
+        let new_tokens = (rows * a.new_tokens) as f64;
+        let r = median(&shared.rollout_s);
         println!(
-            "rollout: {:.3} s, {:.1} tokens/s   (mean of {})",
-            r,
-            (a.batch * a.new_tokens) as f64 / r,
-            rollout_s.len()
+            "rollout (sampling + rewards): {r:.3} s, {:.1} new tokens/s   (median of {})",
+            new_tokens / r,
+            shared.rollout_s.len()
         );
         if a.rollout_only {
             println!(
@@ -243,41 +260,156 @@ impl BackendTask for Task {
             );
         } else {
             println!(
-                "train step (forward + backward + clip + AdamW): {:.3} s, {:.1} tokens/s",
-                s,
-                (a.batch * (prompt.len() + a.new_tokens)) as f64 / s
+                "GRPO step (rollout + policy and reference scoring + backward + clip + AdamW): \
+                 {:.3} s",
+                median(&shared.step_s)
             );
         }
-        match peak_rss_gib() {
-            Some(g) => println!("peak host memory (RSS): {g:.2} GiB"),
+        if let Some(u) = &unshared {
+            let what = if a.rollout_only {
+                "rollout"
+            } else {
+                "GRPO step"
+            };
+            let (su, ss) = if a.rollout_only {
+                (median(&u.rollout_s), r)
+            } else {
+                (median(&u.step_s), median(&shared.step_s))
+            };
+            println!(
+                "{what} with the prompt repeated per completion (share_prompt = false): \
+                 {su:.3} s, {:.2}x the shared one's time",
+                su / ss
+            );
+        }
+        match shared.peak_rss_mib {
+            Some(m) => println!("peak host memory (RSS): {:.2} GiB", m / 1024.0),
             None => println!("peak host memory: not available on this platform"),
         }
-        match (baseline_gib, rollout_peak, step_peak) {
-            (Some(base), Some(r), Some(s)) => println!(
-                "peak device memory (nvidia-smi, GPU 0, allocator pools included): rollout \
-                 {r:.2} GiB, train step {s:.2} GiB (in use before the model: {base:.2} GiB)"
+        match (baseline_gib, step_peak) {
+            (Some(base), Some(s)) => println!(
+                "peak device memory (nvidia-smi, GPU 0, allocator pools included): {s:.2} GiB \
+                 (in use before the model: {base:.2} GiB)"
             ),
             _ if a.device == DeviceKind::Cuda => {
                 println!("peak device memory: not measured (no nvidia-smi)")
             }
             _ => {}
         }
+        if a.json {
+            let mut out = serde_json::json!({
+                "device": a.device.name(),
+                "precision": if a.bf16 { "bf16" } else { "f32" },
+                "parameters": params,
+                "prompts": a.batch,
+                "num_generations": a.num_generations,
+                "prompt_tokens": prompt_tokens,
+                "image_tokens": image_tokens,
+                "new_tokens": a.new_tokens,
+                "steps": a.steps,
+                "rollout_s": r,
+                "rollout_tokens_per_s": new_tokens / r,
+                "peak_rss_mib": shared.peak_rss_mib,
+            });
+            if !a.rollout_only {
+                out["step_s"] = median(&shared.step_s).into();
+            }
+            if let Some(u) = &unshared {
+                out["rollout_unshared_s"] = median(&u.rollout_s).into();
+                out["peak_rss_unshared_mib"] = u.peak_rss_mib.into();
+                if !a.rollout_only {
+                    out["step_unshared_s"] = median(&u.step_s).into();
+                }
+            }
+            if let (Some(base), Some(s)) = (baseline_gib, step_peak) {
+                out["peak_device_gib"] = s.into();
+                out["device_baseline_gib"] = base.into();
+            }
+            println!("{out}");
+        }
         Ok(())
     }
 }
 
-fn images_ad<B: Backend>(images: Option<&Images<B>>) -> Option<Images<Autodiff<B>>> {
-    images.map(|i| Images {
-        pixel_values: Tensor::from_inner(i.pixel_values.clone()),
-        grids: i.grids.clone(),
-    })
+/// What one series of timed steps measured.
+#[derive(Default)]
+struct Timing {
+    rollout_s: Vec<f64>,
+    step_s: Vec<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Starts a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// `batch` prompts, each one image of `--image-size` pixels square (its own pixel pattern)
+/// plus `--prompt-len` text ids below the specials: `<|vision_start|>` image pads
+/// `<|vision_end|>` text. Returns them and the image tokens per prompt.
+fn synthetic_prompts(a: &BenchArgs, config: &Qwen2VLConfig) -> (Vec<PromptInput>, usize) {
+    let merge = config.vision.spatial_merge_size;
+    let patch = config.vision.patch_size;
+    let side = a.image_size / (patch * merge) * merge;
+    let image_tokens = if a.image_size == 0 {
+        0
+    } else {
+        side * side / (merge * merge)
+    };
+    let mut ids = Vec::new();
+    if image_tokens > 0 {
+        ids.push(config.vision_start_token_id);
+        ids.extend(std::iter::repeat_n(config.image_token_id, image_tokens));
+        ids.push(config.vision_end_token_id);
+    }
+    ids.extend((0..a.prompt_len).map(|i| (i % 200 + 32) as u32));
+    let dim = config.vision.in_channels * config.vision.temporal_patch_size * patch * patch;
+    let prompts = (0..a.batch)
+        .map(|p| {
+            let n = if image_tokens > 0 { side * side } else { 0 };
+            PromptInput {
+                text: String::new(),
+                ids: ids.clone(),
+                pixels: (0..n * dim)
+                    .map(|i| (((i + 13 * p) % 97) as f32 / 97.0) - 0.5)
+                    .collect(),
+                grids: if n > 0 {
+                    vec![[1, side, side]]
+                } else {
+                    Vec::new()
+                },
+                patch_dim: dim,
+                record: VqaRecord {
+                    id: format!("bench-{p}"),
+                    image: "synthetic".into(),
+                    question: "?".into(),
+                    options: vec!["a".into(), "b".into(), "c".into(), "d".into()],
+                    answer: p % 4,
+                    modality: None,
+                    question_type: None,
+                    dataset: None,
+                },
+            }
+        })
+        .collect();
+    (prompts, image_tokens)
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let config = Qwen2VLConfig::from_file(&args.model_config)
         .with_context(|| format!("--model-config {}", args.model_config.display()))?;
-    if args.batch == 0 || args.steps == 0 {
-        anyhow::bail!("--batch and --steps must be at least 1");
+    if args.batch == 0 || args.steps == 0 || args.num_generations == 0 {
+        anyhow::bail!("--batch, --num-generations and --steps must be at least 1");
     }
     dispatch_dtype(args.device, args.bf16, Task(args.clone(), config))?
 }

@@ -202,15 +202,45 @@ fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
         args.extend_from_slice(extra);
         medr1(&args)
     };
-    let (ok, out, err) = bench(&[]);
+    let (ok, out, err) = bench(&["--num-generations", "3", "--json"]);
     assert!(ok, "{err}");
     assert!(out.contains("device flex (f32)"), "{out}");
+    assert!(out.contains("2 prompts x 3 generations"), "{out}");
     assert!(
-        out.contains("rollout:") && out.contains("tokens/s"),
+        out.contains("rollout (sampling + rewards):") && out.contains("new tokens/s"),
         "{out}"
     );
-    assert!(out.contains("train step"), "{out}");
+    assert!(
+        out.contains("GRPO step (rollout + policy and reference"),
+        "{out}"
+    );
+    assert!(out.contains("share_prompt = false"), "{out}");
     assert!(out.contains("4 image + 8 text"), "{out}");
+    // The last line is one JSON object with the numbers a script compares.
+    let last = out.lines().last().unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    for key in [
+        "rollout_s",
+        "rollout_tokens_per_s",
+        "step_s",
+        "step_unshared_s",
+        "peak_rss_mib",
+    ] {
+        let v = json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} in {last}"));
+        assert!(v > 0.0 && v.is_finite(), "{key} = {v}");
+    }
+    assert_eq!(json["num_generations"], 3);
+    let (ok, _, err) = medr1(&[
+        "bench",
+        "--model-config",
+        s(&config),
+        "--num-generations",
+        "0",
+    ]);
+    assert!(!ok && err.contains("--num-generations"), "{err}");
     let (ok, _, err) = medr1(&["bench", "--model-config", "no/config.json"]);
     assert!(!ok && err.contains("no/config.json"), "{err}");
 
@@ -218,7 +248,7 @@ fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
     let (ok, out, err) = bench(&["--bf16"]);
     assert!(ok, "{err}");
     assert!(out.contains("device flex (bf16)"), "{out}");
-    assert!(out.contains("train step"), "{out}");
+    assert!(out.contains("GRPO step"), "{out}");
 }
 
 /// The error of `name` on its line of `medr1 verify` output.

@@ -332,7 +332,12 @@ fn shared_learner_step_equals_the_unshared_one() {
         let width = os.len() / rs.completions.len();
         for (r, c) in rs.completions.iter().enumerate() {
             for t in r * width..r * width + c.len() {
-                assert!((os[t] - ou[t]).abs() < 1e-5, "old log-prob {} vs {}", os[t], ou[t]);
+                assert!(
+                    (os[t] - ou[t]).abs() < 1e-5,
+                    "old log-prob {} vs {}",
+                    os[t],
+                    ou[t]
+                );
             }
         }
         assert!((ls - lu).abs() < 1e-5, "loss {ls} vs {lu}");

@@ -12,8 +12,8 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};
 use medvqa::VqaRecord;
 use qwen2vl::generation::{
-    completion_scores_bucketed, generate_grouped, grouped_completion_scores,
-    GenerationConfig, Sampling, ShapeBuckets,
+    completion_scores_bucketed, generate_grouped, grouped_completion_scores, GenerationConfig,
+    Sampling, ShapeBuckets,
 };
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
@@ -269,8 +269,7 @@ pub fn policy_loss<B: AutodiffBackend>(
     let logp = pad_to(logp, t);
     let ref_logp = match (reference, cfg.loss.beta != 0.0) {
         (Some(r), true) => {
-            let (inner, _) =
-                scoring.score(r, inner_images.as_ref(), &completions, false, cfg)?;
+            let (inner, _) = scoring.score(r, inner_images.as_ref(), &completions, false, cfg)?;
             Some(pad_to(Tensor::<B, 2>::from_inner(inner), t))
         }
         _ => None,
@@ -374,7 +373,11 @@ impl<'a> ScoringRows<'a> {
         } else {
             prompt_of.iter().map(|&i| &prompts[i]).collect()
         };
-        let group = if cfg.share_prompt && grouped { group } else { 1 };
+        let group = if cfg.share_prompt && grouped {
+            group
+        } else {
+            1
+        };
         Self {
             prompt_ids: rows.iter().map(|p| p.ids.clone()).collect(),
             rows,

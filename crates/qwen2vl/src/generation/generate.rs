@@ -166,9 +166,7 @@ pub fn generate_grouped<B: Backend>(
         }
         last = last.select(0, rows);
     }
-    let valid: Vec<Vec<bool>> = (0..b)
-        .map(|r| prompt_valid[of_prompt(r)].clone())
-        .collect();
+    let valid: Vec<Vec<bool>> = (0..b).map(|r| prompt_valid[of_prompt(r)].clone()).collect();
     // The next position of each row continues after its largest prompt position.
     let mut next_pos: Vec<i64> = (0..b).map(|r| prompt_next[of_prompt(r)]).collect();
 

@@ -115,15 +115,14 @@ impl<B: Backend> TextDecoder<B> {
         prefix: &[LayerKv<B>],
         rows: Tensor<B, 1, Int>,
     ) -> Tensor<B, 3> {
-        assert_eq!(prefix.len(), self.layers.len(), "one prefix entry per layer");
+        assert_eq!(
+            prefix.len(),
+            self.layers.len(),
+            "one prefix entry per layer"
+        );
         let mut h = embeds;
         for (layer, kv) in self.layers.iter().zip(prefix) {
-            h = layer.forward(
-                h,
-                rope,
-                Some(masked.clone()),
-                Keys::After(kv, rows.clone()),
-            );
+            h = layer.forward(h, rope, Some(masked.clone()), Keys::After(kv, rows.clone()));
         }
         self.norm.forward(h)
     }
