@@ -3,7 +3,8 @@
 
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 
-use super::sampling::{log_softmax_at, sample, Rng, Sampling};
+use super::pick::pick;
+use super::sampling::{Rng, Sampling};
 use super::scoring::round_up;
 use crate::error::Qwen2VLError;
 use crate::model::{Images, Qwen2VL};
@@ -177,39 +178,32 @@ pub fn generate_grouped<B: Backend>(
         step_logits: keep_logits.then(|| vec![Vec::new(); b]),
         finished: vec![false; b],
     };
+    // Image/video placeholders are never generated: a completion holding one could not be
+    // scored again (it would need an image).
+    let banned = [model.config.image_token_id, model.config.video_token_id];
     for step in 0..cfg.max_new_tokens {
-        let rows = host_rows(last);
+        let active: Vec<bool> = out.finished.iter().map(|&f| !f).collect();
+        if let Some(keep) = out.step_logits.as_mut() {
+            for (r, row) in host_rows(last.clone()).into_iter().enumerate() {
+                if active[r] {
+                    keep[r].push(row);
+                }
+            }
+        }
+        let picked = pick(last, &banned, &cfg.sampling, &active, &mut rng);
         let mut fed = Vec::with_capacity(b);
-        for (r, logits) in rows.into_iter().enumerate() {
-            if out.finished[r] {
+        for (r, &is_active) in active.iter().enumerate() {
+            if !is_active {
                 fed.push(cfg.pad_token_id);
                 continue;
             }
-            // Image/video placeholders are never generated: a completion holding one could not
-            // be scored again (it would need an image). Their log-probs stay those of the model.
-            // Masked in place and restored, rather than copying a vocabulary-sized row.
-            let suppressed: Vec<(usize, f32)> =
-                [model.config.image_token_id, model.config.video_token_id]
-                    .into_iter()
-                    .filter_map(|id| logits.get(id as usize).map(|&v| (id as usize, v)))
-                    .collect();
-            let mut logits = logits;
-            for &(i, _) in &suppressed {
-                logits[i] = f32::NEG_INFINITY;
-            }
-            let tok = sample(&logits, &cfg.sampling, &mut rng);
-            for &(i, v) in &suppressed {
-                logits[i] = v;
-            }
-            out.tokens[r].push(tok as u32);
-            out.logprobs[r].push(log_softmax_at(&logits, tok) as f32);
-            if let Some(keep) = out.step_logits.as_mut() {
-                keep[r].push(logits);
-            }
-            if cfg.eos_token_ids.contains(&(tok as u32)) {
+            let tok = picked.tokens[r];
+            out.tokens[r].push(tok);
+            out.logprobs[r].push(picked.logprobs[r]);
+            if cfg.eos_token_ids.contains(&tok) {
                 out.finished[r] = true;
             }
-            fed.push(tok as u32);
+            fed.push(tok);
         }
         if out.finished.iter().all(|&f| f) || step + 1 == cfg.max_new_tokens {
             break;

@@ -1,4 +1,4 @@
-//! Choosing the next token from logits, on the host: greedy, or temperature -> top-k -> top-p
+//! Choosing the next token from logits: greedy, or temperature -> top-k -> top-p
 //! (the order of transformers' logits warpers), from a seeded generator so that a run
 //! reproduces.
 
@@ -65,12 +65,12 @@ pub fn log_softmax_at(logits: &[f32], index: usize) -> f64 {
     logits[index] as f64 - max - sum.ln()
 }
 
-/// Picks the next token.
+/// Picks the next token on the host (the device-side [`super::pick`] reads back only what it
+/// needs; this is the same choice from a whole row of logits).
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
     if s.is_greedy() {
         return argmax(logits);
     }
-    let t = s.temperature as f64;
     // Most likely first, ties by index (what a stable sort gives). With top-k only the k
     // largest are found (linear time) and sorted, the same tokens in the same order as a
     // full sort.
@@ -81,36 +81,8 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
         order.truncate(s.top_k);
     }
     order.sort_unstable_by(before);
-    let max = logits[order[0]] as f64 / t;
-    let mut probs: Vec<f64> = order
-        .iter()
-        .map(|&i| (logits[i] as f64 / t - max).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    if s.top_p < 1.0 {
-        let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            cum += p;
-            if cum >= s.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
-        }
-        order.truncate(keep);
-        probs.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-    }
-    let mut u = rng.next_f64();
-    for (i, p) in probs.iter().enumerate() {
-        if u < *p {
-            return order[i];
-        }
-        u -= p;
-    }
-    *order.last().expect("at least one token")
+    let sorted: Vec<f32> = order.iter().map(|&i| logits[i]).collect();
+    order[super::pick::sample_sorted(&sorted, s, rng)]
 }
 
 #[cfg(test)]

@@ -1,0 +1,297 @@
+//! Choosing each row's next token on the device: only the chosen ids and their log-probs (a few
+//! bytes per row) come back to the host per decoding step, never the `[rows, vocab]` logits.
+//!
+//! - greedy: argmax;
+//! - temperature only (top-k 0, top-p 1): inverse-CDF sampling in vocabulary order, one
+//!   uniform draw per row from the seeded host generator, no sort;
+//! - top-k and/or top-p: the `k` most likely tokens (the whole vocabulary when only top-p is
+//!   set) sorted on the device and read back, then [`sample_sorted`] on the host, which keeps
+//!   the order of transformers' logits warpers (temperature, top-k, top-p).
+//!
+//! Image and video placeholders are never chosen; their log-probs stay those of the model.
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+use super::sampling::{Rng, Sampling};
+
+/// The chosen token and its log-prob under the model's untempered distribution, per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picked {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+}
+
+/// Picks the next token of every row of `logits` (`[rows, vocab]`), never one of `banned`.
+/// `active[r]` false: the row is finished; it draws nothing from `rng` and its pick is
+/// meaningless. `rng` is drawn once per active row in row order.
+pub fn pick<B: Backend>(
+    logits: Tensor<B, 2>,
+    banned: &[u32],
+    sampling: &Sampling,
+    active: &[bool],
+    rng: &mut Rng,
+) -> Picked {
+    let [rows, vocab] = logits.dims();
+    let device = logits.device();
+    let lse = log_sum_exp(logits.clone());
+    let allowed = if banned.is_empty() {
+        logits.clone()
+    } else {
+        let mut ban = vec![0.0f32; vocab];
+        for &id in banned {
+            if let Some(v) = ban.get_mut(id as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let ban = Tensor::<B, 2>::from_data(TensorData::new(ban, [1, vocab]), &device);
+        logits.clone() + ban
+    };
+    let chosen: Tensor<B, 2, Int> = if sampling.is_greedy() {
+        allowed.argmax(1)
+    } else if sampling.top_k == 0 && sampling.top_p >= 1.0 {
+        // Inverse CDF: the first token whose cumulative probability reaches u * total.
+        let u: Vec<f32> = active
+            .iter()
+            .map(|&a| if a { rng.next_f64() as f32 } else { 0.5 })
+            .collect();
+        let u = Tensor::<B, 2>::from_data(TensorData::new(u, [rows, 1]), &device);
+        let probs = burn::tensor::activation::softmax(allowed.div_scalar(sampling.temperature), 1);
+        let cdf = probs.cumsum(1);
+        let total = cdf.clone().narrow(1, vocab - 1, 1);
+        let below = cdf.lower(u.mul(total)).int().sum_dim(1);
+        below.clamp_max(vocab as i64 - 1)
+    } else {
+        let k = if sampling.top_k > 0 {
+            sampling.top_k.min(vocab)
+        } else {
+            vocab
+        };
+        let (values, indices) = allowed.sort_descending_with_indices(1);
+        let values = host_f32(values.narrow(1, 0, k));
+        let indices = host_i64(indices.narrow(1, 0, k));
+        let tokens: Vec<i64> = (0..rows)
+            .map(|r| {
+                if !active[r] {
+                    return indices[r * k];
+                }
+                let row = &values[r * k..(r + 1) * k];
+                indices[r * k + sample_sorted(row, sampling, rng)]
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(tokens, [rows, 1]), &device)
+    };
+    let logprobs = host_f32(logits.gather(1, chosen.clone()) - lse);
+    Picked {
+        tokens: host_i64(chosen).into_iter().map(|t| t as u32).collect(),
+        logprobs,
+    }
+}
+
+/// `log sum exp` of each row, `[rows, 1]`, stable (the row's maximum taken out first).
+pub fn log_sum_exp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = x.clone().max_dim(1);
+    (x - max.clone()).exp().sum_dim(1).log() + max
+}
+
+/// Samples a position of `sorted` (logits in descending order, the `k` kept by top-k):
+/// temperature, then top-p over the kept tokens, then one uniform draw.
+pub fn sample_sorted(sorted: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
+    let t = s.temperature as f64;
+    let max = sorted[0] as f64 / t;
+    let mut probs: Vec<f64> = sorted.iter().map(|&v| (v as f64 / t - max).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    let mut keep = probs.len();
+    if s.top_p < 1.0 {
+        let mut cum = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= s.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut u = rng.next_f64();
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return i;
+        }
+        u -= p;
+    }
+    keep - 1
+}
+
+fn host_f32<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 after conversion")
+}
+
+fn host_i64<B: Backend>(t: Tensor<B, 2, Int>) -> Vec<i64> {
+    t.into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("i64 after conversion")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    const LOGITS: [f32; 7] = [1.0, 2.5, 0.2, 2.0, -1.0, 0.7, 1.6];
+    /// Token 3 is banned in every test.
+    const BANNED: [u32; 1] = [3];
+
+    /// The exact probabilities of each token under `s`, token 3 banned: temperature, then the
+    /// top-k, then the smallest top-p prefix, renormalised.
+    fn exact(s: &Sampling) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..LOGITS.len()).filter(|&i| i != 3).collect();
+        order.sort_by(|&a, &b| LOGITS[b].total_cmp(&LOGITS[a]));
+        if s.top_k > 0 {
+            order.truncate(s.top_k);
+        }
+        let w: Vec<f64> = order
+            .iter()
+            .map(|&i| (LOGITS[i] as f64 / s.temperature as f64).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut keep = order.len();
+        let mut cum = 0.0;
+        for (i, x) in w.iter().enumerate() {
+            cum += x / total;
+            if cum >= s.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        let total: f64 = w[..keep].iter().sum();
+        let mut p = vec![0.0; LOGITS.len()];
+        for (j, &i) in order[..keep].iter().enumerate() {
+            p[i] = w[j] / total;
+        }
+        p
+    }
+
+    /// Counts of `draws` picks (in batches of rows) under `s`.
+    fn counts(s: &Sampling, draws: usize) -> Vec<usize> {
+        let device = Default::default();
+        let rows = 1000;
+        let mut rng = Rng::new(42);
+        let mut counts = vec![0; LOGITS.len()];
+        let full: Vec<f32> = (0..rows).flat_map(|_| LOGITS).collect();
+        let lse = {
+            let m = LOGITS.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+            LOGITS
+                .iter()
+                .map(|&v| (v as f64 - m).exp())
+                .sum::<f64>()
+                .ln()
+                + m
+        };
+        for _ in 0..draws / rows {
+            let logits = Tensor::<Flex, 2>::from_data(
+                TensorData::new(full.clone(), [rows, LOGITS.len()]),
+                &device,
+            );
+            let p = pick(logits, &BANNED, s, &vec![true; rows], &mut rng);
+            for (t, lp) in p.tokens.iter().zip(&p.logprobs) {
+                counts[*t as usize] += 1;
+                // The log-prob is the model's, untempered and unbanned.
+                let want = LOGITS[*t as usize] as f64 - lse;
+                assert!((*lp as f64 - want).abs() < 1e-5, "{lp} vs {want}");
+            }
+        }
+        counts
+    }
+
+    /// Pearson's chi-square of `counts` against `p`; tokens of probability 0 must not occur.
+    fn chi_square(counts: &[usize], p: &[f64]) -> (f64, usize) {
+        let n: usize = counts.iter().sum();
+        let mut chi = 0.0;
+        let mut df = 0;
+        for (&c, &q) in counts.iter().zip(p) {
+            if q == 0.0 {
+                assert_eq!(c, 0, "a token outside the support was drawn: {counts:?}");
+                continue;
+            }
+            let e = q * n as f64;
+            chi += (c as f64 - e).powi(2) / e;
+            df += 1;
+        }
+        (chi, df - 1)
+    }
+
+    #[test]
+    fn sampled_frequencies_match_the_exact_probabilities() {
+        // 99.9% quantiles of chi-square with 1..=5 degrees of freedom.
+        let critical = [0.0, 10.83, 13.82, 16.27, 18.47, 20.52];
+        let cases = [
+            (1.0, 0, 1.0),  // inverse CDF over the vocabulary
+            (0.7, 0, 1.0),  // tempered
+            (1.0, 3, 1.0),  // top-k
+            (1.3, 0, 0.8),  // top-p
+            (1.0, 4, 0.75), // both
+        ];
+        for (temperature, top_k, top_p) in cases {
+            let s = Sampling {
+                temperature,
+                top_k,
+                top_p,
+            };
+            let counts = counts(&s, 20_000);
+            let (chi, df) = chi_square(&counts, &exact(&s));
+            assert!(
+                chi < critical[df],
+                "{s:?}: chi-square {chi:.1} with {df} degrees of freedom, counts {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_best_allowed_token_and_finished_rows_draw_nothing() {
+        let device = Default::default();
+        let logits = Tensor::<Flex, 2>::from_data(
+            TensorData::new([LOGITS, LOGITS].concat(), [2, LOGITS.len()]),
+            &device,
+        );
+        let mut rng = Rng::new(1);
+        let p = pick(
+            logits.clone(),
+            &[],
+            &Sampling::GREEDY,
+            &[true, true],
+            &mut rng,
+        );
+        assert_eq!(p.tokens, [1, 1]);
+        // Banned: the next best.
+        let p = pick(
+            logits.clone(),
+            &[1],
+            &Sampling::GREEDY,
+            &[true, true],
+            &mut rng,
+        );
+        assert_eq!(p.tokens, [3, 3]);
+        // A finished row takes no draw: the active row's pick is the one it gets alone.
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let one = pick(
+            logits.clone().narrow(0, 1, 1),
+            &[],
+            &s,
+            &[true],
+            &mut Rng::new(9),
+        );
+        let two = pick(logits, &[], &s, &[false, true], &mut Rng::new(9));
+        assert_eq!(one.tokens[0], two.tokens[1]);
+    }
+}
