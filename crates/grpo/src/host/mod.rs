@@ -29,14 +29,13 @@ use std::sync::{Arc, Mutex};
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::Qwen2VL;
 
 use crate::eval::{evaluate, EvalConfig};
-use crate::learner::{policy_loss, rollout, GrpoConfig, PromptInput, Rollout};
+use crate::learner::{policy_gradients, rollout, GrpoConfig, PromptInput, Rollout};
 use crate::rewards::WeightedRewards;
 use crate::stream::{PromptSource, StreamOptions};
 
@@ -284,17 +283,18 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
             }
         };
         let rollout_seconds = t_roll.elapsed().as_secs_f64();
-        let (loss, metrics) = policy_loss(
+        // Gradients of `self.policy`: GrpoPolicy's only parameters are the policy's, with the
+        // same ids.
+        let (grads, metrics) = policy_gradients(
             &self.policy,
             ctx.reference.as_ref(),
             &prompts,
             &roll,
             &ctx.cfg,
+            ctx.accumulation,
             &ctx.device,
         )
         .unwrap_or_else(|e| panic!("loss of step {} failed: {e}", micro.step));
-        let loss = loss.div_scalar(ctx.accumulation as f32);
-        let grads = GradientsParams::from_grads(loss.backward(), self);
         let mut item = StepRecord::from(&metrics);
         item.set("loss", metrics.loss as f64 / ctx.accumulation as f64);
         item.set("rollout_seconds", rollout_seconds);

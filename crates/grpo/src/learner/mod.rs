@@ -321,8 +321,32 @@ pub fn policy_loss<B: AutodiffBackend>(
     Ok((loss, metrics))
 }
 
+/// The gradients of a rollout's GRPO loss divided by `accumulation` (the micro-batches of one
+/// optimizer step), and what the step measured (`loss` undivided, `grad_norm` left 0): the one
+/// step computation of the hosted run, [`update`], the benches and the examples.
+pub fn policy_gradients<B: AutodiffBackend>(
+    policy: &Qwen2VL<B>,
+    reference: Option<&Qwen2VL<B::InnerBackend>>,
+    prompts: &[PromptInput],
+    roll: &Rollout,
+    cfg: &GrpoConfig,
+    accumulation: usize,
+    device: &B::Device,
+) -> Result<(GradientsParams, StepMetrics), Qwen2VLError> {
+    let (loss, metrics) = policy_loss(policy, reference, prompts, roll, cfg, device)?;
+    let loss = if accumulation > 1 {
+        loss.div_scalar(accumulation as f32)
+    } else {
+        loss
+    };
+    Ok((
+        GradientsParams::from_grads(loss.backward(), policy),
+        metrics,
+    ))
+}
+
 /// One optimizer step on a rollout (one update per rollout: the ratio is 1 and clipping is
-/// inactive, as in Med-R1).
+/// inactive, as in Med-R1): [`policy_gradients`], global-norm clipping, the optimizer.
 #[allow(clippy::too_many_arguments)]
 pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
     policy: Qwen2VL<B>,
@@ -333,9 +357,8 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
     cfg: &GrpoConfig,
     device: &B::Device,
 ) -> Result<(Qwen2VL<B>, StepMetrics), Qwen2VLError> {
-    let (loss, mut metrics) = policy_loss(&policy, reference, prompts, roll, cfg, device)?;
-    let grads = loss.backward();
-    let mut grads = GradientsParams::from_grads(grads, &policy);
+    let (mut grads, mut metrics) =
+        policy_gradients(&policy, reference, prompts, roll, cfg, 1, device)?;
     metrics.grad_norm = clip_global_norm(&policy, &mut grads, cfg.max_grad_norm);
     let policy = optimizer.step(cfg.learning_rate, policy, grads);
     Ok((policy, metrics))

@@ -3,9 +3,9 @@
 
 use burn::module::Module;
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::{activation::silu, backend::Backend, Bool, Int, Tensor};
+use burn::tensor::{activation::silu, backend::Backend, Int, Tensor};
 
-use crate::attention::{apply_rotary, scaled_dot_product};
+use crate::attention::{apply_rotary, scaled_dot_product_biased};
 use crate::config::TextConfig;
 use crate::error::Qwen2VLError;
 use crate::params::{linear, rms_norm, Dense, ParamSource};
@@ -88,8 +88,8 @@ impl<B: Backend> DecoderLayer<B> {
         })
     }
 
-    /// `x` is `[batch, len, hidden]`; `masked` is `[batch, 1, len, keys]`, true where a query
-    /// may not attend. With [`Keys::Own`] the keys are `x`'s own; with a cache, the post-RoPE
+    /// `x` is `[batch, len, hidden]`; `bias` is the attention mask as a
+    /// [`crate::attention::score_bias`] over `keys` (made once per forward by the decoder). With [`Keys::Own`] the keys are `x`'s own; with a cache, the post-RoPE
     /// keys and values of `x` are written into it at its fill offset and the queries attend
     /// over its whole (fixed) capacity, so every decoding step has the same shapes; after a
     /// prefix, the keys are the prefix's followed by `x`'s own.
@@ -98,7 +98,7 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        masked: Option<Tensor<B, 4, Bool>>,
+        bias: Option<&Tensor<B, 4>>,
         keys: Keys<'_, B>,
     ) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
@@ -142,7 +142,7 @@ impl<B: Backend> DecoderLayer<B> {
                 Tensor::cat(vec![prefix.v.clone().select(0, rows), v], 2),
             ),
         };
-        let o = scaled_dot_product(q, k_all, v_all, masked);
+        let o = scaled_dot_product_biased(q, k_all, v_all, bias);
         let o = o
             .swap_dims(1, 2)
             .reshape([b, l, self.num_heads * self.head_dim]);

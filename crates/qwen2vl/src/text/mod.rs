@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, RmsNorm};
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 
+use crate::attention::score_bias;
 use crate::config::TextConfig;
 use crate::error::Qwen2VLError;
 use crate::params::{embedding, rms_norm, ParamSource};
@@ -69,6 +70,15 @@ impl<B: Backend> TextDecoder<B> {
         }
     }
 
+    /// The attention mask (`[batch, 1, len, keys]`, true where masked) as every layer adds it.
+    fn score_bias(&self, masked: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
+        score_bias(
+            masked,
+            self.config.num_attention_heads,
+            self.config.num_key_value_heads,
+        )
+    }
+
     /// Runs every layer over `embeds` (`[batch, len, hidden]`); returns the final-normed hidden
     /// states and, when asked, each layer's output.
     pub fn forward(
@@ -78,9 +88,10 @@ impl<B: Backend> TextDecoder<B> {
         masked: Option<Tensor<B, 4, Bool>>,
         mut layer_outputs: Option<&mut Vec<Tensor<B, 3>>>,
     ) -> Tensor<B, 3> {
+        let bias = masked.map(|m| self.score_bias(m));
         let mut h = embeds;
         for layer in &self.layers {
-            h = layer.forward(h, rope, masked.clone(), Keys::Own);
+            h = layer.forward(h, rope, bias.as_ref(), Keys::Own);
             if let Some(out) = layer_outputs.as_deref_mut() {
                 out.push(h.clone());
             }
@@ -96,10 +107,11 @@ impl<B: Backend> TextDecoder<B> {
         rope: &RopeTables<B>,
         masked: Option<Tensor<B, 4, Bool>>,
     ) -> (Tensor<B, 3>, Vec<LayerKv<B>>) {
+        let bias = masked.map(|m| self.score_bias(m));
         let mut kept = Vec::with_capacity(self.layers.len());
         let mut h = embeds;
         for layer in &self.layers {
-            h = layer.forward(h, rope, masked.clone(), Keys::Keep(&mut kept));
+            h = layer.forward(h, rope, bias.as_ref(), Keys::Keep(&mut kept));
         }
         (self.norm.forward(h), kept)
     }
@@ -120,9 +132,10 @@ impl<B: Backend> TextDecoder<B> {
             self.layers.len(),
             "one prefix entry per layer"
         );
+        let bias = self.score_bias(masked);
         let mut h = embeds;
         for (layer, kv) in self.layers.iter().zip(prefix) {
-            h = layer.forward(h, rope, Some(masked.clone()), Keys::After(kv, rows.clone()));
+            h = layer.forward(h, rope, Some(&bias), Keys::After(kv, rows.clone()));
         }
         self.norm.forward(h)
     }
@@ -199,9 +212,10 @@ impl<B: Backend> TextDecoder<B> {
             cache.len,
             cache.capacity
         );
+        let bias = self.score_bias(masked);
         let mut h = embeds;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(h, rope, Some(masked.clone()), Keys::Cache(kv, cache.len));
+            h = layer.forward(h, rope, Some(&bias), Keys::Cache(kv, cache.len));
         }
         cache.len += l;
         self.norm.forward(h)
