@@ -520,7 +520,9 @@ mod tests {
     #[test]
     fn med_r1_scoring_protocols() {
         use Scoring::*;
-        let cases: [(&str, [(Option<&str>, bool); 3]); 6] = [
+        /// What one protocol extracts from an output, and whether it is judged correct.
+        type Judged<'a> = (Option<&'a str>, bool);
+        let cases: [(&str, [Judged; 3]); 6] = [
             // output: (tags, raw, hybrid)
             (
                 "<answer> B </answer>",
