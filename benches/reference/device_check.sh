@@ -3,9 +3,11 @@
 # Rust), with medr1-cuda.gz carried (benches/reference/build_cuda.sh). One part per call, each
 # well under the 10-minute limit of a call (first runs of each shape compile kernels):
 #   parity     medr1 verify on CUDA in f32 and in bf16 (about 2 min)
-#   bench      medr1 bench, 2B config, bf16, the issue's shapes: batch 8, 358-token prompt
-#              (256 image tokens), 256 new tokens: rollout tokens/s, update time, peak memory
-#   reference  transformers on the same shapes (pure bf16, then bf16 autocast with f32 weights)
+#   bench      medr1 bench, 2B config, bf16, the issue's shapes: 2 prompts x 4 generations
+#              (8 rows), 358-token prompt (256 image tokens), 256 new tokens: GRPO steps
+#              group-shared and unshared, rollout tokens/s, peak memory, --json
+#   reference  transformers on the same shapes, the TRL way (pure bf16, then bf16 autocast
+#              with f32 weights)
 #   grpo       two GRPO steps of Med-R1's 2B recipe (random weights, synthetic 616x616 images:
 #              484 image tokens, near max_pixels' 512), peak device memory sampled by nvidia-smi
 # Usage: benches/reference/device_check.sh PART [PART...]; results under $OUT (or /tmp).
@@ -18,7 +20,7 @@ if [ ! -x /tmp/medr1 ]; then
     gunzip -c medr1-cuda.gz > /tmp/medr1 && chmod +x /tmp/medr1
 fi
 CONFIG=tests/fixtures/qwen2_vl_2b_instruct_config.json
-SHAPES=(--batch 8 --prompt-len 100 --image-size 448 --new-tokens 256)
+SHAPES=(--batch 2 --num-generations 4 --prompt-len 100 --image-size 448 --new-tokens 256)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 
 run() { # name timeout command...
@@ -37,7 +39,7 @@ for part in "$@"; do
         ;;
     bench)
         run medr1-bench 420 /tmp/medr1 bench --model-config "$CONFIG" --device cuda --bf16 \
-            "${SHAPES[@]}" --steps 2
+            "${SHAPES[@]}" --steps 1 --json
         ;;
     reference)
         for p in bf16 amp; do
