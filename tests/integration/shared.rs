@@ -145,7 +145,18 @@ fn gradients<B: AutodiffBackend>(
 /// and image counts in one batch, completions of different lengths, and shape buckets.
 #[test]
 fn grouped_scoring_equals_repeated_prompts_with_gradients() {
-    type Ad = Autodiff<Flex>;
+    grouped_scoring_matches::<Autodiff<Flex>>();
+}
+
+/// The same on WGPU (software Vulkan in CI): the grouped path's kernels (row selection of the
+/// prefix, concatenated keys, the additive mask) on a CubeCL backend.
+#[cfg(feature = "wgpu")]
+#[test]
+fn grouped_scoring_equals_repeated_prompts_with_gradients_on_wgpu() {
+    grouped_scoring_matches::<Autodiff<burn::backend::Wgpu>>();
+}
+
+fn grouped_scoring_matches<Ad: AutodiffBackend>() {
     let device = Default::default();
     let (model, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
     let fx = Fixture::open(&fixture_dir()).unwrap();
