@@ -152,25 +152,44 @@ pub fn completion_scores_bucketed<B: Backend>(
     let b = batch.batch;
     let hidden = model.forward_hidden(&batch, images, None)?;
     let device = hidden.device();
-    let logits = model.logits(hidden.narrow(1, lp - 1, tc));
-    let logp = log_softmax(logits, 2);
     let targets: Vec<i64> = completions
         .iter()
         .flat_map(|c| (0..tc).map(move |t| c.get(t).copied().unwrap_or(pad_id) as i64))
         .collect();
     let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, tc, 1]), &device);
+    Ok(target_scores(
+        model,
+        hidden.narrow(1, lp - 1, tc),
+        targets,
+        exact,
+        with_entropy,
+    ))
+}
+
+/// Log-probs of `targets` (`[rows, slots, 1]`) from the hidden states that predict them
+/// (`[rows, slots, hidden]`), and the entropies when asked (detached), both narrowed to the
+/// first `exact` slots.
+fn target_scores<B: Backend>(
+    model: &Qwen2VL<B>,
+    hidden: Tensor<B, 3>,
+    targets: Tensor<B, 3, Int>,
+    exact: usize,
+    with_entropy: bool,
+) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    let [n, tc, _] = hidden.dims();
+    let logp = log_softmax(model.logits(hidden), 2);
     let entropy = with_entropy.then(|| {
         let lp = logp.clone().detach();
-        lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([b, tc])
+        lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc])
     });
-    let logp = logp.gather(2, targets).reshape([b, tc]);
+    let logp = logp.gather(2, targets).reshape([n, tc]);
     if exact == tc {
-        Ok((logp, entropy))
+        (logp, entropy)
     } else {
-        Ok((
+        (
             logp.narrow(1, 0, exact),
             entropy.map(|e| e.narrow(1, 0, exact)),
-        ))
+        )
     }
 }
 
@@ -255,22 +274,9 @@ pub fn grouped_completion_scores<B: Backend>(
     } else {
         first
     };
-    let logp = log_softmax(model.logits(hidden), 2);
     let targets: Vec<i64> = comp_batch.ids.iter().map(|&t| t as i64).collect();
     let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [n, tc, 1]), &device);
-    let entropy = with_entropy.then(|| {
-        let lp = logp.clone().detach();
-        lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc])
-    });
-    let logp = logp.gather(2, targets).reshape([n, tc]);
-    if exact == tc {
-        Ok((logp, entropy))
-    } else {
-        Ok((
-            logp.narrow(1, 0, exact),
-            entropy.map(|e| e.narrow(1, 0, exact)),
-        ))
-    }
+    Ok(target_scores(model, hidden, targets, exact, with_entropy))
 }
 
 /// `[rows, 1, len, prefix_len + len]`, true where masked: completion token `i` of row `r`
