@@ -9,7 +9,7 @@ use super::scoring::round_up;
 use crate::error::Qwen2VLError;
 use crate::model::{Images, Qwen2VL};
 use crate::positions::TokenBatch;
-use crate::text::KvCache;
+use crate::text::{position_axes, KvCache};
 
 /// Cache capacities are rounded up to this many slots, so that prompts of similar length share
 /// compiled kernels on CubeCL backends.
@@ -141,19 +141,16 @@ pub fn generate_grouped<B: Backend>(
         .collect();
 
     // Prefill, once per prompt.
-    let axes = [
-        &inputs.positions.axes[0][..],
-        &inputs.positions.axes[1][..],
-        &inputs.positions.axes[2][..],
-    ];
-    let rope = model.text.rope_tables(axes, p, l, &device);
+    let prompt_next = inputs.next_positions(prompts);
+    let rope = model
+        .text
+        .rope_tables(position_axes(&inputs.positions), p, l, &device);
     let mask = cache_mask::<B>(&prompt_valid, 0, l, capacity, &device);
     let hidden = model
         .text
-        .forward_cached(inputs.embeds.clone(), &rope, mask, &mut cache);
+        .forward_cached(inputs.embeds, &rope, mask, &mut cache);
     let d = model.config.text.hidden_size;
     let mut last = model.logits(hidden.narrow(1, l - 1, 1).reshape([p, d]));
-    let prompt_next = inputs.next_positions(prompts);
 
     // Fork each prompt's cache rows to its samples.
     let b = p * group;
