@@ -16,7 +16,7 @@ fn bench(c: &mut Criterion) {
     let chosen: Vec<&PromptInput> = prompts.iter().collect();
     let rows: Vec<Vec<u32>> = chosen.iter().map(|p| p.ids.clone()).collect();
     let batch = TokenBatch::left_padded(&rows, common::PAD);
-    let images = images_of::<Flex>(&chosen, &device);
+    let images = images_of::<Flex>(&chosen, &device).expect("one patch width");
     let mut group = c.benchmark_group("forward");
     group.throughput(Throughput::Elements((batch.batch * batch.len) as u64));
     group.bench_function(format!("batch 8 x {} tokens", batch.len), |b| {

@@ -7,7 +7,7 @@ mod common;
 use burn::backend::Flex;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use grpo::learner::{images_of, PromptInput};
-use qwen2vl::generation::{generate, GenerationConfig, Sampling};
+use qwen2vl::generation::{generate, GenerationConfig, Sampling, ShapeBuckets};
 use qwen2vl::{load_model, TokenBatch};
 
 const NEW_TOKENS: usize = 16;
@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
         let chosen: Vec<&PromptInput> = prompts.iter().take(batch).collect();
         let rows: Vec<Vec<u32>> = chosen.iter().map(|p| p.ids.clone()).collect();
         let tokens = TokenBatch::left_padded(&rows, common::PAD);
-        let images = images_of::<Flex>(&chosen, &device);
+        let images = images_of::<Flex>(&chosen, &device).expect("one patch width");
         group.throughput(Throughput::Elements((batch * NEW_TOKENS) as u64));
         for (name, temperature) in [("greedy", 0.0), ("sampled", 1.0)] {
             let cfg = GenerationConfig {
@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
                 eos_token_ids: Vec::new(),
                 pad_token_id: common::PAD,
                 seed: 0,
-                prompt_bucket: 1,
+                buckets: ShapeBuckets::EXACT,
             };
             group.bench_function(format!("batch {batch} {name}"), |b| {
                 b.iter(|| {

@@ -12,7 +12,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use grpo::host::OptimizerOptions;
-use grpo::learner::{rollout, update, GrpoConfig};
+use grpo::learner::{rollout, update, GrpoConfig, StepSize};
 use grpo::loss::LossConfig;
 use grpo::WeightedRewards;
 use qwen2vl::Qwen2VL;
@@ -34,11 +34,7 @@ fn bench(c: &mut Criterion) {
     let shared = GrpoConfig {
         num_generations: GENERATIONS,
         max_completion_length: MAX_COMPLETION,
-        loss: LossConfig {
-            max_completion_length: MAX_COMPLETION,
-            ..Default::default()
-        },
-        learning_rate: 1e-4,
+        loss: LossConfig::default(),
         eos_token_ids: vec![common::EOS, common::PAD],
         pad_token_id: common::PAD,
         ..Default::default()
@@ -88,10 +84,12 @@ fn bench(c: &mut Criterion) {
                     model,
                     Some(&reference),
                     &mut optim,
-                    &prompts,
                     &roll,
                     cfg,
-                    &device,
+                    StepSize {
+                        learning_rate: 1e-4,
+                        max_grad_norm: 1.0,
+                    },
                 )
                 .expect("update");
                 policy = Some(model);

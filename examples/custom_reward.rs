@@ -18,6 +18,7 @@ use grpo::loss::LossConfig;
 use grpo::schedule::LrSchedule;
 use grpo::{AccuracyReward, FormatReward, Reward, WeightedRewards};
 use medvqa::VqaRecord;
+use qwen2vl::generation::ShapeBuckets;
 use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
 use qwen2vl::{Qwen2VL, Qwen2VLConfig};
 
@@ -66,9 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(PromptInput {
                 ids: tokenizer.encode(&text)?,
                 text,
-                pixels: Vec::new(),
-                grids: Vec::new(),
-                patch_dim: 0,
+                images: Vec::new(),
                 record: record(q, a),
             })
         })
@@ -87,7 +86,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         num_generations: 4,
         max_completion_length: 16,
         loss: LossConfig {
-            max_completion_length: 16,
             ..Default::default()
         },
         eos_token_ids: vec![258],
@@ -104,7 +102,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         log_file: out.join("train.log"),
         total_steps: 5,
         prompts_per_step: 2,
-        accumulation: 1,
         checkpoint_every: 5,
         keep_checkpoints: 1,
         eval_every: 0,
@@ -122,7 +119,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_new_tokens: 16,
         eos_token_ids: vec![258],
         pad_token_id: 256,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
         scoring: Default::default(),
     };
     let (_trained, state) = launch(policy, ctx, HeldOut::none(), eval, &opts)?;

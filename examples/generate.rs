@@ -11,8 +11,7 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
-use qwen2vl::generation::{generate, GenerationConfig, Sampling};
+use qwen2vl::generation::{generate, GenerationConfig, Sampling, ShapeBuckets};
 use qwen2vl::processor::{load_image, preprocess, Message, Processor};
 use qwen2vl::{load_model, Images, TokenBatch};
 
@@ -28,14 +27,7 @@ fn answer<B: Backend>(dir: &Path, image: &Path, prompt: &str) -> Result<String, 
         std::slice::from_ref(&processed),
     )?;
     let (model, _) = load_model::<B>(dir, &device)?;
-    let rows = processed.grid.iter().product::<usize>();
-    let images = Images {
-        pixel_values: Tensor::from_data(
-            TensorData::new(processed.pixel_values, [rows, processor.image.patch_dim()]),
-            &device,
-        ),
-        grids: vec![processed.grid],
-    };
+    let images = Images::from_processed([&processed], &device)?;
     let eos = model.config.eos_token_ids.clone();
     let cfg = GenerationConfig {
         max_new_tokens: 64,
@@ -43,9 +35,15 @@ fn answer<B: Backend>(dir: &Path, image: &Path, prompt: &str) -> Result<String, 
         pad_token_id: model.config.bos_token_id.unwrap_or(0),
         eos_token_ids: eos,
         seed: 0,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
     };
-    let out = generate(&model, &TokenBatch::single(ids), Some(&images), &cfg, false)?;
+    let out = generate(
+        &model,
+        &TokenBatch::single(ids),
+        images.as_ref(),
+        &cfg,
+        false,
+    )?;
     Ok(processor.tokenizer.decode(&out.tokens[0], true)?)
 }
 

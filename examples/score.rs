@@ -10,7 +10,6 @@
 use std::path::Path;
 
 use burn::backend::Flex;
-use burn::tensor::{Tensor, TensorData};
 use qwen2vl::generation::completion_logprobs;
 use qwen2vl::processor::{load_image, preprocess, Message, Processor};
 use qwen2vl::{load_model, Images};
@@ -38,17 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|c| processor.tokenizer.encode(c))
         .collect::<Result<_, _>>()?;
     // One image per row: the same image repeated for each candidate completion.
-    let rows = processed.grid.iter().product::<usize>();
-    let one = Tensor::<Flex, 2>::from_data(
-        TensorData::new(processed.pixel_values, [rows, processor.image.patch_dim()]),
-        &device,
-    );
-    let images = Images {
-        pixel_values: Tensor::cat(vec![one; ids.len()], 0),
-        grids: vec![processed.grid; ids.len()],
-    };
+    let images = Images::<Flex>::from_processed(vec![&processed; ids.len()], &device)?;
     let prompts = vec![prompt_ids; ids.len()];
-    let lp = completion_logprobs(&model, &prompts, &ids, Some(&images), 0)?;
+    let lp = completion_logprobs(&model, &prompts, &ids, images.as_ref(), 0)?;
     let lp: Vec<f32> = lp.into_data().to_vec()?;
     let width = lp.len() / ids.len();
     for (k, (c, toks)) in completions.iter().zip(&ids).enumerate() {

@@ -19,6 +19,7 @@ use grpo::sft::sft_step;
 use grpo::WeightedRewards;
 use medvqa::synth::{write_synthetic, SynthConfig};
 use medvqa::{Modality, PromptTemplate, QuestionType};
+use qwen2vl::generation::ShapeBuckets;
 use qwen2vl::processor::{byte_tokenizer_json, ImageProcessorConfig, Processor, TextTokenizer};
 use qwen2vl::{Qwen2VL, Qwen2VLConfig};
 
@@ -108,7 +109,7 @@ fn main() -> Result<(), Error> {
         max_new_tokens: 12,
         eos_token_ids: vec![EOS, PAD],
         pad_token_id: PAD,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
         scoring: Default::default(),
     };
     let before = evaluate(&model.valid(), &test, &tok, &eval, &device)?;
@@ -118,7 +119,6 @@ fn main() -> Result<(), Error> {
         num_generations: 8,
         max_completion_length: 12,
         loss: LossConfig {
-            max_completion_length: 12,
             ..Default::default()
         },
         eos_token_ids: vec![EOS, PAD],
@@ -141,7 +141,6 @@ fn main() -> Result<(), Error> {
         log_file: dir.join("train.log"),
         total_steps: 30,
         prompts_per_step: 4,
-        accumulation: 1,
         checkpoint_every: 10,
         keep_checkpoints: 1,
         eval_every: 0,

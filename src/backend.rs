@@ -40,7 +40,10 @@ pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::
         #[cfg(feature = "flex")]
         DeviceKind::Flex => Ok(task.run::<burn::backend::Flex>(Default::default())),
         #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => Ok(task.run::<burn::backend::Wgpu>(Default::default())),
+        DeviceKind::Wgpu => {
+            crate::wgpu_probe::wgpu_adapter().map_err(anyhow::Error::msg)?;
+            Ok(task.run::<burn::backend::Wgpu>(Default::default()))
+        }
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => {
             check_cuda_driver()?;

@@ -5,6 +5,8 @@ mod commands;
 mod config;
 mod progress;
 mod run;
+#[cfg(feature = "wgpu")]
+mod wgpu_probe;
 
 use std::process::ExitCode;
 

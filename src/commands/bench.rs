@@ -16,12 +16,12 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use grpo::host::OptimizerOptions;
-use grpo::learner::{rollout, update, GrpoConfig, PromptInput};
+use grpo::learner::{rollout, update, GrpoConfig, PromptInput, StepSize};
 use grpo::loss::LossConfig;
 use grpo::WeightedRewards;
 use medvqa::VqaRecord;
 use qwen2vl::generation::Sampling;
-use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
+use qwen2vl::processor::{byte_tokenizer_json, ProcessedImage, TextTokenizer};
 use qwen2vl::{Qwen2VL, Qwen2VLConfig};
 
 use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
@@ -160,10 +160,7 @@ impl BackendTask for Task {
                 top_p: 1.0,
             },
             max_completion_length: a.new_tokens,
-            loss: LossConfig {
-                max_completion_length: a.new_tokens,
-                ..LossConfig::default()
-            },
+            loss: LossConfig::default(),
             // No early stop: every completion takes --new-tokens tokens.
             eos_token_ids: Vec::new(),
             pad_token_id: pad,
@@ -202,10 +199,12 @@ impl BackendTask for Task {
                         policy,
                         reference.as_ref(),
                         &mut optim,
-                        &prompts,
                         &roll,
                         &cfg,
-                        &device,
+                        StepSize {
+                            learning_rate: 1e-6,
+                            max_grad_norm: 1.0,
+                        },
                     )?;
                     // Wait for the device before stopping the clock.
                     let _ = policy.text.norm.gamma.val().into_data();
@@ -380,15 +379,15 @@ fn synthetic_prompts(a: &BenchArgs, config: &Qwen2VLConfig) -> (Vec<PromptInput>
             PromptInput {
                 text: String::new(),
                 ids: ids.clone(),
-                pixels: (0..n * dim)
-                    .map(|i| (((i + 13 * p) % 97) as f32 / 97.0) - 0.5)
-                    .collect(),
-                grids: if n > 0 {
-                    vec![[1, side, side]]
+                images: if n > 0 {
+                    let pixels = (0..n * dim)
+                        .map(|i| (((i + 13 * p) % 97) as f32 / 97.0) - 0.5)
+                        .collect();
+                    let image = ProcessedImage::new(pixels, [1, side, side], dim);
+                    vec![image.expect("side * side rows of dim values")]
                 } else {
                     Vec::new()
                 },
-                patch_dim: dim,
                 record: VqaRecord {
                     id: format!("bench-{p}"),
                     image: "synthetic".into(),

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
-use qwen2vl::generation::{generate, GenerationConfig, Sampling};
+use burn::tensor::backend::Backend;
+use qwen2vl::generation::{generate, GenerationConfig, Sampling, ShapeBuckets};
 use qwen2vl::processor::{load_image, preprocess, Message, Processor};
 use qwen2vl::{Images, TokenBatch};
 
@@ -99,15 +99,7 @@ impl BackendTask for Task {
                 a.max_new_tokens
             );
         }
-        let rows = processed.grid.iter().product::<usize>();
-        let dim = processor.image.patch_dim();
-        let images = Images {
-            pixel_values: Tensor::from_data(
-                TensorData::new(processed.pixel_values, [rows, dim]),
-                &device,
-            ),
-            grids: vec![processed.grid],
-        };
+        let images = Images::from_processed([&processed], &device)?;
         let eos = eos_ids(&a.model, &model.config.eos_token_ids)?;
         let cfg = GenerationConfig {
             max_new_tokens: a.max_new_tokens,
@@ -119,9 +111,15 @@ impl BackendTask for Task {
             pad_token_id: model.config.bos_token_id.unwrap_or(0),
             eos_token_ids: eos.clone(),
             seed: a.seed,
-            prompt_bucket: 1,
+            buckets: ShapeBuckets::EXACT,
         };
-        let out = generate(&model, &TokenBatch::single(ids), Some(&images), &cfg, false)?;
+        let out = generate(
+            &model,
+            &TokenBatch::single(ids),
+            images.as_ref(),
+            &cfg,
+            false,
+        )?;
         if a.show_ids {
             eprintln!("ids: {:?}", out.tokens[0]);
         }

@@ -30,7 +30,7 @@ use grpo::schedule::LrSchedule;
 use grpo::stream::{PromptSource, StreamOptions};
 use grpo::{AccuracyReward, FormatReward, LetterAccuracyReward, WeightedRewards};
 use medvqa::PromptTemplate;
-use qwen2vl::generation::Sampling;
+use qwen2vl::generation::{Sampling, ShapeBuckets};
 use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
 use qwen2vl::{save_model, Qwen2VL, SaveDtype};
 
@@ -85,7 +85,10 @@ fn eval_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> EvalConfig {
         max_new_tokens: cfg.eval.max_new_tokens,
         eos_token_ids: eos.to_vec(),
         pad_token_id: pad,
-        prompt_bucket: shape_bucket(cfg),
+        buckets: ShapeBuckets {
+            multiple: shape_bucket(cfg),
+            max_completion: 0,
+        },
         scoring: cfg.eval.scoring,
     }
 }
@@ -165,12 +168,9 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
             epsilon_low: g.epsilon,
             epsilon_high: g.epsilon_high,
             loss_type: g.loss_type,
-            max_completion_length: g.max_completion_length,
         },
         scale_rewards: g.scale_rewards,
         mask_truncated_completions: g.mask_truncated_completions,
-        learning_rate: g.learning_rate,
-        max_grad_norm: g.max_grad_norm,
         eos_token_ids: eos.to_vec(),
         pad_token_id: pad,
         num_iterations: g.num_iterations.max(1),
@@ -476,7 +476,6 @@ fn execute<B: Backend>(
         log_file: dir.join("train.log"),
         total_steps: cfg.grpo.steps,
         prompts_per_step: cfg.grpo.prompts_per_step,
-        accumulation: cfg.grpo.gradient_accumulation,
         checkpoint_every: cfg.checkpoint.every,
         keep_checkpoints: cfg.checkpoint.keep,
         eval_every: cfg.eval.every,

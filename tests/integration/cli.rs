@@ -280,3 +280,60 @@ fn verify_in_bf16_runs_in_bf16_and_stays_within_transformers_own_bf16_error() {
     assert!(!ok && err.contains("bf16_reference.json"), "{err}");
     let _ = std::fs::remove_dir_all(&bare);
 }
+
+/// `--device wgpu` on a machine without a graphics adapter (here: the Vulkan loader pointed at
+/// no driver): every command that can take it stops before any work with one plain error
+/// naming the fix, and exits non-zero; no panic, no backtrace.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_without_an_adapter_is_a_plain_error_naming_the_fix() {
+    let ckpt = tiny_checkpoint("no-adapter");
+    let image = ckpt.join("image.png");
+    image::RgbImage::from_pixel(56, 56, image::Rgb([90, 30, 200]))
+        .save(&image)
+        .unwrap();
+    let config = ckpt.join("config.json");
+    let fixture = fixture_dir();
+    let runs = ckpt.join("runs");
+    let runs_set = format!("runs_dir=\"{}\"", runs.display());
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["verify", s(&fixture), "--device", "wgpu"],
+        vec![
+            "generate",
+            "--model",
+            s(&ckpt),
+            "--image",
+            s(&image),
+            "--prompt",
+            "Which organ?",
+            "--device",
+            "wgpu",
+        ],
+        vec!["bench", "--model-config", s(&config), "--device", "wgpu"],
+        vec!["train", "--device", "wgpu", "--set", &runs_set],
+    ];
+    for args in commands {
+        let out = Command::new(env!("CARGO_BIN_EXE_medr1"))
+            .args(&args)
+            .env("VK_DRIVER_FILES", "/nonexistent/no-driver.json")
+            .env("VK_ICD_FILENAMES", "/nonexistent/no-driver.json")
+            .env_remove("VK_ADD_DRIVER_FILES")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let cmd = args.join(" ");
+        assert!(
+            !out.status.success(),
+            "medr1 {cmd} succeeded without an adapter"
+        );
+        assert!(
+            err.contains("no Vulkan graphics adapter")
+                && err.contains("apt-get install -y mesa-vulkan-drivers")
+                && err.contains("--device flex"),
+            "medr1 {cmd}: {err}"
+        );
+        assert!(!err.contains("panicked"), "medr1 {cmd}: {err}");
+    }
+    assert!(!runs.exists(), "training started without a device");
+    let _ = std::fs::remove_dir_all(&ckpt);
+}

@@ -39,7 +39,7 @@ fn greedy(max_new_tokens: usize, eos: Vec<u32>) -> GenerationConfig {
         eos_token_ids: eos,
         pad_token_id: 256,
         seed: 0,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
     }
 }
 
@@ -111,7 +111,7 @@ fn seeded_sampling_reproduces() {
         eos_token_ids: vec![],
         pad_token_id: 256,
         seed,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
     };
     let batch = TokenBatch::single(rows[0].clone());
     let a = generate(&model, &batch, Some(&images), &cfg(5), false).unwrap();
@@ -172,7 +172,10 @@ fn shape_buckets_change_no_result() {
     let batch = TokenBatch::left_padded(&rows, 256);
     let exact = generate(&model, &batch, Some(&images), &greedy(8, vec![]), false).unwrap();
     let bucketed_cfg = GenerationConfig {
-        prompt_bucket: 64,
+        buckets: ShapeBuckets {
+            multiple: 64,
+            max_completion: 0,
+        },
         ..greedy(8, vec![])
     };
     assert!(

@@ -6,11 +6,11 @@ use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::ElementConversion;
-use grpo::learner::{policy_loss, rollout, update, GrpoConfig, PromptInput};
+use grpo::learner::{policy_loss, rollout, update, GrpoConfig, PromptInput, StepSize};
 use grpo::loss::LossConfig;
 use grpo::{Reward, WeightedRewards};
 use medvqa::VqaRecord;
-use qwen2vl::generation::Sampling;
+use qwen2vl::generation::{Sampling, ShapeBuckets};
 use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
 use qwen2vl::{Qwen2VL, Qwen2VLConfig};
 
@@ -72,9 +72,7 @@ pub(crate) fn text_prompt(tokenizer: &TextTokenizer, question: &str) -> PromptIn
     PromptInput {
         ids: tokenizer.encode(&text).unwrap(),
         text,
-        pixels: Vec::new(),
-        grids: Vec::new(),
-        patch_dim: 0,
+        images: Vec::new(),
         record: record(),
     }
 }
@@ -99,10 +97,8 @@ fn grpo_raises_the_mean_reward_of_a_tiny_model() {
         max_completion_length: 8,
         loss: LossConfig {
             beta: 0.04,
-            max_completion_length: 8,
             ..Default::default()
         },
-        learning_rate: 3e-3,
         eos_token_ids: vec![258],
         pad_token_id: 256,
         ..Default::default()
@@ -132,10 +128,12 @@ fn grpo_raises_the_mean_reward_of_a_tiny_model() {
             policy,
             Some(&reference),
             &mut optim,
-            &prompts,
             &roll,
             &cfg,
-            &device,
+            StepSize {
+                learning_rate: 3e-3,
+                max_grad_norm: 1.0,
+            },
         )
         .unwrap();
         policy = p;
@@ -186,7 +184,7 @@ fn sft_teaches_a_tiny_model_the_answer_format() {
         eos_token_ids: vec![258],
         pad_token_id: 256,
         seed: 0,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
     };
     let out = generate(
         &model.valid(),
@@ -235,7 +233,7 @@ fn evaluation_runs_end_to_end_on_synthetic_images() {
         .iter()
         .map(|r| prepare_prompt(r, &template, &processor, &dir).unwrap())
         .collect();
-    assert_eq!(prompts[0].grids, vec![[1, 4, 4]]);
+    assert_eq!(prompts[0].images[0].grid, [1, 4, 4]);
 
     let device = Default::default();
     let (model, _) = qwen2vl::load_model::<Flex>(
@@ -252,7 +250,7 @@ fn evaluation_runs_end_to_end_on_synthetic_images() {
         max_new_tokens: 12,
         eos_token_ids: vec![258],
         pad_token_id: 256,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
         scoring: Default::default(),
     };
     let report = evaluate(&model, &prompts, &tokenizer(), &cfg, &device).unwrap();
@@ -279,10 +277,8 @@ fn several_updates_per_rollout_use_the_sampling_log_probs() {
         max_completion_length: 6,
         loss: LossConfig {
             beta: 0.0,
-            max_completion_length: 6,
             ..Default::default()
         },
-        learning_rate: 1e-2,
         eos_token_ids: vec![258],
         pad_token_id: 256,
         num_iterations: 2,
@@ -305,7 +301,11 @@ fn several_updates_per_rollout_use_the_sampling_log_probs() {
         .old_logprobs
         .clone()
         .expect("kept for num_iterations > 1");
-    assert_eq!(old.len(), 4 * roll.masks[0].len());
+    assert_eq!(old.dims(), [4, roll.batch.tokens.width()]);
+    let size = StepSize {
+        learning_rate: 1e-2,
+        max_grad_norm: 1.0,
+    };
     // At the first iteration the stored log-probs equal the policy's: same loss as ratio = 1.
     let adamw = || {
         AdamWConfig::new()
@@ -317,18 +317,9 @@ fn several_updates_per_rollout_use_the_sampling_log_probs() {
         old_logprobs: None,
         ..roll.clone()
     };
-    let (_, detached) = update(
-        policy.clone(),
-        None,
-        &mut adamw(),
-        &prompts,
-        &fresh,
-        &cfg,
-        &device,
-    )
-    .unwrap();
+    let (_, detached) = update(policy.clone(), None, &mut adamw(), &fresh, &cfg, size).unwrap();
     let mut optim = adamw();
-    let (policy, first) = update(policy, None, &mut optim, &prompts, &roll, &cfg, &device).unwrap();
+    let (policy, first) = update(policy, None, &mut optim, &roll, &cfg, size).unwrap();
     assert!(
         (first.loss - detached.loss).abs() < 1e-5,
         "{} vs {}",
@@ -337,7 +328,7 @@ fn several_updates_per_rollout_use_the_sampling_log_probs() {
     );
     assert_eq!(first.clip_ratio, 0.0);
     // The second iteration sees a ratio away from 1 (the policy moved).
-    let (_, second) = update(policy, None, &mut optim, &prompts, &roll, &cfg, &device).unwrap();
+    let (_, second) = update(policy, None, &mut optim, &roll, &cfg, size).unwrap();
     assert!(second.loss.is_finite() && (second.loss - first.loss).abs() > 1e-6);
 }
 
@@ -446,7 +437,6 @@ fn shape_buckets_leave_the_rollout_and_the_loss_unchanged() {
             max_completion_length: 6,
             loss: LossConfig {
                 beta: 0.04,
-                max_completion_length: 6,
                 ..Default::default()
             },
             num_iterations: 2,
@@ -465,18 +455,27 @@ fn shape_buckets_leave_the_rollout_and_the_loss_unchanged() {
             &device,
         )
         .unwrap();
-        let (loss, metrics) =
-            policy_loss(&policy, Some(&reference), &prompts, &roll, &cfg, &device).unwrap();
+        let (loss, metrics) = policy_loss(&policy, Some(&reference), &roll, &cfg).unwrap();
         (roll, loss.into_scalar().elem::<f32>(), metrics)
     };
     let (r1, l1, m1) = run(1);
     let (r64, l64, m64) = run(64);
     assert_eq!(r1.completions, r64.completions);
     assert_eq!(r1.rewards, r64.rewards);
-    let (o1, o64) = (r1.old_logprobs.unwrap(), r64.old_logprobs.unwrap());
-    assert_eq!(o1.len(), o64.len(), "old log-probs keep the exact width");
-    for (a, b) in o1.iter().zip(&o64) {
-        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    let values = |t: burn::tensor::Tensor<Flex, 2>| -> Vec<Vec<f32>> {
+        let [_, w] = t.dims();
+        let v = t.into_data().to_vec::<f32>().unwrap();
+        v.chunks(w).map(<[f32]>::to_vec).collect()
+    };
+    let (o1, o64) = (
+        values(r1.old_logprobs.unwrap()),
+        values(r64.old_logprobs.unwrap()),
+    );
+    // Bucketed or not, every completion token has the same old log-prob.
+    for ((a, b), c) in o1.iter().zip(&o64).zip(&r1.completions) {
+        for t in 0..c.len() {
+            assert!((a[t] - b[t]).abs() < 1e-5, "{} vs {}", a[t], b[t]);
+        }
     }
     assert!((l1 - l64).abs() < 1e-5, "loss {l1} vs {l64}");
     assert!((m1.kl - m64.kl).abs() < 1e-6, "kl {} vs {}", m1.kl, m64.kl);

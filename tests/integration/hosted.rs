@@ -12,7 +12,7 @@ use grpo::learner::GrpoConfig;
 use grpo::loss::LossConfig;
 use grpo::schedule::LrSchedule;
 use grpo::WeightedRewards;
-use qwen2vl::generation::Sampling;
+use qwen2vl::generation::{Sampling, ShapeBuckets};
 
 use crate::grpo_learns::{byte_tokenizer, text_prompt, tiny_random_model, Ad, Alphanumeric};
 
@@ -37,7 +37,6 @@ fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> 
         max_completion_length: 6,
         loss: LossConfig {
             beta: 0.04,
-            max_completion_length: 6,
             ..Default::default()
         },
         eos_token_ids: vec![258],
@@ -55,7 +54,6 @@ fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> 
         log_file: dir.join("train.log"),
         total_steps,
         prompts_per_step: 1,
-        accumulation: 2,
         checkpoint_every: 2,
         keep_checkpoints: 2,
         eval_every: 0,
@@ -73,7 +71,7 @@ fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> 
         max_new_tokens: 4,
         eos_token_ids: vec![258],
         pad_token_id: 256,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
         scoring: Default::default(),
     };
     launch(policy, ctx, HeldOut::none(), eval, &opts).unwrap().0

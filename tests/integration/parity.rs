@@ -103,6 +103,7 @@ fn tiny_fixture_matches_transformers_on_flex() {
 #[test]
 fn tiny_fixture_matches_transformers_on_wgpu() {
     let report =
-        verify_fixture::<burn::backend::Wgpu>(&fixture_dir(), &Default::default()).unwrap();
+        verify_fixture::<burn::backend::Wgpu>(&fixture_dir(), &crate::common::wgpu_device())
+            .unwrap();
     assert_report(&report);
 }

@@ -10,6 +10,7 @@ use qwen2vl::generation::{
     completion_scores_bucketed, generate, generate_grouped, grouped_completion_scores,
     GenerationConfig, Sampling, ShapeBuckets,
 };
+use qwen2vl::processor::ProcessedImage;
 use qwen2vl::verify::Fixture;
 use qwen2vl::{load_model, Images, Qwen2VL, TokenBatch};
 
@@ -23,37 +24,43 @@ struct Cases<B: Backend> {
     repeated_images: Images<B>,
 }
 
+/// A fixture case's images as the processor hands them over, one per grid.
+fn processed_images(fx: &Fixture, name: &str) -> Vec<ProcessedImage> {
+    let pixels = fx.get(&format!("{name}.pixel_values")).unwrap().as_f32();
+    let mut rows = pixels.chunks_exact(1176);
+    fx.grids(name)
+        .unwrap()
+        .into_iter()
+        .map(|grid| {
+            let n = grid.iter().product::<usize>();
+            let values: Vec<f32> = rows.by_ref().take(n).flatten().copied().collect();
+            ProcessedImage::new(values, grid, 1176).unwrap()
+        })
+        .collect()
+}
+
 fn cases<B: Backend>(fx: &Fixture, names: &[&str], group: usize, device: &B::Device) -> Cases<B> {
-    let mut prompts = Vec::new();
-    let mut per_case: Vec<(Vec<f32>, Vec<[usize; 3]>)> = Vec::new();
-    for name in names {
-        prompts.push(fx.id_rows(&format!("{name}.input_ids")).unwrap().remove(0));
-        per_case.push((
-            fx.get(&format!("{name}.pixel_values")).unwrap().as_f32(),
-            fx.grids(name).unwrap(),
-        ));
-    }
-    let images = |cases: &[&(Vec<f32>, Vec<[usize; 3]>)]| {
-        let pixels: Vec<f32> = cases.iter().flat_map(|c| c.0.iter().copied()).collect();
-        let n = pixels.len() / 1176;
-        Images {
-            pixel_values: Tensor::from_data(TensorData::new(pixels, [n, 1176]), device),
-            grids: cases.iter().flat_map(|c| c.1.iter().copied()).collect(),
-        }
-    };
-    let once: Vec<_> = per_case.iter().collect();
-    let repeated: Vec<_> = per_case
+    let prompts: Vec<Vec<u32>> = names
+        .iter()
+        .map(|name| fx.id_rows(&format!("{name}.input_ids")).unwrap().remove(0))
+        .collect();
+    let per_case: Vec<Vec<ProcessedImage>> = names
+        .iter()
+        .map(|name| processed_images(fx, name))
+        .collect();
+    let once = per_case.iter().flatten();
+    let repeated = per_case
         .iter()
         .flat_map(|c| std::iter::repeat_n(c, group))
-        .collect();
+        .flatten();
     Cases {
         repeated_prompts: prompts
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.clone(), group))
             .collect(),
         prompts,
-        images: images(&once),
-        repeated_images: images(&repeated),
+        images: Images::from_processed(once, device).unwrap().unwrap(),
+        repeated_images: Images::from_processed(repeated, device).unwrap().unwrap(),
     }
 }
 
@@ -76,7 +83,7 @@ fn grouped_generation_equals_repeated_prompts() {
         eos_token_ids: vec![eos],
         pad_token_id: PAD,
         seed: 0,
-        prompt_bucket: 1,
+        buckets: ShapeBuckets::EXACT,
     };
     let sampled = GenerationConfig {
         sampling: Sampling {
@@ -145,7 +152,7 @@ fn gradients<B: AutodiffBackend>(
 /// and image counts in one batch, completions of different lengths, and shape buckets.
 #[test]
 fn grouped_scoring_equals_repeated_prompts_with_gradients() {
-    grouped_scoring_matches::<Autodiff<Flex>>();
+    grouped_scoring_matches::<Autodiff<Flex>>(Default::default());
 }
 
 /// The same on WGPU (software Vulkan in CI): the grouped path's kernels (row selection of the
@@ -153,11 +160,10 @@ fn grouped_scoring_equals_repeated_prompts_with_gradients() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn grouped_scoring_equals_repeated_prompts_with_gradients_on_wgpu() {
-    grouped_scoring_matches::<Autodiff<burn::backend::Wgpu>>();
+    grouped_scoring_matches::<Autodiff<burn::backend::Wgpu>>(crate::common::wgpu_device());
 }
 
-fn grouped_scoring_matches<Ad: AutodiffBackend>() {
-    let device = Default::default();
+fn grouped_scoring_matches<Ad: AutodiffBackend>(device: Ad::Device) {
     let (model, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
     let fx = Fixture::open(&fixture_dir()).unwrap();
     let group = 3;
@@ -286,9 +292,7 @@ fn shared_learner_step_equals_the_unshared_one() {
         .map(|name| PromptInput {
             text: String::new(),
             ids: fx.id_rows(&format!("{name}.input_ids")).unwrap().remove(0),
-            pixels: fx.get(&format!("{name}.pixel_values")).unwrap().as_f32(),
-            grids: fx.grids(name).unwrap(),
-            patch_dim: 1176,
+            images: processed_images(&fx, name),
             record: record(),
         })
         .collect();
@@ -303,7 +307,6 @@ fn shared_learner_step_equals_the_unshared_one() {
             max_completion_length: 6,
             loss: LossConfig {
                 beta: 0.04,
-                max_completion_length: 6,
                 ..Default::default()
             },
             num_iterations: 2,
@@ -323,8 +326,7 @@ fn shared_learner_step_equals_the_unshared_one() {
             &device,
         )
         .unwrap();
-        let (loss, metrics) =
-            policy_loss(&policy, Some(&reference), &prompts, &roll, &cfg, &device).unwrap();
+        let (loss, metrics) = policy_loss(&policy, Some(&reference), &roll, &cfg).unwrap();
         let value = loss.clone().into_scalar().elem::<f32>();
         (roll, value, metrics, gradients(&policy, loss))
     };
@@ -338,7 +340,10 @@ fn shared_learner_step_equals_the_unshared_one() {
         );
         assert_eq!(rs.rewards, ru.rewards);
         // Slots past a completion's end are masked everywhere: only its tokens are compared.
-        let (os, ou) = (rs.old_logprobs.unwrap(), ru.old_logprobs.unwrap());
+        let (os, ou) = (
+            flat(rs.old_logprobs.clone().unwrap()),
+            flat(ru.old_logprobs.clone().unwrap()),
+        );
         assert_eq!(os.len(), ou.len());
         let width = os.len() / rs.completions.len();
         for (r, c) in rs.completions.iter().enumerate() {

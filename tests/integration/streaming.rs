@@ -180,8 +180,8 @@ fn resize_happens_before_the_processor_and_prompts_are_made_on_use() {
     let plain = prepare_prompt(r, &template, &processor, &root).unwrap();
     let resized = prepare_prompt_with(r, &template, &processor, &root, Some((56, 56))).unwrap();
     // 112 x 112 -> 8 x 8 patches; resized to 56 x 56 first -> 4 x 4, 4 image tokens fewer x 3.
-    assert_eq!(plain.grids, vec![[1, 8, 8]]);
-    assert_eq!(resized.grids, vec![[1, 4, 4]]);
+    assert_eq!(plain.images[0].grid, [1, 8, 8]);
+    assert_eq!(resized.images[0].grid, [1, 4, 4]);
     assert_eq!(plain.ids.len() - resized.ids.len(), 16 - 4);
     let source = RecordPrompts {
         records: loaded.records.clone(),
@@ -192,7 +192,7 @@ fn resize_happens_before_the_processor_and_prompts_are_made_on_use() {
     };
     assert_eq!(source.len(), loaded.records.len());
     let again = source.prepare(0).unwrap();
-    assert_eq!(again.pixels, resized.pixels);
+    assert_eq!(again.images, resized.images);
     assert_eq!(again.ids, resized.ids);
     // A record whose image went away after the scan: the error names record and image.
     std::fs::remove_file(root.join(&loaded.records[1].image)).unwrap();

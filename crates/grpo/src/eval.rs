@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use medvqa::{Modality, QuestionType};
-use qwen2vl::generation::{generate, GenerationConfig, Sampling};
+use qwen2vl::generation::{generate, GenerationConfig, Sampling, ShapeBuckets};
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::{Qwen2VL, Qwen2VLError, TokenBatch};
 use serde::{Deserialize, Serialize};
@@ -316,9 +316,8 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: u32,
-    /// Prompt widths padded (masked) to multiples of this (1: exact), as in
-    /// [`GenerationConfig::prompt_bucket`].
-    pub prompt_bucket: usize,
+    /// Prompt widths padded (masked) to bucket widths, as in [`GenerationConfig::buckets`].
+    pub buckets: ShapeBuckets,
     pub scoring: Scoring,
 }
 
@@ -329,7 +328,7 @@ fn generation_config(cfg: &EvalConfig) -> GenerationConfig {
         eos_token_ids: cfg.eos_token_ids.clone(),
         pad_token_id: cfg.pad_token_id,
         seed: 0,
-        prompt_bucket: cfg.prompt_bucket,
+        buckets: cfg.buckets,
     }
 }
 
@@ -348,7 +347,7 @@ fn evaluate_batch<B: Backend>(
     let out = generate(
         model,
         &batch,
-        images_of::<B>(&refs, device).as_ref(),
+        images_of::<B>(&refs, device)?.as_ref(),
         &generation_config(cfg),
         false,
     )?;
@@ -418,9 +417,7 @@ mod tests {
         PromptInput {
             text: String::new(),
             ids: vec![],
-            pixels: vec![],
-            grids: vec![],
-            patch_dim: 0,
+            images: vec![],
             record: VqaRecord {
                 id: format!("{modality}-{answer}"),
                 image: String::new(),

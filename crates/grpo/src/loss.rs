@@ -30,18 +30,16 @@ pub struct LossConfig {
     pub epsilon_low: f32,
     pub epsilon_high: f32,
     pub loss_type: LossType,
-    pub max_completion_length: usize,
 }
 
 impl Default for LossConfig {
-    /// Med-R1: beta 0.04, epsilon 0.2, grpo aggregation, 256 completion tokens.
+    /// Med-R1: beta 0.04, epsilon 0.2, grpo aggregation.
     fn default() -> Self {
         Self {
             beta: 0.04,
             epsilon_low: 0.2,
             epsilon_high: 0.2,
             loss_type: LossType::Grpo,
-            max_completion_length: 256,
         }
     }
 }
@@ -115,19 +113,21 @@ pub fn masked_mean<B: Backend>(
     }
 }
 
-/// One scalar from per-token losses. `active_tokens` is the number of active tokens of the
+/// One scalar from per-token losses. `max_completion_length` (generation's limit) is
+/// `dr_grpo`'s constant denominator; `active_tokens` is the number of active tokens of the
 /// whole accumulated batch, used by `dapo`; `None` counts this mask's.
 pub fn aggregate<B: Backend>(
     loss: Tensor<B, 2>,
     mask: Tensor<B, 2>,
     cfg: &LossConfig,
+    max_completion_length: usize,
     active_tokens: Option<f32>,
 ) -> Tensor<B, 1> {
     let b = loss.dims()[0];
     match cfg.loss_type {
         LossType::Grpo => masked_mean(loss, mask, true),
         LossType::Bnpo => masked_mean(loss, mask, false),
-        LossType::DrGrpo => (loss * mask).sum() / (b * cfg.max_completion_length) as f32,
+        LossType::DrGrpo => (loss * mask).sum() / (b * max_completion_length) as f32,
         LossType::Dapo => match active_tokens {
             Some(n) => (loss * mask).sum() / n.max(1.0),
             None => masked_mean(loss, mask, false),
@@ -164,7 +164,6 @@ mod tests {
         let cfg = |loss_type| LossConfig {
             beta: 0.0,
             loss_type,
-            max_completion_length: 4,
             ..Default::default()
         };
         let pt = per_token_loss(
@@ -180,6 +179,7 @@ mod tests {
                 pt.loss.clone(),
                 mask.clone(),
                 &cfg(loss_type),
+                4,
                 active,
             ))
         };
@@ -256,7 +256,7 @@ mod tests {
             ..Default::default()
         };
         let pt = per_token_loss(lp.clone(), lp.clone().detach(), None, adv, &cfg);
-        let grads = aggregate(pt.loss, mask, &cfg, None).backward();
+        let grads = aggregate(pt.loss, mask, &cfg, 2, None).backward();
         let g: Vec<f32> = lp.grad(&grads).unwrap().into_data().to_vec().unwrap();
         // d/dlogp of mean_seq(mean_tok(-A r)) at r = 1: -A / (tokens in row) / rows.
         let want = [-0.25, -0.25, 1.5, 0.0];

@@ -44,9 +44,7 @@ pub fn prepare_prompt_with(
     Ok(PromptInput {
         text,
         ids,
-        patch_dim: processor.image.patch_dim(),
-        pixels: processed.pixel_values,
-        grids: vec![processed.grid],
+        images: vec![processed],
         record: record.clone(),
     })
 }

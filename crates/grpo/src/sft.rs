@@ -49,7 +49,7 @@ pub fn sft_loss<B: burn::tensor::backend::Backend>(
         model,
         &ids,
         targets,
-        images_of::<B>(&refs, device).as_ref(),
+        images_of::<B>(&refs, device)?.as_ref(),
         pad_id,
     )?;
     let [n, t] = logp.dims();

@@ -8,6 +8,7 @@ use crate::config::Qwen2VLConfig;
 use crate::error::Qwen2VLError;
 use crate::params::{linear, Dense, ParamSource, RandomInit};
 use crate::positions::{rope_index, RopePositions, TokenBatch, VisionTokens};
+use crate::processor::ProcessedImage;
 use crate::text::{causal_padding_mask, position_axes, TextDecoder};
 use crate::vision::{VisionTower, VisionTrace};
 
@@ -26,6 +27,50 @@ pub struct Qwen2VL<B: Backend> {
 pub struct Images<B: Backend> {
     pub pixel_values: Tensor<B, 2>,
     pub grids: Vec<[usize; 3]>,
+}
+
+impl<B: Backend> Images<B> {
+    /// The patch rows of `images`, in order, uploaded to `device` in one transfer (`None`
+    /// without images). Every image must have the same patch width.
+    pub fn from_processed<'a, I>(
+        images: I,
+        device: &B::Device,
+    ) -> Result<Option<Self>, Qwen2VLError>
+    where
+        I: IntoIterator<Item = &'a ProcessedImage>,
+    {
+        let images: Vec<&ProcessedImage> = images.into_iter().collect();
+        let Some(first) = images.first() else {
+            return Ok(None);
+        };
+        let dim = first.patch_dim;
+        if let Some(other) = images.iter().find(|im| im.patch_dim != dim) {
+            return Err(Qwen2VLError::Input(format!(
+                "images of one batch have patch widths {dim} and {}: they come from different \
+                 processor settings",
+                other.patch_dim
+            )));
+        }
+        let rows: usize = images.iter().map(|im| im.rows()).sum();
+        let mut pixels = Vec::with_capacity(rows * dim);
+        for im in &images {
+            pixels.extend_from_slice(&im.pixel_values);
+        }
+        Ok(Some(Self {
+            pixel_values: Tensor::from_data(TensorData::new(pixels, [rows, dim]), device),
+            grids: images.iter().map(|im| im.grid).collect(),
+        }))
+    }
+
+    /// These images on the autodiff backend over `B` (no copy: the same device buffers).
+    pub fn into_autodiff<A: burn::tensor::backend::AutodiffBackend<InnerBackend = B>>(
+        self,
+    ) -> Images<A> {
+        Images {
+            pixel_values: Tensor::from_inner(self.pixel_values),
+            grids: self.grids,
+        }
+    }
 }
 
 /// A batch ready for the decoder ([`Qwen2VL::prepare_inputs`]).

@@ -73,9 +73,7 @@ mod tests {
             Ok(PromptInput {
                 text: i.to_string(),
                 ids: vec![],
-                pixels: vec![],
-                grids: vec![],
-                patch_dim: 0,
+                images: vec![],
                 record: self.records[i].clone(),
             })
         }

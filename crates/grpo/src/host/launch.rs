@@ -115,8 +115,6 @@ pub struct HostOptions {
     pub total_steps: usize,
     /// Prompts per micro-batch (each sampled `num_generations` times).
     pub prompts_per_step: usize,
-    /// Micro-batches per optimizer step.
-    pub accumulation: usize,
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
     /// Held-out greedy accuracy every this many steps (0: never).

@@ -60,7 +60,7 @@ pub struct HostCtx<B: AutodiffBackend> {
     /// Micro-batches per optimizer step; the loss is divided by it.
     pub accumulation: usize,
     /// Rollouts kept for reuse while `num_iterations > 1`, by rollout number.
-    cache: Mutex<HashMap<usize, Rollout>>,
+    cache: Mutex<HashMap<usize, Rollout<B::InnerBackend>>>,
     /// The plan's prompts, prepared ahead (set when the run is launched).
     feed: Mutex<Option<PlanFeed>>,
 }
@@ -288,11 +288,9 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
         let (grads, metrics) = policy_gradients(
             &self.policy,
             ctx.reference.as_ref(),
-            &prompts,
             &roll,
             &ctx.cfg,
             ctx.accumulation,
-            &ctx.device,
         )
         .unwrap_or_else(|e| panic!("loss of step {} failed: {e}", micro.step));
         let mut item = StepRecord::from(&metrics);

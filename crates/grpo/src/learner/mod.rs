@@ -12,10 +12,9 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};
 use medvqa::VqaRecord;
 use qwen2vl::generation::{
-    completion_scores_bucketed, generate_grouped, grouped_completion_scores, GenerationConfig,
-    Sampling, ShapeBuckets,
+    generate_grouped, GenerationConfig, Sampling, ScoringBatch, ShapeBuckets,
 };
-use qwen2vl::processor::TextTokenizer;
+use qwen2vl::processor::{ProcessedImage, TextTokenizer};
 use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
 
 use crate::advantages::{group_advantages, zero_std_fraction, ScaleRewards};
@@ -23,15 +22,13 @@ use crate::loss::{aggregate, masked_mean, per_token_loss, LossConfig};
 use crate::mask::batch_mask;
 use crate::rewards::WeightedRewards;
 
-/// One prompt, ready for the model: token ids, its images' patches and grids, its record.
+/// One prompt, ready for the model: token ids, its processed images, its record.
 #[derive(Debug, Clone)]
 pub struct PromptInput {
     pub text: String,
     pub ids: Vec<u32>,
-    /// `[patches, patch_dim]` row-major, all images of the prompt.
-    pub pixels: Vec<f32>,
-    pub grids: Vec<[usize; 3]>,
-    pub patch_dim: usize,
+    /// The prompt's images in the order of their placeholders.
+    pub images: Vec<ProcessedImage>,
     pub record: VqaRecord,
 }
 
@@ -44,8 +41,6 @@ pub struct GrpoConfig {
     pub loss: LossConfig,
     pub scale_rewards: ScaleRewards,
     pub mask_truncated_completions: bool,
-    pub learning_rate: f64,
-    pub max_grad_norm: f32,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: u32,
     /// Updates per rollout (TRL's `num_iterations`); above 1 the rollout keeps the sampling
@@ -75,8 +70,6 @@ impl Default for GrpoConfig {
             loss: LossConfig::default(),
             scale_rewards: ScaleRewards::Group,
             mask_truncated_completions: false,
-            learning_rate: 1e-6,
-            max_grad_norm: 1.0,
             eos_token_ids: vec![151645, 151643],
             pad_token_id: 151643,
             num_iterations: 1,
@@ -97,20 +90,58 @@ impl GrpoConfig {
     }
 }
 
-/// A group of completions per prompt with their rewards and advantages.
+/// A group of completions per prompt with their rewards and advantages, and the batch every
+/// scoring pass over them reads (on the backend the rollout ran on).
 #[derive(Debug, Clone)]
-pub struct Rollout {
+pub struct Rollout<B: Backend> {
     /// Prompt index of each completion (completions come group after group).
     pub prompt_of: Vec<usize>,
     pub completions: Vec<Vec<u32>>,
     pub texts: Vec<String>,
+    /// The completion tokens that count, as wide as the longest completion.
     pub masks: Vec<Vec<bool>>,
     pub rewards: Vec<f32>,
     pub per_reward: Vec<(String, Vec<f32>)>,
     pub advantages: Vec<f32>,
-    /// Log-probs of the completions under the sampling policy, `[n, width]` row-major, kept
+    pub batch: StepBatch<B>,
+    /// Log-probs of the completions under the sampling policy, `[rows, batch width]`, kept
     /// when `num_iterations > 1`.
-    pub old_logprobs: Option<Vec<f32>>,
+    pub old_logprobs: Option<Tensor<B, 2>>,
+}
+
+/// A rollout's scoring inputs, built once when it is made and read by every pass over it
+/// (the sampling policy's log-probs, the policy, the reference, each of `num_iterations`
+/// updates): the token layout (each prompt once per group when shared, completions padded to
+/// their bucket), the prompts' images on the device once, the mask and the advantages.
+#[derive(Debug, Clone)]
+pub struct StepBatch<B: Backend> {
+    pub tokens: ScoringBatch,
+    /// The images of the layout's prompt rows.
+    pub images: Option<Images<B>>,
+    /// `[rows, width]`: 1 on the completion tokens that count.
+    pub mask: Tensor<B, 2>,
+    /// `[rows]`.
+    pub advantages: Tensor<B, 1>,
+}
+
+impl<B: Backend> StepBatch<B> {
+    /// Per-token log-probs (and entropies) of the completions under `model`, `[rows, width]`.
+    fn score(
+        &self,
+        model: &Qwen2VL<B>,
+        with_entropy: bool,
+    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
+        self.tokens.score(model, self.images.as_ref(), with_entropy)
+    }
+}
+
+/// What one optimizer step applies (a hosted run takes them from its learning-rate schedule
+/// and [`crate::host::HostOptions`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSize {
+    pub learning_rate: f64,
+    /// Global gradient-norm clip.
+    pub max_grad_norm: f32,
 }
 
 /// What one step measured.
@@ -132,28 +163,12 @@ pub struct StepMetrics {
     pub grad_norm: f32,
 }
 
-/// The images of `prompts`, concatenated in order, on `device`.
-pub fn images_of<B: Backend>(prompts: &[&PromptInput], device: &B::Device) -> Option<Images<B>> {
-    let grids: Vec<[usize; 3]> = prompts
-        .iter()
-        .flat_map(|p| p.grids.iter().copied())
-        .collect();
-    if grids.is_empty() {
-        return None;
-    }
-    let dim = prompts
-        .iter()
-        .find(|p| !p.grids.is_empty())
-        .map_or(0, |p| p.patch_dim);
-    let pixels: Vec<f32> = prompts
-        .iter()
-        .flat_map(|p| p.pixels.iter().copied())
-        .collect();
-    let rows = pixels.len() / dim;
-    Some(Images {
-        pixel_values: Tensor::from_data(TensorData::new(pixels, [rows, dim]), device),
-        grids,
-    })
+/// The images of `prompts`, concatenated in order, on `device` ([`Images::from_processed`]).
+pub fn images_of<B: Backend>(
+    prompts: &[&PromptInput],
+    device: &B::Device,
+) -> Result<Option<Images<B>>, Qwen2VLError> {
+    Images::from_processed(prompts.iter().flat_map(|p| &p.images), device)
 }
 
 /// Samples `num_generations` completions per prompt on an inference model and scores them.
@@ -165,7 +180,7 @@ pub fn rollout<B: Backend>(
     cfg: &GrpoConfig,
     seed: u64,
     device: &B::Device,
-) -> Result<Rollout, Qwen2VLError> {
+) -> Result<Rollout<B>, Qwen2VLError> {
     let g = cfg.num_generations;
     let repeated: Vec<&PromptInput> = prompts
         .iter()
@@ -177,12 +192,19 @@ pub fn rollout<B: Backend>(
         eos_token_ids: cfg.eos_token_ids.clone(),
         pad_token_id: cfg.pad_token_id,
         seed,
-        prompt_bucket: cfg.shape_bucket,
+        buckets: cfg.buckets(),
     };
-    let scoring = ScoringRows::new(prompts, cfg);
-    let imgs = scoring.images::<B>(device);
-    let batch = TokenBatch::left_padded(&scoring.prompt_ids, cfg.pad_token_id);
-    let out = generate_grouped(model, &batch, imgs.as_ref(), scoring.group, &gen_cfg, false)?;
+    // Each prompt once per group (shared) or once per completion; the same rows and images
+    // serve generation and every scoring pass.
+    let (rows, group): (Vec<&PromptInput>, usize) = if cfg.share_prompt {
+        (prompts.iter().collect(), g)
+    } else {
+        (repeated.clone(), 1)
+    };
+    let prompt_ids: Vec<Vec<u32>> = rows.iter().map(|p| p.ids.clone()).collect();
+    let images = images_of::<B>(&rows, device)?;
+    let batch = TokenBatch::left_padded(&prompt_ids, cfg.pad_token_id);
+    let out = generate_grouped(model, &batch, images.as_ref(), group, &gen_cfg, false)?;
     let texts: Vec<String> = out
         .tokens
         .iter()
@@ -193,104 +215,103 @@ pub fn rollout<B: Backend>(
     let scores = rewards.score(&prompt_texts, &texts, &records);
     let advantages = group_advantages(&scores.total, g, cfg.scale_rewards);
     let width = out.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let masks = batch_mask(
+        &out.tokens,
+        &cfg.eos_token_ids,
+        cfg.mask_truncated_completions,
+        width,
+    );
+    // Empty completions (an immediate stop) still take one slot to be scored.
+    let completions: Vec<Vec<u32>> = out
+        .tokens
+        .iter()
+        .map(|c| {
+            if c.is_empty() {
+                vec![cfg.pad_token_id]
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    let tokens = ScoringBatch::new(
+        &prompt_ids,
+        &completions,
+        group,
+        cfg.pad_token_id,
+        cfg.buckets(),
+    )?;
+    let (n, t) = (tokens.rows(), tokens.width());
+    let mask_values: Vec<f32> = masks
+        .iter()
+        .flat_map(|m| (0..t).map(move |i| f32::from(u8::from(m.get(i) == Some(&true)))))
+        .collect();
+    let step = StepBatch {
+        mask: Tensor::from_data(TensorData::new(mask_values, [n, t]), device),
+        advantages: Tensor::from_data(TensorData::new(advantages.clone(), [n]), device),
+        images,
+        tokens,
+    };
     let old_logprobs = if cfg.num_iterations > 1 {
-        let completions = scoring_completions(&out.tokens, cfg.pad_token_id);
-        let (lp, _) = scoring.score(model, imgs.as_ref(), &completions, false, cfg)?;
-        let lp = pad_to(lp, width);
-        Some(
-            lp.into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32 after conversion"),
-        )
+        Some(step.score(model, false)?.0)
     } else {
         None
     };
     Ok(Rollout {
         old_logprobs,
         prompt_of: (0..repeated.len()).map(|i| i / g).collect(),
-        masks: batch_mask(
-            &out.tokens,
-            &cfg.eos_token_ids,
-            cfg.mask_truncated_completions,
-            width,
-        ),
+        masks,
         completions: out.tokens,
         texts,
         rewards: scores.total,
         per_reward: scores.per_reward,
         advantages,
+        batch: step,
     })
 }
 
 /// The GRPO loss of a rollout (differentiable) and what it measured; `grad_norm` is left 0
-/// for the caller that takes the gradient step.
+/// for the caller that takes the gradient step. The rollout was made on the policy's inner
+/// backend (its tensors are read without a copy).
 pub fn policy_loss<B: AutodiffBackend>(
     policy: &Qwen2VL<B>,
     reference: Option<&Qwen2VL<B::InnerBackend>>,
-    prompts: &[PromptInput],
-    roll: &Rollout,
+    roll: &Rollout<B::InnerBackend>,
     cfg: &GrpoConfig,
-    device: &B::Device,
 ) -> Result<(Tensor<B, 1>, StepMetrics), Qwen2VLError> {
     let n = roll.completions.len();
-    let width = roll.masks.first().map_or(0, Vec::len);
-    let scoring = ScoringRows::of_rollout(prompts, &roll.prompt_of, cfg);
-    let completions = scoring_completions(&roll.completions, cfg.pad_token_id);
-    let t = cfg.buckets().completion_width(
-        completions
-            .iter()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(1)
-            .max(width),
-    );
-    let mask_values: Vec<f32> = roll
-        .masks
-        .iter()
-        .flat_map(|m| {
-            (0..t).map(move |i| {
-                if m.get(i).copied().unwrap_or(false) {
-                    1.0
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_values, [n, t]), device);
-    // The pixels go to the device once; the policy reads them through the autodiff wrapper.
-    let inner_images = scoring.images::<B::InnerBackend>(device);
-    let images = inner_images.as_ref().map(|im| Images {
-        pixel_values: Tensor::from_inner(im.pixel_values.clone()),
-        grids: im.grids.clone(),
-    });
-    let (logp, entropy) = scoring.score(policy, images.as_ref(), &completions, true, cfg)?;
-    let logp = pad_to(logp, t);
+    let batch = &roll.batch;
+    let on_policy = StepBatch::<B> {
+        tokens: batch.tokens.clone(),
+        images: batch.images.clone().map(Images::into_autodiff),
+        mask: Tensor::from_inner(batch.mask.clone()),
+        advantages: Tensor::from_inner(batch.advantages.clone()),
+    };
+    let mask = on_policy.mask.clone();
+    let (logp, entropy) = on_policy.score(policy, true)?;
     let ref_logp = match (reference, cfg.loss.beta != 0.0) {
-        (Some(r), true) => {
-            let (inner, _) = scoring.score(r, inner_images.as_ref(), &completions, false, cfg)?;
-            Some(pad_to(Tensor::<B, 2>::from_inner(inner), t))
-        }
+        (Some(r), true) => Some(Tensor::<B, 2>::from_inner(batch.score(r, false)?.0)),
         _ => None,
     };
-    let adv = Tensor::<B, 1>::from_data(TensorData::new(roll.advantages.clone(), [n]), device);
     let old = match &roll.old_logprobs {
-        Some(v) => {
-            let data = TensorData::new(v.clone(), [n, v.len() / n]);
-            pad_to(Tensor::<B, 2>::from_data(data, device), t)
-        }
+        Some(v) => Tensor::from_inner(v.clone()),
         None => logp.clone().detach(),
     };
+    let adv = on_policy.advantages;
     let pt = per_token_loss(logp, old, ref_logp, adv, &cfg.loss);
-    let loss = aggregate(pt.loss, mask.clone(), &cfg.loss, None);
+    let loss = aggregate(
+        pt.loss,
+        mask.clone(),
+        &cfg.loss,
+        cfg.max_completion_length,
+        None,
+    );
     let scalar = |x: Tensor<B, 1>| x.into_scalar().elem::<f32>();
     let kl = pt
         .kl
         .map(|k| scalar(masked_mean(k.detach(), mask.clone(), true)))
         .unwrap_or(0.0);
     let entropy = entropy
-        .map(|e| scalar(masked_mean(pad_to(e, t), mask.clone(), true)))
+        .map(|e| scalar(masked_mean(e, mask.clone(), true)))
         .unwrap_or(0.0);
     let clip_ratio = scalar(masked_mean(pt.clipped.detach(), mask, false));
     let lens: Vec<usize> = roll
@@ -327,13 +348,11 @@ pub fn policy_loss<B: AutodiffBackend>(
 pub fn policy_gradients<B: AutodiffBackend>(
     policy: &Qwen2VL<B>,
     reference: Option<&Qwen2VL<B::InnerBackend>>,
-    prompts: &[PromptInput],
-    roll: &Rollout,
+    roll: &Rollout<B::InnerBackend>,
     cfg: &GrpoConfig,
     accumulation: usize,
-    device: &B::Device,
 ) -> Result<(GradientsParams, StepMetrics), Qwen2VLError> {
-    let (loss, metrics) = policy_loss(policy, reference, prompts, roll, cfg, device)?;
+    let (loss, metrics) = policy_loss(policy, reference, roll, cfg)?;
     let loss = if accumulation > 1 {
         loss.div_scalar(accumulation as f32)
     } else {
@@ -347,120 +366,18 @@ pub fn policy_gradients<B: AutodiffBackend>(
 
 /// One optimizer step on a rollout (one update per rollout: the ratio is 1 and clipping is
 /// inactive, as in Med-R1): [`policy_gradients`], global-norm clipping, the optimizer.
-#[allow(clippy::too_many_arguments)]
 pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
     policy: Qwen2VL<B>,
     reference: Option<&Qwen2VL<B::InnerBackend>>,
     optimizer: &mut O,
-    prompts: &[PromptInput],
-    roll: &Rollout,
+    roll: &Rollout<B::InnerBackend>,
     cfg: &GrpoConfig,
-    device: &B::Device,
+    size: StepSize,
 ) -> Result<(Qwen2VL<B>, StepMetrics), Qwen2VLError> {
-    let (mut grads, mut metrics) =
-        policy_gradients(&policy, reference, prompts, roll, cfg, 1, device)?;
-    metrics.grad_norm = clip_global_norm(&policy, &mut grads, cfg.max_grad_norm);
-    let policy = optimizer.step(cfg.learning_rate, policy, grads);
+    let (mut grads, mut metrics) = policy_gradients(&policy, reference, roll, cfg, 1)?;
+    metrics.grad_norm = clip_global_norm(&policy, &mut grads, size.max_grad_norm);
+    let policy = optimizer.step(size.learning_rate, policy, grads);
     Ok((policy, metrics))
 }
 
 use burn::tensor::ElementConversion;
-
-/// The prompt rows of a rollout's scoring passes: each prompt once with `group` completions
-/// after it (group-shared), or the prompt repeated per completion (`group` 1).
-struct ScoringRows<'a> {
-    /// The prompts in the order of `prompt_ids`.
-    rows: Vec<&'a PromptInput>,
-    prompt_ids: Vec<Vec<u32>>,
-    group: usize,
-}
-
-impl<'a> ScoringRows<'a> {
-    /// For a rollout of `prompts` with `cfg.num_generations` completions each.
-    fn new(prompts: &'a [PromptInput], cfg: &GrpoConfig) -> Self {
-        let prompt_of: Vec<usize> = (0..prompts.len() * cfg.num_generations)
-            .map(|i| i / cfg.num_generations.max(1))
-            .collect();
-        Self::of_rollout(prompts, &prompt_of, cfg)
-    }
-
-    /// For completions whose prompts are `prompt_of`: shared when `cfg.share_prompt` and the
-    /// completions come in equal groups, prompt after prompt (as [`rollout`] makes them).
-    fn of_rollout(prompts: &'a [PromptInput], prompt_of: &[usize], cfg: &GrpoConfig) -> Self {
-        let group = prompt_of.len() / prompts.len().max(1);
-        let grouped = group > 0
-            && prompt_of.len() == prompts.len() * group
-            && prompt_of.iter().enumerate().all(|(i, &p)| p == i / group);
-        let rows: Vec<&PromptInput> = if cfg.share_prompt && grouped {
-            prompts.iter().collect()
-        } else {
-            prompt_of.iter().map(|&i| &prompts[i]).collect()
-        };
-        let group = if cfg.share_prompt && grouped {
-            group
-        } else {
-            1
-        };
-        Self {
-            prompt_ids: rows.iter().map(|p| p.ids.clone()).collect(),
-            rows,
-            group,
-        }
-    }
-
-    /// The images of the rows, each prompt's once per row.
-    fn images<B: Backend>(&self, device: &B::Device) -> Option<Images<B>> {
-        images_of::<B>(&self.rows, device)
-    }
-
-    /// Per-token log-probs (and entropies) of `completions` under `model`.
-    fn score<B: Backend>(
-        &self,
-        model: &Qwen2VL<B>,
-        images: Option<&Images<B>>,
-        completions: &[Vec<u32>],
-        with_entropy: bool,
-        cfg: &GrpoConfig,
-    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
-        if self.group > 1 {
-            grouped_completion_scores(
-                model,
-                &self.prompt_ids,
-                images,
-                completions,
-                self.group,
-                cfg.pad_token_id,
-                with_entropy,
-                cfg.buckets(),
-            )
-        } else {
-            completion_scores_bucketed(
-                model,
-                &self.prompt_ids,
-                completions,
-                images,
-                cfg.pad_token_id,
-                with_entropy,
-                cfg.buckets(),
-            )
-        }
-    }
-}
-
-/// Empty completions (an immediate stop) still need one slot to be scored.
-fn scoring_completions(tokens: &[Vec<u32>], pad: u32) -> Vec<Vec<u32>> {
-    tokens
-        .iter()
-        .map(|c| if c.is_empty() { vec![pad] } else { c.clone() })
-        .collect()
-}
-
-/// Pads `[n, t0]` with zeros to `[n, t]` on the right.
-fn pad_to<B: Backend>(x: Tensor<B, 2>, t: usize) -> Tensor<B, 2> {
-    let [n, t0] = x.dims();
-    if t0 >= t {
-        return x;
-    }
-    let device = x.device();
-    Tensor::cat(vec![x, Tensor::zeros([n, t - t0], &device)], 1)
-}

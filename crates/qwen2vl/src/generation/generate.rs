@@ -5,7 +5,7 @@ use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 
 use super::pick::pick;
 use super::sampling::{Rng, Sampling};
-use super::scoring::round_up;
+use super::scoring::{round_up, ShapeBuckets};
 use crate::error::Qwen2VLError;
 use crate::model::{Images, Qwen2VL};
 use crate::positions::TokenBatch;
@@ -24,9 +24,9 @@ pub struct GenerationConfig {
     /// Fed to finished rows (their outputs are discarded).
     pub pad_token_id: u32,
     pub seed: u64,
-    /// The prompt width is rounded up to a multiple of this with left padding (0 or 1: not),
-    /// so that batches of similar prompt lengths share shapes and compiled kernels.
-    pub prompt_bucket: usize,
+    /// The prompt width is rounded up by `buckets.prompt_width` with left padding, so that
+    /// batches of similar prompt lengths share shapes and compiled kernels.
+    pub buckets: ShapeBuckets,
 }
 
 /// What one generation call produced, per row.
@@ -111,7 +111,7 @@ pub fn generate_grouped<B: Backend>(
             "at least one sample per prompt is needed".into(),
         ));
     }
-    let width = round_up(prompts.len, cfg.prompt_bucket);
+    let width = cfg.buckets.prompt_width(prompts.len);
     let padded;
     let prompts = if width > prompts.len {
         padded = prompts.left_padded_to(width, cfg.pad_token_id);

@@ -10,5 +10,6 @@ pub use pick::{log_sum_exp, pick, sample_sorted, Picked};
 pub use sampling::{argmax, log_softmax_at, sample, Rng, Sampling};
 pub use scoring::{
     completion_logprobs, completion_scores, completion_scores_bucketed, grouped_completion_scores,
-    prompt_completion_batch, prompt_completion_batch_bucketed, round_up, ShapeBuckets,
+    prompt_completion_batch, prompt_completion_batch_bucketed, round_up, ScoringBatch,
+    ShapeBuckets,
 };

@@ -135,62 +135,9 @@ pub fn completion_scores_bucketed<B: Backend>(
     with_entropy: bool,
     buckets: ShapeBuckets,
 ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
-    if prompts.len() != completions.len() || prompts.is_empty() {
-        return Err(Qwen2VLError::Input(format!(
-            "{} prompts and {} completions: one completion per prompt is needed",
-            prompts.len(),
-            completions.len()
-        )));
-    }
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(Qwen2VLError::Input(
-            "an empty prompt cannot be scored".into(),
-        ));
-    }
-    let (batch, lp, tc) = prompt_completion_batch_bucketed(prompts, completions, pad_id, buckets);
-    let exact = completions.iter().map(Vec::len).max().unwrap_or(0);
-    let b = batch.batch;
-    let hidden = model.forward_hidden(&batch, images, None)?;
-    let device = hidden.device();
-    let targets: Vec<i64> = completions
-        .iter()
-        .flat_map(|c| (0..tc).map(move |t| c.get(t).copied().unwrap_or(pad_id) as i64))
-        .collect();
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, tc, 1]), &device);
-    Ok(target_scores(
-        model,
-        hidden.narrow(1, lp - 1, tc),
-        targets,
-        exact,
-        with_entropy,
-    ))
-}
-
-/// Log-probs of `targets` (`[rows, slots, 1]`) from the hidden states that predict them
-/// (`[rows, slots, hidden]`), and the entropies when asked (detached), both narrowed to the
-/// first `exact` slots.
-fn target_scores<B: Backend>(
-    model: &Qwen2VL<B>,
-    hidden: Tensor<B, 3>,
-    targets: Tensor<B, 3, Int>,
-    exact: usize,
-    with_entropy: bool,
-) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
-    let [n, tc, _] = hidden.dims();
-    let logp = log_softmax(model.logits(hidden), 2);
-    let entropy = with_entropy.then(|| {
-        let lp = logp.clone().detach();
-        lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc])
-    });
-    let logp = logp.gather(2, targets).reshape([n, tc]);
-    if exact == tc {
-        (logp, entropy)
-    } else {
-        (
-            logp.narrow(1, 0, exact),
-            entropy.map(|e| e.narrow(1, 0, exact)),
-        )
-    }
+    let batch = ScoringBatch::new(prompts, completions, 1, pad_id, buckets)?;
+    let (logp, entropy) = batch.score(model, images, with_entropy)?;
+    Ok(batch.exact(logp, entropy))
 }
 
 /// [`completion_scores_bucketed`] for groups of completions that share a prompt: `prompts`
@@ -210,73 +157,232 @@ pub fn grouped_completion_scores<B: Backend>(
     with_entropy: bool,
     buckets: ShapeBuckets,
 ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
-    if prompts.is_empty() || group == 0 || completions.len() != prompts.len() * group {
-        return Err(Qwen2VLError::Input(format!(
-            "{} prompts x {group} per group need as many completions, not {}",
-            prompts.len(),
-            completions.len()
-        )));
-    }
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(Qwen2VLError::Input(
-            "an empty prompt cannot be scored".into(),
-        ));
-    }
-    let lp = buckets.prompt_width(prompts.iter().map(Vec::len).max().unwrap_or(0));
-    let exact = completions.iter().map(Vec::len).max().unwrap_or(0);
-    let tc = buckets.completion_width(exact).max(1);
-    let n = completions.len();
-    let prompt_batch = TokenBatch::left_padded(prompts, pad_id).left_padded_to(lp, pad_id);
+    let batch = ScoringBatch::new(prompts, completions, group, pad_id, buckets)?;
+    let (logp, entropy) = batch.score(model, images, with_entropy)?;
+    Ok(batch.exact(logp, entropy))
+}
 
+/// The token layout of one scoring pass, built once and scored any number of times (by the
+/// policy, the reference, the sampling policy): prompts and completions padded to their
+/// bucket widths. With `group` 1 each completion follows its own copy of its prompt in one
+/// `[pad.. prompt | completion ..pad]` row; with `group > 1` each prompt is one row and its
+/// `group` completions run against its keys and values.
+#[derive(Debug, Clone)]
+pub struct ScoringBatch {
+    layout: Layout,
+    /// Completions, `rows x width` right-padded.
+    targets: Vec<i64>,
+    rows: usize,
+    /// Completion slots per row (the bucket width).
+    width: usize,
+    /// The longest completion.
+    exact: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Layout {
+    /// Prompt and completion in one row; the prompt part is `prompt_width` wide.
+    Joined {
+        batch: TokenBatch,
+        prompt_width: usize,
+    },
+    /// Each prompt once, its completions after its keys and values.
+    Grouped {
+        prompts: TokenBatch,
+        completions: TokenBatch,
+        group: usize,
+    },
+}
+
+impl ScoringBatch {
+    /// `completions` `group` per prompt, prompt after prompt (`group` 1: one per prompt).
+    pub fn new(
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+        group: usize,
+        pad_id: u32,
+        buckets: ShapeBuckets,
+    ) -> Result<Self, Qwen2VLError> {
+        if prompts.is_empty() || group == 0 || completions.len() != prompts.len() * group {
+            return Err(Qwen2VLError::Input(format!(
+                "{} prompts x {group} completions each need as many completions, not {}",
+                prompts.len(),
+                completions.len()
+            )));
+        }
+        if prompts.iter().any(Vec::is_empty) {
+            return Err(Qwen2VLError::Input(
+                "an empty prompt cannot be scored".into(),
+            ));
+        }
+        let exact = completions.iter().map(Vec::len).max().unwrap_or(0);
+        let rows = completions.len();
+        let (layout, width) = if group == 1 {
+            let (batch, prompt_width, width) =
+                prompt_completion_batch_bucketed(prompts, completions, pad_id, buckets);
+            (
+                Layout::Joined {
+                    batch,
+                    prompt_width,
+                },
+                width,
+            )
+        } else {
+            let lp = buckets.prompt_width(prompts.iter().map(Vec::len).max().unwrap_or(0));
+            let width = buckets.completion_width(exact).max(1);
+            let mut ids = Vec::with_capacity(rows * width);
+            for c in completions {
+                ids.extend_from_slice(c);
+                ids.extend(std::iter::repeat_n(pad_id, width - c.len()));
+            }
+            let completions = TokenBatch {
+                attention_mask: vec![1; ids.len()],
+                ids,
+                batch: rows,
+                len: width,
+            };
+            let prompts = TokenBatch::left_padded(prompts, pad_id).left_padded_to(lp, pad_id);
+            (
+                Layout::Grouped {
+                    prompts,
+                    completions,
+                    group,
+                },
+                width,
+            )
+        };
+        let targets = completions
+            .iter()
+            .flat_map(|c| (0..width).map(move |t| c.get(t).copied().unwrap_or(pad_id) as i64))
+            .collect();
+        Ok(Self {
+            layout,
+            targets,
+            rows,
+            width,
+            exact,
+        })
+    }
+
+    /// Completion rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Completion slots per row: the bucket width of the scores [`Self::score`] returns.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Per-token log-probs of the completions under `model`, `[rows, width]` (slots past a
+    /// completion hold the pad id's and must be masked), and the entropies of the next-token
+    /// distributions when asked (detached). Differentiable when `B` is an autodiff backend;
+    /// `images` are the prompts' images (once per prompt row).
+    pub fn score<B: Backend>(
+        &self,
+        model: &Qwen2VL<B>,
+        images: Option<&Images<B>>,
+        with_entropy: bool,
+    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
+        let (n, tc) = (self.rows, self.width);
+        let hidden = match &self.layout {
+            Layout::Joined {
+                batch,
+                prompt_width,
+            } => model
+                .forward_hidden(batch, images, None)?
+                .narrow(1, prompt_width - 1, tc),
+            Layout::Grouped {
+                prompts,
+                completions,
+                group,
+            } => grouped_hidden(model, prompts, completions, *group, images)?,
+        };
+        let device = hidden.device();
+        let targets = Tensor::<B, 3, Int>::from_data(
+            TensorData::new(self.targets.clone(), [n, tc, 1]),
+            &device,
+        );
+        Ok(target_scores(model, hidden, targets, with_entropy))
+    }
+
+    /// Scores of [`Self::score`] narrowed to the longest completion.
+    pub fn exact<B: Backend>(
+        &self,
+        logp: Tensor<B, 2>,
+        entropy: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        if self.exact == self.width {
+            (logp, entropy)
+        } else {
+            (
+                logp.narrow(1, 0, self.exact),
+                entropy.map(|e| e.narrow(1, 0, self.exact)),
+            )
+        }
+    }
+}
+
+/// Log-probs of `targets` (`[rows, slots, 1]`) from the hidden states that predict them
+/// (`[rows, slots, hidden]`), and the entropies when asked (detached).
+fn target_scores<B: Backend>(
+    model: &Qwen2VL<B>,
+    hidden: Tensor<B, 3>,
+    targets: Tensor<B, 3, Int>,
+    with_entropy: bool,
+) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    let [n, tc, _] = hidden.dims();
+    let logp = log_softmax(model.logits(hidden), 2);
+    let entropy = with_entropy.then(|| {
+        let lp = logp.clone().detach();
+        lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc])
+    });
+    (logp.gather(2, targets).reshape([n, tc]), entropy)
+}
+
+/// The hidden states that predict each completion slot when the prompts run once and their
+/// `group` completions each run against their prompt's keys and values.
+fn grouped_hidden<B: Backend>(
+    model: &Qwen2VL<B>,
+    prompt_batch: &TokenBatch,
+    comp_batch: &TokenBatch,
+    group: usize,
+    images: Option<&Images<B>>,
+) -> Result<Tensor<B, 3>, Qwen2VLError> {
+    let (lp, n, tc) = (prompt_batch.len, comp_batch.batch, comp_batch.len);
     // The prompts, once: hidden states and every layer's keys and values.
-    let inputs = model.prepare_inputs(&prompt_batch, images, None)?;
+    let inputs = model.prepare_inputs(prompt_batch, images, None)?;
     let device = inputs.device.clone();
-    let next = inputs.next_positions(&prompt_batch);
+    let next = inputs.next_positions(prompt_batch);
     let rope = model.text.rope_tables(
         crate::text::position_axes(&inputs.positions),
-        prompts.len(),
+        prompt_batch.batch,
         lp,
         &device,
     );
-    let masked = causal_padding_mask::<B>(&prompt_batch, &device);
+    let masked = causal_padding_mask::<B>(prompt_batch, &device);
     let (prompt_hidden, prefix) = model.text.forward_keep(inputs.embeds, &rope, Some(masked));
     let of_prompt: Vec<i64> = (0..n).map(|r| (r / group) as i64).collect();
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(of_prompt, [n]), &device);
     // Predicts each completion's first token.
     let first = prompt_hidden.narrow(1, lp - 1, 1).select(0, rows.clone());
-
-    // The completions after their prompt's keys and values.
-    let mut ids = Vec::with_capacity(n * tc);
-    for c in completions {
-        ids.extend_from_slice(c);
-        ids.extend(std::iter::repeat_n(pad_id, tc - c.len()));
+    if tc == 1 {
+        return Ok(first);
     }
-    let comp_batch = TokenBatch {
-        attention_mask: vec![1; ids.len()],
-        ids,
-        batch: n,
-        len: tc,
-    };
-    let hidden = if tc > 1 {
-        let embeds = model.embed(&comp_batch, None, &device)?;
-        let pos: Vec<i64> = (0..n)
-            .flat_map(|r| {
-                let start = next[r / group];
-                (0..tc as i64).map(move |t| t + start)
-            })
-            .collect();
-        let rope = model.text.rope_tables([&pos, &pos, &pos], n, tc, &device);
-        let masked = after_prefix_mask::<B>(&prompt_batch, group, tc, &device);
-        let after = model
-            .text
-            .forward_after(embeds, &rope, masked, &prefix, rows);
-        Tensor::cat(vec![first, after.narrow(1, 0, tc - 1)], 1)
-    } else {
-        first
-    };
-    let targets: Vec<i64> = comp_batch.ids.iter().map(|&t| t as i64).collect();
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [n, tc, 1]), &device);
-    Ok(target_scores(model, hidden, targets, exact, with_entropy))
+    // The completions after their prompt's keys and values.
+    let embeds = model.embed(comp_batch, None, &device)?;
+    let pos: Vec<i64> = (0..n)
+        .flat_map(|r| {
+            let start = next[r / group];
+            (0..tc as i64).map(move |t| t + start)
+        })
+        .collect();
+    let rope = model.text.rope_tables([&pos, &pos, &pos], n, tc, &device);
+    let masked = after_prefix_mask::<B>(prompt_batch, group, tc, &device);
+    let after = model
+        .text
+        .forward_after(embeds, &rope, masked, &prefix, rows);
+    Ok(Tensor::cat(vec![first, after.narrow(1, 0, tc - 1)], 1))
 }
 
 /// `[rows, 1, len, prefix_len + len]`, true where masked: completion token `i` of row `r`

@@ -203,17 +203,44 @@ pub fn load_image(path: &Path) -> Result<DynamicImage, ProcessorError> {
         .map_err(|e| ProcessorError::Image(format!("{}: cannot decode image: {e}", path.display())))
 }
 
-/// One preprocessed image.
-#[derive(Debug, Clone)]
+/// One preprocessed image: what the vision tower reads.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProcessedImage {
-    pub resized: Rgb8,
     /// `[t * h * w, patch_dim]` row-major.
     pub pixel_values: Vec<f32>,
     /// `(t, h, w)` in patches.
     pub grid: [usize; 3],
+    /// Values per patch row (`channels * temporal_patch_size * patch_size^2`).
+    pub patch_dim: usize,
 }
 
 impl ProcessedImage {
+    /// Patch rows made elsewhere (a fixture, another processor); their count must match the
+    /// grid.
+    pub fn new(
+        pixel_values: Vec<f32>,
+        grid: [usize; 3],
+        patch_dim: usize,
+    ) -> Result<Self, ProcessorError> {
+        let rows = grid.iter().product::<usize>();
+        if patch_dim == 0 || pixel_values.len() != rows * patch_dim {
+            return Err(ProcessorError::Image(format!(
+                "{} pixel values do not make {rows} patch rows (grid {grid:?}) of {patch_dim}",
+                pixel_values.len()
+            )));
+        }
+        Ok(Self {
+            pixel_values,
+            grid,
+            patch_dim,
+        })
+    }
+
+    /// Patch rows of the image (`t * h * w`).
+    pub fn rows(&self) -> usize {
+        self.grid.iter().product()
+    }
+
     /// Placeholder tokens this image expands to in the prompt.
     pub fn num_tokens(&self, merge: usize) -> usize {
         self.grid.iter().product::<usize>() / (merge * merge)
@@ -225,6 +252,12 @@ pub fn preprocess_rgb(
     img: &Rgb8,
     cfg: &ImageProcessorConfig,
 ) -> Result<ProcessedImage, ProcessorError> {
+    Ok(patchify(&resize_for_model(img, cfg)?, cfg))
+}
+
+/// The image resized to the patch grid the processor chooses (`smart_resize`, Pillow's
+/// bicubic filter): the first half of [`preprocess_rgb`].
+pub fn resize_for_model(img: &Rgb8, cfg: &ImageProcessorConfig) -> Result<Rgb8, ProcessorError> {
     let factor = cfg.patch_size * cfg.merge_size;
     let (rh, rw) = smart_resize(
         img.height,
@@ -233,7 +266,13 @@ pub fn preprocess_rgb(
         cfg.min_pixels,
         cfg.max_pixels,
     )?;
-    let resized = pil_bicubic_resize(img, rw, rh);
+    Ok(pil_bicubic_resize(img, rw, rh))
+}
+
+/// Normalise and cut an image already resized by [`resize_for_model`] into patch rows: the
+/// second half of [`preprocess_rgb`].
+pub fn patchify(resized: &Rgb8, cfg: &ImageProcessorConfig) -> ProcessedImage {
+    let (rh, rw) = (resized.height, resized.width);
     let p = cfg.patch_size;
     let m = cfg.merge_size;
     let tps = cfg.temporal_patch_size;
@@ -268,11 +307,11 @@ pub fn preprocess_rgb(
             }
         }
     }
-    Ok(ProcessedImage {
-        resized,
+    ProcessedImage {
         pixel_values,
         grid: [1, gh, gw],
-    })
+        patch_dim: dim,
+    }
 }
 
 /// Decoded image -> model inputs.

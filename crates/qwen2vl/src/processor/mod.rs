@@ -8,8 +8,8 @@ mod resize;
 mod tokenizer;
 
 pub use self::image::{
-    load_image, preprocess, preprocess_rgb, smart_resize, to_rgb, ImageProcessorConfig,
-    ProcessedImage,
+    load_image, patchify, preprocess, preprocess_rgb, resize_for_model, smart_resize, to_rgb,
+    ImageProcessorConfig, ProcessedImage,
 };
 pub use byte_tokenizer::{byte_tokenizer_json, BYTE_SPECIAL_BASE, QWEN_SPECIAL_TOKENS};
 pub use chat::{render_chat, Content, ContentItem, Message, DEFAULT_SYSTEM};

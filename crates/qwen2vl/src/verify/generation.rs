@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 
 use super::{images, to_f32, Checker, FLOAT_TOLERANCE};
 use crate::error::Qwen2VLError;
-use crate::generation::{completion_logprobs, generate, GenerationConfig, Sampling};
+use crate::generation::{completion_logprobs, generate, GenerationConfig, Sampling, ShapeBuckets};
 use crate::model::Qwen2VL;
 use crate::positions::TokenBatch;
 
@@ -31,7 +31,7 @@ impl Checker<'_> {
             eos_token_ids: Vec::new(),
             pad_token_id: 0,
             seed: 0,
-            prompt_bucket: 1,
+            buckets: ShapeBuckets::EXACT,
         };
         let batch = TokenBatch::single(ids);
         let g = generate(model, &batch, imgs.as_ref(), &cfg, true)?;

@@ -5,7 +5,9 @@ use serde_json::Value;
 
 use super::{compare, Check, Checker};
 use crate::error::Qwen2VLError;
-use crate::processor::{load_image, preprocess_rgb, to_rgb, ImageProcessorConfig, Rgb8};
+use crate::processor::{
+    load_image, patchify, resize_for_model, to_rgb, ImageProcessorConfig, Rgb8,
+};
 
 /// Pixel values are bit-exact in practice; 1e-6 allows a last-bit difference.
 pub const PIXEL_TOLERANCE: f64 = 1e-6;
@@ -32,10 +34,11 @@ impl Checker<'_> {
                 width: orig.shape[1],
                 data: orig.values.iter().map(|&v| v as u8).collect(),
             };
-            let p = preprocess_rgb(&img, cfg)
+            let resized = resize_for_model(&img, cfg)
                 .map_err(|e| Qwen2VLError::Input(format!("{case} image {k}: {e}")))?;
-            let resized: Vec<f64> = p.resized.data.iter().map(|&v| v as f64).collect();
-            let shape = [p.resized.height, p.resized.width, 3];
+            let p = patchify(&resized, cfg);
+            let shape = [resized.height, resized.width, 3];
+            let resized: Vec<f64> = resized.data.iter().map(|&v| v as f64).collect();
             let key = format!("{case}.image{k}.resized_u8");
             if fx.has(&key) {
                 let want = fx.get(&key)?;
