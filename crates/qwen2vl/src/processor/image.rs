@@ -350,6 +350,34 @@ mod tests {
     }
 
     #[test]
+    fn patch_rows_that_do_not_fit_their_grid_or_width_are_refused() {
+        use crate::model::Images;
+        use burn::backend::Flex;
+        let e = ProcessedImage::new(vec![0.0; 10], [1, 2, 2], 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("10 pixel values") && e.contains("[1, 2, 2]"),
+            "{e}"
+        );
+        let a = ProcessedImage::new(vec![0.5; 12], [1, 2, 2], 3).unwrap();
+        let b = ProcessedImage::new(vec![0.5; 16], [1, 2, 2], 4).unwrap();
+        let device = Default::default();
+        let e = Images::<Flex>::from_processed([&a, &b], &device)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("patch widths 3 and 4"), "{e}");
+        let both = Images::<Flex>::from_processed([&a, &a], &device)
+            .unwrap()
+            .unwrap();
+        assert_eq!(both.pixel_values.dims(), [8, 3]);
+        assert_eq!(both.grids, vec![[1, 2, 2]; 2]);
+        assert!(Images::<Flex>::from_processed([], &device)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
     fn smart_resize_rounds_half_to_even() {
         // 70 / 28 = 2.5 -> 2
         assert_eq!(smart_resize(70, 70, 28, 3136, 12544).unwrap(), (56, 56));
