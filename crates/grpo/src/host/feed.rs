@@ -30,12 +30,15 @@ impl PlanFeed {
     }
 
     /// The prompts of plan entry `index`. Entries are expected in order (a resumed run
-    /// starts wherever it resumes); a jump restarts the stream there.
+    /// starts wherever it resumes), entries without prompts may be passed over; any other
+    /// jump restarts the stream there.
     pub fn take(&mut self, index: usize) -> Result<Vec<PromptInput>, PromptError> {
         let n = self.groups[index].len();
         match &mut self.active {
-            Some((next, stream)) if *next == index => {
-                *next += 1;
+            Some((next, stream))
+                if *next <= index && self.groups[*next..index].iter().all(Vec::is_empty) =>
+            {
+                *next = index + 1;
                 stream.take(n)
             }
             _ => {
@@ -119,5 +122,23 @@ mod tests {
         drop((feed, fresh));
         // Never more than the entries asked for plus the prefetch window of each stream.
         assert!(src.prepared.load(Ordering::SeqCst) <= 7 + 3 * 2);
+    }
+
+    #[test]
+    fn entries_without_prompts_are_passed_over_without_a_restart() {
+        let src = source(10);
+        // Steps that reuse a rollout have no prompts of their own.
+        let groups = vec![vec![3, 1], vec![], vec![], vec![4], vec![], vec![5]];
+        let opts = StreamOptions {
+            prefetch: 8,
+            workers: 1,
+        };
+        let mut feed = PlanFeed::new(src.clone(), groups, opts);
+        assert_eq!(texts(feed.take(0).unwrap()), ["3", "1"]);
+        assert_eq!(texts(feed.take(3).unwrap()), ["4"]);
+        assert_eq!(texts(feed.take(5).unwrap()), ["5"]);
+        drop(feed);
+        // One stream: each prompt prepared once.
+        assert_eq!(src.prepared.load(Ordering::SeqCst), 4);
     }
 }

@@ -97,16 +97,18 @@ impl<B: AutodiffBackend> HostCtx<B> {
         self
     }
 
-    /// The prompts of plan entry `micro`: from the feed when the run's plan is set,
-    /// prepared on the spot otherwise.
+    /// The prompts of plan entry `micro`, for its rollout: from the feed when the run's plan
+    /// is set and the entry generates, prepared on the spot otherwise.
     fn prompts_of(
         &self,
         micro: &MicroBatch,
     ) -> Result<Vec<PromptInput>, crate::stream::PromptError> {
         let mut feed = self.feed.lock().expect("prompt feed");
         match feed.as_mut() {
-            Some(f) => f.take(micro.index),
-            None => micro
+            Some(f) if micro.generate => f.take(micro.index),
+            // A step that reuses a rollout is fed nothing; it needs prompts only when its
+            // cycle's rollout is not cached (a run resumed mid-cycle rolls out again).
+            _ => micro
                 .prompts
                 .iter()
                 .map(|&i| self.prompts.prepare(i))
@@ -115,7 +117,17 @@ impl<B: AutodiffBackend> HostCtx<B> {
     }
 
     fn set_plan(&self, plan: &[MicroBatch]) {
-        let groups = plan.iter().map(|m| m.prompts.clone()).collect();
+        // Only the entries that generate are prepared ahead: the others reuse a rollout.
+        let groups = plan
+            .iter()
+            .map(|m| {
+                if m.generate {
+                    m.prompts.clone()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
         *self.feed.lock().expect("prompt feed") =
             Some(PlanFeed::new(self.prompts.clone(), groups, self.stream));
     }
@@ -247,9 +259,6 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
     fn step(&self, batch: GrpoBatch<B>) -> TrainOutput<StepRecord> {
         let ctx = &batch.ctx;
         let micro = &batch.micro;
-        let prompts = ctx
-            .prompts_of(micro)
-            .unwrap_or_else(|e| panic!("step {}: {e}", micro.step + 1));
         let reuse = ctx.cfg.num_iterations > 1;
         let cached = if micro.generate {
             None
@@ -264,6 +273,9 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
         let roll = match cached {
             Some(r) => r,
             None => {
+                let prompts = ctx
+                    .prompts_of(micro)
+                    .unwrap_or_else(|e| panic!("step {}: {e}", micro.step + 1));
                 let r = rollout(
                     &self.valid_model(),
                     &prompts,

@@ -9,7 +9,9 @@ pub use clip::clip_global_norm;
 pub use finite::weights_finite;
 
 use burn::optim::{GradientsParams, Optimizer};
-use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};
+use burn::tensor::{
+    backend::AutodiffBackend, backend::Backend, ElementConversion, Tensor, TensorData,
+};
 use medvqa::VqaRecord;
 use qwen2vl::generation::{
     generate_grouped, GenerationConfig, Sampling, ScoringBatch, ShapeBuckets,
@@ -280,14 +282,10 @@ pub fn policy_loss<B: AutodiffBackend>(
 ) -> Result<(Tensor<B, 1>, StepMetrics), Qwen2VLError> {
     let n = roll.completions.len();
     let batch = &roll.batch;
-    let on_policy = StepBatch::<B> {
-        tokens: batch.tokens.clone(),
-        images: batch.images.clone().map(Images::into_autodiff),
-        mask: Tensor::from_inner(batch.mask.clone()),
-        advantages: Tensor::from_inner(batch.advantages.clone()),
-    };
-    let mask = on_policy.mask.clone();
-    let (logp, entropy) = on_policy.score(policy, true)?;
+    // The rollout's tensors, read by the policy through the autodiff wrapper (no copy).
+    let images = batch.images.clone().map(Images::into_autodiff);
+    let mask = Tensor::<B, 2>::from_inner(batch.mask.clone());
+    let (logp, entropy) = batch.tokens.score(policy, images.as_ref(), true)?;
     let ref_logp = match (reference, cfg.loss.beta != 0.0) {
         (Some(r), true) => Some(Tensor::<B, 2>::from_inner(batch.score(r, false)?.0)),
         _ => None,
@@ -296,7 +294,7 @@ pub fn policy_loss<B: AutodiffBackend>(
         Some(v) => Tensor::from_inner(v.clone()),
         None => logp.clone().detach(),
     };
-    let adv = on_policy.advantages;
+    let adv = Tensor::from_inner(batch.advantages.clone());
     let pt = per_token_loss(logp, old, ref_logp, adv, &cfg.loss);
     let loss = aggregate(
         pt.loss,
@@ -379,5 +377,3 @@ pub fn update<B: AutodiffBackend, O: Optimizer<Qwen2VL<B>, B>>(
     let policy = optimizer.step(size.learning_rate, policy, grads);
     Ok((policy, metrics))
 }
-
-use burn::tensor::ElementConversion;

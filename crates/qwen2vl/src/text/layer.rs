@@ -89,7 +89,8 @@ impl<B: Backend> DecoderLayer<B> {
     }
 
     /// `x` is `[batch, len, hidden]`; `bias` is the attention mask as a
-    /// [`crate::attention::score_bias`] over `keys` (made once per forward by the decoder). With [`Keys::Own`] the keys are `x`'s own; with a cache, the post-RoPE
+    /// [`crate::attention::score_bias`] over `keys` (made once per forward by the decoder).
+    /// With [`Keys::Own`] the keys are `x`'s own; with a cache, the post-RoPE
     /// keys and values of `x` are written into it at its fill offset and the queries attend
     /// over its whole (fixed) capacity, so every decoding step has the same shapes; after a
     /// prefix, the keys are the prefix's followed by `x`'s own.
