@@ -16,6 +16,7 @@ use burn::optim::{adaptor::OptimizerAdaptor, LearningRate, SimpleOptimizer};
 use burn::record::{PrecisionSettings, Record};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Tensor, TensorCreationOptions, TensorData};
+use rayon::prelude::*;
 
 /// A tensor kept, saved and loaded in f32 on any backend (Burn's own tensor records convert to
 /// the backend's float type on load, which would round an f32 master copy to bf16).
@@ -70,6 +71,96 @@ impl MasterAdamW {
     }
 }
 
+/// Whether `B` keeps its tensors in host memory, where reading a tensor's values is no
+/// transfer (the Flex CPU backend).
+fn on_host<B: Backend>() -> bool {
+    #[cfg(feature = "flex")]
+    {
+        std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Flex>()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        false
+    }
+}
+
+/// Elements per parallel chunk of [`MasterAdamW::host_step`].
+const HOST_CHUNK: usize = 1 << 16;
+
+impl MasterAdamW {
+    /// The f32 step of [`SimpleOptimizer::step`] in one pass over the parameter, its gradient
+    /// and both moments, updated in place, for a backend whose tensors live in host memory.
+    /// The tensor form runs about fifteen whole-tensor passes (at 107M parameters, ~10% of a
+    /// GRPO step on the CPU); this computes every element with the same f32 operations in the
+    /// same order, so the result is the tensor form's bit for bit (tested against Burn's
+    /// AdamW). Buffers are taken without a copy when nothing else holds them.
+    fn host_step<B: Backend, const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<MasterAdamWState<B, D>>,
+    ) -> (Tensor<B, D>, Option<MasterAdamWState<B, D>>) {
+        let device = tensor.device();
+        let f32_data = |t: Tensor<B, D>| t.cast(FloatDType::F32).into_data();
+        let mut w = f32_data(tensor);
+        let g = f32_data(grad);
+        let (time, mut m, mut v) = match state {
+            Some(s) => (
+                s.time + 1,
+                s.moment_1.0.into_data(),
+                s.moment_2.0.into_data(),
+            ),
+            None => {
+                let zeros = || TensorData::zeros::<f32, _>(g.shape.clone());
+                (1, zeros(), zeros())
+            }
+        };
+        let first = time == 1;
+        let (b1, b2, eps) = (self.beta_1, self.beta_2, self.epsilon);
+        let (f1, f2) = (1.0 - b1, 1.0 - b2);
+        let t = time as i32;
+        let (c1, c2) = (1f32 - b1.powi(t), 1f32 - b2.powi(t));
+        let decay = lr * self.weight_decay as f64;
+        // The scalars as the tensor ops see them: f64 arguments become f32 elements.
+        let keep = (1.0 - decay) as f32;
+        let lr32 = lr as f32;
+        let slice = "an f32 tensor's values";
+        let gs = g.as_slice::<f32>().expect(slice);
+        let ws = w.as_mut_slice::<f32>().expect(slice);
+        let ms = m.as_mut_slice::<f32>().expect(slice);
+        let vs = v.as_mut_slice::<f32>().expect(slice);
+        ws.par_chunks_mut(HOST_CHUNK)
+            .zip(ms.par_chunks_mut(HOST_CHUNK))
+            .zip(vs.par_chunks_mut(HOST_CHUNK))
+            .zip(gs.par_chunks(HOST_CHUNK))
+            .for_each(|(((w, m), v), g)| {
+                for i in 0..w.len() {
+                    let gi = g[i];
+                    // First step: the moments start from the scaled gradient (no zero term).
+                    let (mi, vi) = if first {
+                        (gi * f1, (gi * gi) * f2)
+                    } else {
+                        (m[i] * b1 + gi * f1, v[i] * b2 + (gi * gi) * f2)
+                    };
+                    m[i] = mi;
+                    v[i] = vi;
+                    let delta = (mi / c1) / ((vi / c2).sqrt() + eps);
+                    let decayed = if decay == 0.0 { w[i] } else { w[i] * keep };
+                    w[i] = decayed - delta * lr32;
+                }
+            });
+        let back = |d: TensorData| Tensor::<B, D>::from_data(d, &device);
+        let state = MasterAdamWState {
+            time,
+            moment_1: F32Tensor(back(m)),
+            moment_2: F32Tensor(back(v)),
+            master: None,
+        };
+        (back(w), Some(state))
+    }
+}
+
 impl<B: Backend> SimpleOptimizer<B> for MasterAdamW {
     type State<const D: usize> = MasterAdamWState<B, D>;
 
@@ -80,6 +171,33 @@ impl<B: Backend> SimpleOptimizer<B> for MasterAdamW {
         grad: Tensor<B, D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+        if tensor.dtype() == DType::F32 && on_host::<B>() {
+            self.host_step(lr, tensor, grad, state)
+        } else {
+            self.tensor_step(lr, tensor, grad, state)
+        }
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
+        let move_to = |t: F32Tensor<B, D>| F32Tensor(t.0.to_device(device));
+        MasterAdamWState {
+            time: state.time,
+            moment_1: move_to(state.moment_1),
+            moment_2: move_to(state.moment_2),
+            master: state.master.map(move_to),
+        }
+    }
+}
+
+impl MasterAdamW {
+    /// The step in whole-tensor operations, for any backend and dtype.
+    fn tensor_step<B: Backend, const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<MasterAdamWState<B, D>>,
+    ) -> (Tensor<B, D>, Option<MasterAdamWState<B, D>>) {
         let dtype = tensor.dtype();
         let narrow = dtype != DType::F32;
         let grad = grad.cast(FloatDType::F32);
@@ -135,16 +253,6 @@ impl<B: Backend> SimpleOptimizer<B> for MasterAdamW {
             master,
         };
         (param, Some(state))
-    }
-
-    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
-        let move_to = |t: F32Tensor<B, D>| F32Tensor(t.0.to_device(device));
-        MasterAdamWState {
-            time: state.time,
-            moment_1: move_to(state.moment_1),
-            moment_2: move_to(state.moment_2),
-            master: state.master.map(move_to),
-        }
     }
 }
 
@@ -202,6 +310,38 @@ mod tests {
             "an f32 parameter needs no master copy"
         );
         assert_eq!(values(a), values(b));
+    }
+
+    #[test]
+    fn the_host_step_is_the_tensor_step_bit_for_bit() {
+        // Enough elements for several parallel chunks and a partial last one; both with and
+        // without weight decay; the first step and later ones.
+        let n = 2 * HOST_CHUNK + 123;
+        let device = Default::default();
+        let wave =
+            |k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * 0.37 + k).sin() * 0.05).collect() };
+        for weight_decay in [0.0, 0.01] {
+            let ours = MasterAdamW {
+                weight_decay,
+                ..adamw()
+            };
+            let start = Tensor::<B, 1>::from_floats(wave(0.0).as_slice(), &device);
+            let (mut a, mut b) = (start.clone(), start);
+            let (mut sa, mut sb) = (None, None);
+            for step in 0..4 {
+                let g = || Tensor::<B, 1>::from_floats(wave(step as f32 + 1.0).as_slice(), &device);
+                let (na, s) = ours.host_step(3e-3, a, g(), sa);
+                (a, sa) = (na, s);
+                let (nb, s) = ours.tensor_step(3e-3, b, g(), sb);
+                (b, sb) = (nb, s);
+            }
+            let (sa, sb) = (sa.unwrap(), sb.unwrap());
+            assert_eq!(sa.time, sb.time);
+            assert!(sa.master.is_none());
+            assert_eq!(values(a), values(b), "weights, decay {weight_decay}");
+            assert_eq!(values(sa.moment_1.0), values(sb.moment_1.0));
+            assert_eq!(values(sa.moment_2.0), values(sb.moment_2.0));
+        }
     }
 
     #[test]

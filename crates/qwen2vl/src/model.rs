@@ -184,17 +184,63 @@ impl<B: Backend> Qwen2VL<B> {
         image_embeds: Option<Tensor<B, 2>>,
         device: &B::Device,
     ) -> Result<Tensor<B, 3>, Qwen2VLError> {
+        let text = self.token_embeddings(&[batch], device)?.remove(0);
+        self.place_images(batch, text, image_embeds, device)
+    }
+
+    /// The token embeddings `[batch, len, hidden]` of each of `batches`, from one lookup in
+    /// the table: in training, one scatter of the table's gradient (a table-sized buffer on the
+    /// CPU backend) instead of one per batch.
+    pub fn token_embeddings(
+        &self,
+        batches: &[&TokenBatch],
+        device: &B::Device,
+    ) -> Result<Vec<Tensor<B, 3>>, Qwen2VLError> {
         let vocab = self.config.text.vocab_size;
-        if let Some(bad) = batch.ids.iter().find(|&&id| id as usize >= vocab) {
+        let ids = batches.iter().flat_map(|b| &b.ids);
+        if let Some(bad) = ids.clone().find(|&&id| id as usize >= vocab) {
             return Err(Qwen2VLError::Input(format!(
                 "token id {bad} is outside the model's vocabulary of {vocab}"
             )));
         }
+        let ids: Vec<i64> = ids.map(|&i| i as i64).collect();
+        let total = ids.len();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, total]), device);
+        let table = self.text.embed_tokens.forward(ids);
+        if let [b] = batches {
+            return Ok(vec![table.reshape([
+                b.batch,
+                b.len,
+                self.config.text.hidden_size,
+            ])]);
+        }
+        let d = self.config.text.hidden_size;
+        let mut start = 0;
+        Ok(batches
+            .iter()
+            .map(|b| {
+                let n = b.batch * b.len;
+                let part = table
+                    .clone()
+                    .narrow(1, start, n)
+                    .reshape([b.batch, b.len, d]);
+                start += n;
+                part
+            })
+            .collect())
+    }
+
+    /// `text` (a batch's token embeddings) with each image placeholder replaced, in order, by
+    /// the image embeddings.
+    pub(crate) fn place_images(
+        &self,
+        batch: &TokenBatch,
+        text: Tensor<B, 3>,
+        image_embeds: Option<Tensor<B, 2>>,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 3>, Qwen2VLError> {
         let (b, l) = (batch.batch, batch.len);
         let d = self.config.text.hidden_size;
-        let ids: Vec<i64> = batch.ids.iter().map(|&i| i as i64).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, l]), device);
-        let text = self.text.embed_tokens.forward(ids);
         let image_token = self.config.image_token_id;
         let slots: Vec<usize> = (0..b * l)
             .filter(|&i| batch.ids[i] == image_token)
@@ -219,6 +265,14 @@ impl<B: Backend> Qwen2VL<B> {
         Ok(rows.select(0, index).reshape([b, l, d]))
     }
 
+    /// The device a batch's inputs go to: the images' when there are any, else the model's.
+    pub fn input_device(&self, images: Option<&Images<B>>) -> B::Device {
+        match images {
+            Some(im) => im.pixel_values.device(),
+            None => self.text.embed_tokens.weight.val().device(),
+        }
+    }
+
     /// A batch made ready for the decoder: the image placeholders replaced by the vision
     /// tower's embeddings, and the M-RoPE positions. The one input preparation of the model's
     /// forward, of generation and of scoring.
@@ -226,13 +280,25 @@ impl<B: Backend> Qwen2VL<B> {
         &self,
         batch: &TokenBatch,
         images: Option<&Images<B>>,
+        trace: Option<&mut ModelTrace<B>>,
+    ) -> Result<PreparedInputs<B>, Qwen2VLError> {
+        batch.validate()?;
+        let device = self.input_device(images);
+        let text = self.token_embeddings(&[batch], &device)?.remove(0);
+        self.prepare_looked_up(batch, text, images, trace)
+    }
+
+    /// [`Self::prepare_inputs`] for a batch whose token embeddings `text` were already looked
+    /// up ([`Self::token_embeddings`], on [`Self::input_device`]).
+    pub fn prepare_looked_up(
+        &self,
+        batch: &TokenBatch,
+        text: Tensor<B, 3>,
+        images: Option<&Images<B>>,
         mut trace: Option<&mut ModelTrace<B>>,
     ) -> Result<PreparedInputs<B>, Qwen2VLError> {
         batch.validate()?;
-        let device = match images {
-            Some(im) => im.pixel_values.device(),
-            None => self.text.embed_tokens.weight.val().device(),
-        };
+        let device = self.input_device(images);
         let grids: &[[usize; 3]] = images.map_or(&[], |im| &im.grids);
         let positions = rope_index(batch, grids, self.vision_tokens())?;
         let image_embeds = match images {
@@ -250,7 +316,7 @@ impl<B: Backend> Qwen2VL<B> {
         if let Some(t) = trace {
             t.image_embeds = image_embeds.clone();
         }
-        let embeds = self.embed(batch, image_embeds, &device)?;
+        let embeds = self.place_images(batch, text, image_embeds, &device)?;
         Ok(PreparedInputs {
             embeds,
             positions,

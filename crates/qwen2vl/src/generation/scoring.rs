@@ -350,9 +350,19 @@ fn grouped_hidden<B: Backend>(
     images: Option<&Images<B>>,
 ) -> Result<Tensor<B, 3>, Qwen2VLError> {
     let (lp, n, tc) = (prompt_batch.len, comp_batch.batch, comp_batch.len);
+    // One lookup for the prompts' and the completions' tokens (one scatter of the table's
+    // gradient in training).
+    let device = model.input_device(images);
+    let batches: &[&TokenBatch] = if tc == 1 {
+        &[prompt_batch]
+    } else {
+        &[prompt_batch, comp_batch]
+    };
+    let mut texts = model.token_embeddings(batches, &device)?.into_iter();
+    let prompt_text = texts.next().expect("the prompts' embeddings");
+    let comp_text = texts.next();
     // The prompts, once: hidden states and every layer's keys and values.
-    let inputs = model.prepare_inputs(prompt_batch, images, None)?;
-    let device = inputs.device.clone();
+    let inputs = model.prepare_looked_up(prompt_batch, prompt_text, images, None)?;
     let next = inputs.next_positions(prompt_batch);
     let rope = model.text.rope_tables(
         crate::text::position_axes(&inputs.positions),
@@ -366,11 +376,12 @@ fn grouped_hidden<B: Backend>(
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(of_prompt, [n]), &device);
     // Predicts each completion's first token.
     let first = prompt_hidden.narrow(1, lp - 1, 1).select(0, rows.clone());
-    if tc == 1 {
+    let Some(comp_text) = comp_text else {
         return Ok(first);
-    }
+    };
+    // (Refuses image placeholders in a completion.)
+    let embeds = model.place_images(comp_batch, comp_text, None, &device)?;
     // The completions after their prompt's keys and values.
-    let embeds = model.embed(comp_batch, None, &device)?;
     let pos: Vec<i64> = (0..n)
         .flat_map(|r| {
             let start = next[r / group];
