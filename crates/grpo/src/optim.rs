@@ -159,37 +159,7 @@ impl MasterAdamW {
         };
         (back(w), Some(state))
     }
-}
 
-impl<B: Backend> SimpleOptimizer<B> for MasterAdamW {
-    type State<const D: usize> = MasterAdamWState<B, D>;
-
-    fn step<const D: usize>(
-        &self,
-        lr: LearningRate,
-        tensor: Tensor<B, D>,
-        grad: Tensor<B, D>,
-        state: Option<Self::State<D>>,
-    ) -> (Tensor<B, D>, Option<Self::State<D>>) {
-        if tensor.dtype() == DType::F32 && on_host::<B>() {
-            self.host_step(lr, tensor, grad, state)
-        } else {
-            self.tensor_step(lr, tensor, grad, state)
-        }
-    }
-
-    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
-        let move_to = |t: F32Tensor<B, D>| F32Tensor(t.0.to_device(device));
-        MasterAdamWState {
-            time: state.time,
-            moment_1: move_to(state.moment_1),
-            moment_2: move_to(state.moment_2),
-            master: state.master.map(move_to),
-        }
-    }
-}
-
-impl MasterAdamW {
     /// The step in whole-tensor operations, for any backend and dtype.
     fn tensor_step<B: Backend, const D: usize>(
         &self,
@@ -253,6 +223,34 @@ impl MasterAdamW {
             master,
         };
         (param, Some(state))
+    }
+}
+
+impl<B: Backend> SimpleOptimizer<B> for MasterAdamW {
+    type State<const D: usize> = MasterAdamWState<B, D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+        if tensor.dtype() == DType::F32 && on_host::<B>() {
+            self.host_step(lr, tensor, grad, state)
+        } else {
+            self.tensor_step(lr, tensor, grad, state)
+        }
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
+        let move_to = |t: F32Tensor<B, D>| F32Tensor(t.0.to_device(device));
+        MasterAdamWState {
+            time: state.time,
+            moment_1: move_to(state.moment_1),
+            moment_2: move_to(state.moment_2),
+            master: state.master.map(move_to),
+        }
     }
 }
 

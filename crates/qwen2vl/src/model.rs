@@ -196,6 +196,9 @@ impl<B: Backend> Qwen2VL<B> {
         batches: &[&TokenBatch],
         device: &B::Device,
     ) -> Result<Vec<Tensor<B, 3>>, Qwen2VLError> {
+        for b in batches {
+            b.validate()?;
+        }
         let vocab = self.config.text.vocab_size;
         let ids = batches.iter().flat_map(|b| &b.ids);
         if let Some(bad) = ids.clone().find(|&&id| id as usize >= vocab) {
@@ -207,13 +210,6 @@ impl<B: Backend> Qwen2VL<B> {
         let total = ids.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, total]), device);
         let table = self.text.embed_tokens.forward(ids);
-        if let [b] = batches {
-            return Ok(vec![table.reshape([
-                b.batch,
-                b.len,
-                self.config.text.hidden_size,
-            ])]);
-        }
         let d = self.config.text.hidden_size;
         let mut start = 0;
         Ok(batches
@@ -282,7 +278,6 @@ impl<B: Backend> Qwen2VL<B> {
         images: Option<&Images<B>>,
         trace: Option<&mut ModelTrace<B>>,
     ) -> Result<PreparedInputs<B>, Qwen2VLError> {
-        batch.validate()?;
         let device = self.input_device(images);
         let text = self.token_embeddings(&[batch], &device)?.remove(0);
         self.prepare_looked_up(batch, text, images, trace)
