@@ -74,19 +74,95 @@ pub fn scaled_dot_product_biased<B: Backend>(
     }
 }
 
-/// `[-x2 | x1]` for `x = [x1 | x2]` split at the middle of the last axis.
-pub fn rotate_half<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+/// `[x2 | x1]` for `x = [x1 | x2]` split at the middle of the last axis.
+pub fn swap_halves<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let d = x.dims()[D - 1];
     let x1 = x.clone().narrow(D - 1, 0, d / 2);
     let x2 = x.narrow(D - 1, d / 2, d - d / 2);
-    Tensor::cat(vec![x2.neg(), x1], D - 1)
+    Tensor::cat(vec![x2, x1], D - 1)
 }
 
-/// Rotary position embedding, rotate-half form: `x cos + rotate_half(x) sin`.
+/// Rotary position embedding, `x cos + swap_halves(x) sin'` with `sin' = [-s1 | s2]` folded
+/// ([`spread_over_heads`](crate::rope::spread_over_heads) makes the tables, of `x`'s shape).
+/// Bit for bit transformers' rotate-half form `x cos + [-x2 | x1] sin`: `x2 (-s) = (-x2) s`
+/// exactly in IEEE arithmetic, and the negation moves to the table, made once per forward.
 pub fn apply_rotary<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     cos: Tensor<B, D>,
-    sin: Tensor<B, D>,
+    folded_sin: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    x.clone() * cos + rotate_half(x) * sin
+    x.clone() * cos + swap_halves(x) * folded_sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rope::{mrope_tables, spread_over_heads};
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, TensorData};
+
+    /// transformers' form, `x cos + [-x2 | x1] sin`, with the tables broadcast over the heads.
+    fn rotate_half_form(
+        x: Tensor<Flex, 4>,
+        cos: Tensor<Flex, 4>,
+        sin: Tensor<Flex, 4>,
+    ) -> Tensor<Flex, 4> {
+        let d = x.dims()[3];
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        x * cos + Tensor::cat(vec![x2.neg(), x1], 3) * sin
+    }
+
+    #[test]
+    fn folded_rotary_is_the_rotate_half_form_bit_for_bit() {
+        let device = Default::default();
+        let (b, l, heads, d) = (2, 5, 3, 8);
+        let t: Vec<i64> = (0..(b * l) as i64).map(|p| p * 7 % 11).collect();
+        let h: Vec<i64> = (0..(b * l) as i64).map(|p| p % 4).collect();
+        let w: Vec<i64> = (0..(b * l) as i64).map(|p| p % 3).collect();
+        let (cos, sin) = mrope_tables([&t, &h, &w], d, 10000.0, [1, 1, 2]);
+        let x =
+            Tensor::<Flex, 4>::random([b, l, heads, d], Distribution::Normal(0.0, 3.0), &device);
+
+        let plain = |v: &[f32]| {
+            Tensor::<Flex, 4>::from_data(TensorData::new(v.to_vec(), [b, l, 1, d]), &device)
+        };
+        let expected = rotate_half_form(x.clone(), plain(&cos), plain(&sin));
+
+        let (cos_s, sin_s) = spread_over_heads(&cos, &sin, d, heads, 0);
+        let spread = |v: Vec<f32>| {
+            Tensor::<Flex, 4>::from_data(TensorData::new(v, [b, l, heads, d]), &device)
+        };
+        let got = apply_rotary(x, spread(cos_s), spread(sin_s));
+        assert_eq!(
+            got.into_data().to_vec::<f32>().unwrap(),
+            expected.into_data().to_vec::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn plain_slots_pass_through_unchanged() {
+        let device = Default::default();
+        let (n, d) = (4, 6);
+        let cos: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.3).cos()).collect();
+        let sin: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.3).sin()).collect();
+        let (cos_s, sin_s) = spread_over_heads(&cos, &sin, d, 2, 1);
+        assert_eq!(cos_s.len(), n * 3 * d);
+        // Slot layout per row: two rotated copies (sin folded), then the identity.
+        assert_eq!(&cos_s[..d], &cos[..d]);
+        assert_eq!(&cos_s[d..2 * d], &cos[..d]);
+        assert_eq!(sin_s[0], -sin[0]);
+        assert_eq!(sin_s[d / 2], sin[d / 2]);
+        assert!(cos_s[2 * d..3 * d].iter().all(|&c| c == 1.0));
+        assert!(sin_s[2 * d..3 * d].iter().all(|&s| s == 0.0));
+
+        let x = Tensor::<Flex, 3>::random([n, 3, d], Distribution::Normal(0.0, 1.0), &device);
+        let table =
+            |v: Vec<f32>| Tensor::<Flex, 3>::from_data(TensorData::new(v, [n, 3, d]), &device);
+        let out = apply_rotary(x.clone(), table(cos_s), table(sin_s));
+        assert_eq!(
+            out.narrow(1, 2, 1).into_data().to_vec::<f32>().unwrap(),
+            x.narrow(1, 2, 1).into_data().to_vec::<f32>().unwrap()
+        );
+    }
 }

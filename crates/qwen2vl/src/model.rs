@@ -339,8 +339,14 @@ impl<B: Backend> Qwen2VL<B> {
         let layers = match trace.as_deref_mut() {
             Some(t) => {
                 t.inputs_embeds = Some(embeds.clone());
-                t.rope_cos = Some(rope.cos.clone());
-                t.rope_sin = Some(rope.sin.clone());
+                let (cos, sin) = self.text.plain_rope_tables(
+                    position_axes(&positions),
+                    batch.batch,
+                    batch.len,
+                    &device,
+                );
+                t.rope_cos = Some(cos);
+                t.rope_sin = Some(sin);
                 t.positions = Some(positions.clone());
                 Some(&mut t.layers)
             }

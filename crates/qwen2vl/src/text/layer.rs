@@ -49,11 +49,16 @@ pub enum Keys<'a, B: Backend> {
     After(&'a LayerKv<B>, Tensor<B, 1, Int>),
 }
 
-/// Rotary tables for the tokens of one forward, `[batch, 1, len, head_dim]`.
+/// Rotary tables for the tokens of one forward, spread over the heads in the layout the
+/// projections give (`[batch, len, heads, head_dim]`, sin folded: see
+/// [`spread_over_heads`](crate::rope::spread_over_heads)): one pair for the query heads, one
+/// for the key-value heads.
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
+    pub q_cos: Tensor<B, 4>,
+    pub q_sin: Tensor<B, 4>,
+    pub k_cos: Tensor<B, 4>,
+    pub k_sin: Tensor<B, 4>,
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -104,14 +109,15 @@ impl<B: Backend> DecoderLayer<B> {
     ) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
         let a = self.input_layernorm.forward(x.clone());
-        let heads = |t: Tensor<B, 3>, n: usize| -> Tensor<B, 4> {
-            t.reshape([b, l, n, self.head_dim]).swap_dims(1, 2)
-        };
+        // Rotated as the projections lay the heads out (`[b, l, heads, d]`, contiguous), then
+        // viewed head-major for the attention.
+        let heads =
+            |t: Tensor<B, 3>, n: usize| -> Tensor<B, 4> { t.reshape([b, l, n, self.head_dim]) };
         let q = heads(self.q_proj.apply(a.clone()), self.num_heads);
         let k = heads(self.k_proj.apply(a.clone()), self.num_kv_heads);
-        let v = heads(self.v_proj.apply(a), self.num_kv_heads);
-        let q = apply_rotary(q, rope.cos.clone(), rope.sin.clone());
-        let k = apply_rotary(k, rope.cos.clone(), rope.sin.clone());
+        let v = heads(self.v_proj.apply(a), self.num_kv_heads).swap_dims(1, 2);
+        let q = apply_rotary(q, rope.q_cos.clone(), rope.q_sin.clone()).swap_dims(1, 2);
+        let k = apply_rotary(k, rope.k_cos.clone(), rope.k_sin.clone()).swap_dims(1, 2);
         let (k_all, v_all) = match keys {
             Keys::Cache(kv, offset) => {
                 let range = [

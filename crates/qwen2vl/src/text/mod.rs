@@ -13,7 +13,7 @@ use crate::config::TextConfig;
 use crate::error::Qwen2VLError;
 use crate::params::{embedding, rms_norm, ParamSource};
 use crate::positions::{RopePositions, TokenBatch};
-use crate::rope::mrope_tables;
+use crate::rope::{mrope_tables, spread_over_heads};
 
 #[derive(Module, Debug)]
 pub struct TextDecoder<B: Backend> {
@@ -63,11 +63,44 @@ impl<B: Backend> TextDecoder<B> {
     ) -> RopeTables<B> {
         let c = &self.config;
         let (cos, sin) = mrope_tables(positions, c.head_dim, c.rope_theta, c.mrope_section);
-        let shape = [batch, 1, len, c.head_dim];
+        let spread = |heads: usize| -> (Tensor<B, 4>, Tensor<B, 4>) {
+            let (cos, sin) = spread_over_heads(&cos, &sin, c.head_dim, heads, 0);
+            let shape = [batch, len, heads, c.head_dim];
+            (
+                Tensor::from_data(TensorData::new(cos, shape), device),
+                Tensor::from_data(TensorData::new(sin, shape), device),
+            )
+        };
+        let (q_cos, q_sin) = spread(c.num_attention_heads);
+        let (k_cos, k_sin) = if c.num_key_value_heads == c.num_attention_heads {
+            (q_cos.clone(), q_sin.clone())
+        } else {
+            spread(c.num_key_value_heads)
+        };
         RopeTables {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            q_cos,
+            q_sin,
+            k_cos,
+            k_sin,
         }
+    }
+
+    /// The rotary tables as transformers' rotary embedding returns them (`[batch, 1, len,
+    /// head_dim]`, cos and sin), for parity traces.
+    pub fn plain_rope_tables(
+        &self,
+        positions: [&[i64]; 3],
+        batch: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let c = &self.config;
+        let (cos, sin) = mrope_tables(positions, c.head_dim, c.rope_theta, c.mrope_section);
+        let shape = [batch, 1, len, c.head_dim];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
     }
 
     /// The attention mask (`[batch, 1, len, keys]`, true where masked) as every layer adds it.

@@ -48,8 +48,8 @@ impl<B: Backend> VisionBlock<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
-        cos: Tensor<B, 3>,
-        sin: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
         segments: &[usize],
     ) -> Tensor<B, 2> {
         let h = self.attention(self.norm1.forward(x.clone()), cos, sin, segments);
@@ -63,19 +63,19 @@ impl<B: Backend> VisionBlock<B> {
     fn attention(
         &self,
         x: Tensor<B, 2>,
-        cos: Tensor<B, 3>,
-        sin: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
         segments: &[usize],
     ) -> Tensor<B, 2> {
         let [n, dim] = x.dims();
         let heads = self.num_heads;
         let hd = dim / heads;
-        let qkv = self.qkv.apply(x).reshape([n, 3, heads, hd]);
+        // q and k rotated, v passed through, in one pass over the fused projection (the tables
+        // are spread over its `[n, 3, heads, hd]` layout).
+        let qkv = apply_rotary(self.qkv.apply(x).reshape([n, 3, heads, hd]), cos, sin);
         let q = qkv.clone().narrow(1, 0, 1).reshape([n, heads, hd]);
         let k = qkv.clone().narrow(1, 1, 1).reshape([n, heads, hd]);
         let v = qkv.narrow(1, 2, 1).reshape([n, heads, hd]);
-        let q = apply_rotary(q, cos.clone(), sin.clone());
-        let k = apply_rotary(k, cos, sin);
 
         // Runs of equally sized segments are attended as one batch.
         let mut outputs = Vec::new();

@@ -14,7 +14,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use crate::config::VisionConfig;
 use crate::error::Qwen2VLError;
 use crate::params::{Dense, ParamKind, ParamSource};
-use crate::rope::{vision_patch_positions, vision_tables};
+use crate::rope::{spread_over_heads, vision_patch_positions, vision_tables};
 
 #[derive(Module, Debug)]
 pub struct VisionTower<B: Backend> {
@@ -150,9 +150,7 @@ impl<B: Backend> VisionTower<B> {
         let c = &self.config;
         let hd = c.embed_dim / c.num_heads;
         let positions = vision_patch_positions(grids, c.spatial_merge_size);
-        let (cos, sin) = vision_tables(&positions, hd, c.rope_theta);
-        let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [n, hd]), &device);
-        let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [n, hd]), &device);
+        let (cos_host, sin_host) = vision_tables(&positions, hd, c.rope_theta);
         let segments: Vec<usize> = grids
             .iter()
             .flat_map(|[t, h, w]| std::iter::repeat_n(h * w, *t))
@@ -161,13 +159,21 @@ impl<B: Backend> VisionTower<B> {
         let mut x = self.patch_embed.apply(pixel_values);
         if let Some(t) = trace.as_deref_mut() {
             t.patch_embed = Some(x.clone());
-            t.rot_cos = Some(cos.clone());
-            t.rot_sin = Some(sin.clone());
+            let table =
+                |v: &[f32]| Tensor::from_data(TensorData::new(v.to_vec(), [n, hd]), &device);
+            t.rot_cos = Some(table(&cos_host));
+            t.rot_sin = Some(table(&sin_host));
         }
-        let cos3 = cos.reshape([n, 1, hd]);
-        let sin3 = sin.reshape([n, 1, hd]);
+        // Spread over the fused qkv projection's `[n, 3, heads, hd]` layout: q and k rotated,
+        // v passed through (cos 1, sin 0: exact), so the whole projection rotates in one
+        // contiguous pass.
+        let (qkv_cos, qkv_sin) =
+            spread_over_heads(&cos_host, &sin_host, hd, 2 * c.num_heads, c.num_heads);
+        let shape = [n, 3, c.num_heads, hd];
+        let qkv_cos = Tensor::<B, 4>::from_data(TensorData::new(qkv_cos, shape), &device);
+        let qkv_sin = Tensor::<B, 4>::from_data(TensorData::new(qkv_sin, shape), &device);
         for block in &self.blocks {
-            x = block.forward(x, cos3.clone(), sin3.clone(), &segments);
+            x = block.forward(x, qkv_cos.clone(), qkv_sin.clone(), &segments);
             if let Some(t) = trace.as_deref_mut() {
                 t.blocks.push(x.clone());
             }
