@@ -11,6 +11,7 @@ mod faults;
 mod generation;
 mod grpo_learns;
 mod hosted;
+mod lora;
 mod parity;
 mod processor;
 mod rewards;

@@ -33,6 +33,9 @@ pub enum Qwen2VLError {
     },
     #[error("invalid model input: {0}")]
     Input(String),
+    /// Bad LoRA settings (the message names the `lora.*` key).
+    #[error("LoRA: {0}")]
+    Lora(String),
 }
 
 impl Qwen2VLError {

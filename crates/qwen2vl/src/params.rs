@@ -9,6 +9,7 @@ use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, RmsNorm};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 
 use crate::error::Qwen2VLError;
+use crate::lora::Proj;
 
 /// What a parameter is, so that a random initialiser can pick the right distribution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +140,17 @@ pub fn linear<B: Backend, S: ParamSource<B>>(
         weight: Param::from_tensor(contiguous(weight.transpose())),
         bias,
     })
+}
+
+/// [`linear`] as a [`Proj`] without an adapter.
+pub fn proj<B: Backend, S: ParamSource<B>>(
+    src: &mut S,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+) -> Result<Proj<B>, Qwen2VLError> {
+    Ok(Proj::new(linear(src, prefix, d_in, d_out, bias)?))
 }
 
 /// LayerNorm with affine scale and shift.

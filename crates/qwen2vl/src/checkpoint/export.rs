@@ -1,7 +1,8 @@
 //! Saving a model as a hub-layout checkpoint that transformers opens: `config.json`,
 //! `generation_config.json` and `model.safetensors` (hub key names, no `lm_head.weight` when
 //! tied). Files are written to temporary names and renamed, so a crash never leaves a
-//! half-written checkpoint under the real names.
+//! half-written checkpoint under the real names. A projection's LoRA adapter, if any, is
+//! merged into its weight: the checkpoint computes what the model does.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,6 +12,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use safetensors::{Dtype, View};
 
 use crate::error::Qwen2VLError;
+use crate::lora::Proj;
 use crate::model::Qwen2VL;
 
 /// Storage dtype of a saved checkpoint.
@@ -56,6 +58,14 @@ impl Collector {
         }
     }
 
+    /// A projection as the layer computes it: an adapter, if any, merged into the weight.
+    fn proj<B: Backend>(&mut self, prefix: &str, p: &Proj<B>) {
+        self.push(format!("{prefix}.weight"), p.merged_weight().transpose());
+        if let Some(b) = &p.base.bias {
+            self.push(format!("{prefix}.bias"), b.val());
+        }
+    }
+
     fn layer_norm<B: Backend>(&mut self, prefix: &str, n: &LayerNorm<B>) {
         self.push(format!("{prefix}.weight"), n.gamma.val());
         if let Some(b) = &n.beta {
@@ -87,15 +97,15 @@ pub fn named_tensors<B: Backend>(model: &Qwen2VL<B>) -> Vec<NamedTensor> {
     for (i, b) in v.blocks.iter().enumerate() {
         let p = format!("visual.blocks.{i}");
         c.layer_norm(&format!("{p}.norm1"), &b.norm1);
-        c.linear(&format!("{p}.attn.qkv"), &b.qkv);
-        c.linear(&format!("{p}.attn.proj"), &b.proj);
+        c.proj(&format!("{p}.attn.qkv"), &b.qkv);
+        c.proj(&format!("{p}.attn.proj"), &b.proj);
         c.layer_norm(&format!("{p}.norm2"), &b.norm2);
-        c.linear(&format!("{p}.mlp.fc1"), &b.fc1);
-        c.linear(&format!("{p}.mlp.fc2"), &b.fc2);
+        c.proj(&format!("{p}.mlp.fc1"), &b.fc1);
+        c.proj(&format!("{p}.mlp.fc2"), &b.fc2);
     }
     c.layer_norm("visual.merger.ln_q", &v.merger.ln_q);
-    c.linear("visual.merger.mlp.0", &v.merger.fc1);
-    c.linear("visual.merger.mlp.2", &v.merger.fc2);
+    c.proj("visual.merger.mlp.0", &v.merger.fc1);
+    c.proj("visual.merger.mlp.2", &v.merger.fc2);
 
     let t = &model.text;
     c.push(
@@ -105,17 +115,17 @@ pub fn named_tensors<B: Backend>(model: &Qwen2VL<B>) -> Vec<NamedTensor> {
     for (i, l) in t.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         c.rms_norm(&format!("{p}.input_layernorm.weight"), &l.input_layernorm);
-        c.linear(&format!("{p}.self_attn.q_proj"), &l.q_proj);
-        c.linear(&format!("{p}.self_attn.k_proj"), &l.k_proj);
-        c.linear(&format!("{p}.self_attn.v_proj"), &l.v_proj);
-        c.linear(&format!("{p}.self_attn.o_proj"), &l.o_proj);
+        c.proj(&format!("{p}.self_attn.q_proj"), &l.q_proj);
+        c.proj(&format!("{p}.self_attn.k_proj"), &l.k_proj);
+        c.proj(&format!("{p}.self_attn.v_proj"), &l.v_proj);
+        c.proj(&format!("{p}.self_attn.o_proj"), &l.o_proj);
         c.rms_norm(
             &format!("{p}.post_attention_layernorm.weight"),
             &l.post_attention_layernorm,
         );
-        c.linear(&format!("{p}.mlp.gate_proj"), &l.gate_proj);
-        c.linear(&format!("{p}.mlp.up_proj"), &l.up_proj);
-        c.linear(&format!("{p}.mlp.down_proj"), &l.down_proj);
+        c.proj(&format!("{p}.mlp.gate_proj"), &l.gate_proj);
+        c.proj(&format!("{p}.mlp.up_proj"), &l.up_proj);
+        c.proj(&format!("{p}.mlp.down_proj"), &l.down_proj);
     }
     c.rms_norm("model.norm.weight", &t.norm);
     if let Some(head) = &model.lm_head {
@@ -145,7 +155,7 @@ impl View for &Bytes {
     }
 }
 
-fn write_atomically(
+pub(crate) fn write_atomically(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<(), Qwen2VLError>,
 ) -> Result<(), Qwen2VLError> {

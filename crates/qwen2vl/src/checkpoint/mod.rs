@@ -1,10 +1,14 @@
 //! Checkpoint directories as published on the hub: `config.json` plus `model.safetensors` or
 //! sharded `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`.
 
+mod adapter;
 mod export;
 mod files;
 mod source;
 
+pub use adapter::{
+    load_adapter, read_adapter_config, save_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+};
 pub use export::{named_tensors, save_model, SaveDtype};
 pub use files::{CheckpointFiles, KeyLayout, StoredTensor};
 pub use source::CheckpointSource;

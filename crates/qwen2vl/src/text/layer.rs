@@ -2,25 +2,26 @@
 //! RMSNorm, SwiGLU MLP.
 
 use burn::module::Module;
-use burn::nn::{Linear, RmsNorm};
+use burn::nn::RmsNorm;
 use burn::tensor::{activation::silu, backend::Backend, Int, Tensor};
 
 use crate::attention::{apply_rotary, scaled_dot_product_biased};
 use crate::config::TextConfig;
 use crate::error::Qwen2VLError;
-use crate::params::{linear, rms_norm, Dense, ParamSource};
+use crate::lora::Proj;
+use crate::params::{proj, rms_norm, Dense, ParamSource};
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    pub q_proj: Proj<B>,
+    pub k_proj: Proj<B>,
+    pub v_proj: Proj<B>,
+    pub o_proj: Proj<B>,
     pub post_attention_layernorm: RmsNorm<B>,
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub gate_proj: Proj<B>,
+    pub up_proj: Proj<B>,
+    pub down_proj: Proj<B>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -74,19 +75,19 @@ impl<B: Backend> DecoderLayer<B> {
         let eps = c.rms_norm_eps;
         Ok(Self {
             input_layernorm: rms_norm(src, &format!("{prefix}.input_layernorm.weight"), d, eps)?,
-            q_proj: linear(src, &format!("{prefix}.self_attn.q_proj"), d, q, true)?,
-            k_proj: linear(src, &format!("{prefix}.self_attn.k_proj"), d, kv, true)?,
-            v_proj: linear(src, &format!("{prefix}.self_attn.v_proj"), d, kv, true)?,
-            o_proj: linear(src, &format!("{prefix}.self_attn.o_proj"), q, d, false)?,
+            q_proj: proj(src, &format!("{prefix}.self_attn.q_proj"), d, q, true)?,
+            k_proj: proj(src, &format!("{prefix}.self_attn.k_proj"), d, kv, true)?,
+            v_proj: proj(src, &format!("{prefix}.self_attn.v_proj"), d, kv, true)?,
+            o_proj: proj(src, &format!("{prefix}.self_attn.o_proj"), q, d, false)?,
             post_attention_layernorm: rms_norm(
                 src,
                 &format!("{prefix}.post_attention_layernorm.weight"),
                 d,
                 eps,
             )?,
-            gate_proj: linear(src, &format!("{prefix}.mlp.gate_proj"), d, i, false)?,
-            up_proj: linear(src, &format!("{prefix}.mlp.up_proj"), d, i, false)?,
-            down_proj: linear(src, &format!("{prefix}.mlp.down_proj"), i, d, false)?,
+            gate_proj: proj(src, &format!("{prefix}.mlp.gate_proj"), d, i, false)?,
+            up_proj: proj(src, &format!("{prefix}.mlp.up_proj"), d, i, false)?,
+            down_proj: proj(src, &format!("{prefix}.mlp.down_proj"), i, d, false)?,
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,

@@ -174,7 +174,9 @@ pub fn token_logprobs(logits: &[f32], vocab: usize, rows: &[usize], targets: &[u
         .collect()
 }
 
-fn images<B: Backend>(
+/// The pixel rows and grids of the fixture's `cases`, concatenated in order (`None` without
+/// images).
+pub fn images<B: Backend>(
     fixture: &Fixture,
     cases: &[&str],
     device: &B::Device,

@@ -1,21 +1,22 @@
 //! One pre-LayerNorm ViT block: full (non-causal) attention within each image, QuickGELU MLP.
 
 use burn::module::Module;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::{activation::sigmoid, backend::Backend, Tensor};
 
 use crate::attention::{apply_rotary, scaled_dot_product};
 use crate::error::Qwen2VLError;
-use crate::params::{layer_norm, linear, Dense, ParamSource};
+use crate::lora::Proj;
+use crate::params::{layer_norm, proj, Dense, ParamSource};
 
 #[derive(Module, Debug)]
 pub struct VisionBlock<B: Backend> {
     pub norm1: LayerNorm<B>,
-    pub qkv: Linear<B>,
-    pub proj: Linear<B>,
+    pub qkv: Proj<B>,
+    pub proj: Proj<B>,
     pub norm2: LayerNorm<B>,
-    pub fc1: Linear<B>,
-    pub fc2: Linear<B>,
+    pub fc1: Proj<B>,
+    pub fc2: Proj<B>,
     pub num_heads: usize,
 }
 
@@ -34,16 +35,17 @@ impl<B: Backend> VisionBlock<B> {
     ) -> Result<Self, Qwen2VLError> {
         Ok(Self {
             norm1: layer_norm(src, &format!("{prefix}.norm1"), dim, 1e-6)?,
-            qkv: linear(src, &format!("{prefix}.attn.qkv"), dim, 3 * dim, true)?,
-            proj: linear(src, &format!("{prefix}.attn.proj"), dim, dim, true)?,
+            qkv: proj(src, &format!("{prefix}.attn.qkv"), dim, 3 * dim, true)?,
+            proj: proj(src, &format!("{prefix}.attn.proj"), dim, dim, true)?,
             norm2: layer_norm(src, &format!("{prefix}.norm2"), dim, 1e-6)?,
-            fc1: linear(src, &format!("{prefix}.mlp.fc1"), dim, mlp_dim, true)?,
-            fc2: linear(src, &format!("{prefix}.mlp.fc2"), mlp_dim, dim, true)?,
+            fc1: proj(src, &format!("{prefix}.mlp.fc1"), dim, mlp_dim, true)?,
+            fc2: proj(src, &format!("{prefix}.mlp.fc2"), mlp_dim, dim, true)?,
             num_heads,
         })
     }
 
-    /// `x` is `[n_patches, dim]`; `cos`/`sin` are `[n_patches, 1, head_dim]`; `segments` are
+    /// `x` is `[n_patches, dim]`; `cos`/`sin` are `[n_patches, 3, heads, head_dim]` (spread
+    /// over the fused qkv projection, sin folded: see [`spread_over_heads`](crate::rope::spread_over_heads)); `segments` are
     /// the patch counts of each image frame, in order (attention never crosses them).
     pub fn forward(
         &self,

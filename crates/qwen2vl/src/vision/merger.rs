@@ -2,17 +2,18 @@
 //! projected to the text width by a 2-layer MLP with exact (erf) GELU.
 
 use burn::module::Module;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::{activation::gelu, backend::Backend, Tensor};
 
 use crate::error::Qwen2VLError;
-use crate::params::{layer_norm, linear, Dense, ParamSource};
+use crate::lora::Proj;
+use crate::params::{layer_norm, proj, Dense, ParamSource};
 
 #[derive(Module, Debug)]
 pub struct PatchMerger<B: Backend> {
     pub ln_q: LayerNorm<B>,
-    pub fc1: Linear<B>,
-    pub fc2: Linear<B>,
+    pub fc1: Proj<B>,
+    pub fc2: Proj<B>,
     pub merged_dim: usize,
 }
 
@@ -27,14 +28,14 @@ impl<B: Backend> PatchMerger<B> {
         let merged_dim = dim * merge * merge;
         Ok(Self {
             ln_q: layer_norm(src, &format!("{prefix}.ln_q"), dim, 1e-6)?,
-            fc1: linear(
+            fc1: proj(
                 src,
                 &format!("{prefix}.mlp.0"),
                 merged_dim,
                 merged_dim,
                 true,
             )?,
-            fc2: linear(src, &format!("{prefix}.mlp.2"), merged_dim, out_dim, true)?,
+            fc2: proj(src, &format!("{prefix}.mlp.2"), merged_dim, out_dim, true)?,
             merged_dim,
         })
     }

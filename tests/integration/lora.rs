@@ -1,0 +1,268 @@
+//! LoRA against PEFT: the adapter of tests/fixtures/qwen2vl-tiny-lora (made by
+//! `make_lora_fixture.py` with PEFT's own `save_pretrained`, every matrix random) loads onto
+//! the tiny checkpoint and gives transformers' logits with the adapter on, bypassed and
+//! merged; adapters medr1 saves load back exactly in PEFT's layout; a fresh adapter changes
+//! nothing and only the adapters get gradients.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{backend::Backend, Tensor};
+use qwen2vl::checkpoint::{load_adapter, save_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use qwen2vl::lora::{LoraConfig, TargetModules};
+use qwen2vl::verify::{images, Fixture};
+use qwen2vl::{load_model, Qwen2VL, TokenBatch};
+
+use crate::common::{fixture_dir, Flex};
+
+fn lora_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2vl-tiny-lora")
+}
+
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn scratch(name: &str) -> Scratch {
+    let d = std::env::temp_dir().join(format!("medr1-lora-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    Scratch(d)
+}
+
+fn base<B: Backend>(device: &B::Device) -> Qwen2VL<B> {
+    load_model::<B>(&fixture_dir().join("hf_model"), device)
+        .unwrap()
+        .0
+}
+
+/// The model's logits on a case of the tiny fixture, flattened.
+fn logits<B: Backend>(model: &Qwen2VL<B>, case: &str, device: &B::Device) -> Vec<f32> {
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let ids = fx.id_rows(&format!("{case}.input_ids")).unwrap().remove(0);
+    let imgs = images::<B>(&fx, &[case], device).unwrap();
+    let out = model
+        .forward(&TokenBatch::single(ids), imgs.as_ref())
+        .unwrap();
+    out.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+fn reference(name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(lora_dir().join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_peft_adapter_gives_transformers_logits_on_bypassed_and_merged() {
+    let device = Default::default();
+    let (model, cfg) = load_adapter(base::<Flex>(&device), &lora_dir().join("adapter")).unwrap();
+    assert_eq!((cfg.r, cfg.alpha, cfg.use_rslora), (4, 8.0, false));
+    // 2 text layers x 7, 2 vision blocks x (qkv, fc2), the merger's first layer.
+    let adapted = model
+        .projections()
+        .iter()
+        .filter(|(_, p)| p.lora.is_some())
+        .count();
+    assert_eq!(adapted, 2 * 7 + 2 * 2 + 1);
+    for case in ["single", "multi"] {
+        let on = logits(&model, case, &device);
+        let want = reference(&format!("{case}.logits"));
+        // The adapter must matter, or the comparison proves nothing.
+        let base_want = reference(&format!("{case}.base_logits"));
+        assert!(max_abs(&want, &base_want) > 1.0);
+        let err = max_abs(&on, &want);
+        assert!(
+            err < 1e-4,
+            "{case}: adapter logits differ from PEFT's by {err}"
+        );
+
+        let off = logits(&model.clone().without_adapters(), case, &device);
+        let err = max_abs(&off, &base_want);
+        assert!(
+            err < 1e-4,
+            "{case}: bypassed adapters differ from PEFT's disabled by {err}"
+        );
+
+        let merged = logits(&model.clone().merge_adapters(), case, &device);
+        let err = max_abs(&merged, &reference(&format!("{case}.merged_logits")));
+        assert!(
+            err < 1e-4,
+            "{case}: merged logits differ from PEFT's merged by {err}"
+        );
+    }
+}
+
+fn keys_and_shapes(path: &Path) -> Vec<(String, Vec<usize>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.shape().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn saved_adapters_are_peft_files_that_load_back_exactly() {
+    let device = Default::default();
+    let peft = lora_dir().join("adapter");
+    let (model, cfg) = load_adapter(base::<Flex>(&device), &peft).unwrap();
+    let out = scratch("save");
+    save_adapter(&model, &cfg, Some("tiny"), &out.0).unwrap();
+    // PEFT's key names and shapes, PEFT's config fields.
+    assert_eq!(
+        keys_and_shapes(&out.0.join(ADAPTER_WEIGHTS)),
+        keys_and_shapes(&peft.join(ADAPTER_WEIGHTS))
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.0.join(ADAPTER_CONFIG)).unwrap())
+            .unwrap();
+    assert_eq!(written["peft_type"], "LORA");
+    assert_eq!(written["r"], 4);
+    assert_eq!(written["lora_alpha"], 8);
+    assert_eq!(written["base_model_name_or_path"], "tiny");
+
+    let (again, cfg2) = load_adapter(base::<Flex>(&device), &out.0).unwrap();
+    assert_eq!(cfg2, cfg);
+    assert_eq!(
+        logits(&again, "single", &device),
+        logits(&model, "single", &device)
+    );
+}
+
+/// Counts the parameters that got a gradient, adapters and base apart.
+struct GradCount<'a> {
+    grads: &'a GradientsParams,
+    adapter_ids: Vec<ParamId>,
+    adapters: usize,
+    base: usize,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for GradCount<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.grads.get::<B::InnerBackend, D>(param.id).is_some() {
+            if self.adapter_ids.contains(&param.id) {
+                self.adapters += 1;
+            } else {
+                self.base += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_fresh_adapter_changes_nothing_and_only_adapters_get_gradients() {
+    type A = Autodiff<Flex>;
+    let device = Default::default();
+    let plain = base::<A>(&device);
+    let before = logits(&plain, "single", &device);
+    let cfg = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "qkv".into()]),
+        ..LoraConfig::default()
+    };
+    let model = plain.with_lora(&cfg).unwrap();
+    let adapter_ids: Vec<ParamId> = model
+        .projections()
+        .iter()
+        .filter_map(|(_, p)| p.lora.as_ref())
+        .flat_map(|l| [l.a.id, l.b.id])
+        .collect();
+    assert_eq!(adapter_ids.len(), 2 * (2 * 2 + 2));
+    // B starts at zero: exactly the base model's logits.
+    assert_eq!(logits(&model, "single", &device), before);
+
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let ids = fx.id_rows("single.input_ids").unwrap().remove(0);
+    let imgs = images::<A>(&fx, &["single"], &device).unwrap();
+    let out = model
+        .forward(&TokenBatch::single(ids), imgs.as_ref())
+        .unwrap();
+    let loss = out.powi_scalar(2).mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut count = GradCount {
+        grads: &grads,
+        adapter_ids,
+        adapters: 0,
+        base: 0,
+    };
+    model.visit(&mut count);
+    assert_eq!(count.base, 0, "the base is frozen");
+    assert_eq!(count.adapters, 12, "every adapter matrix gets a gradient");
+}
+
+#[test]
+fn bad_adapters_and_settings_get_errors_naming_what_to_fix() {
+    let device = Default::default();
+    let peft = lora_dir().join("adapter");
+    let dir = scratch("bad");
+    let copy = |config: &str| {
+        std::fs::write(dir.0.join(ADAPTER_CONFIG), config).unwrap();
+        std::fs::copy(peft.join(ADAPTER_WEIGHTS), dir.0.join(ADAPTER_WEIGHTS)).unwrap();
+    };
+    let original = std::fs::read_to_string(peft.join(ADAPTER_CONFIG)).unwrap();
+
+    copy(&original.replace("\"use_dora\": false", "\"use_dora\": true"));
+    let e = load_adapter(base::<Flex>(&device), &dir.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("use_dora"), "{e}");
+
+    copy(&original.replace("\"r\": 4", "\"r\": 8"));
+    let e = load_adapter(base::<Flex>(&device), &dir.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_A.weight") && e.contains("expected shape [8"),
+        "{e}"
+    );
+
+    // A target with no weights in the file: the missing matrix is named.
+    copy(&original.replace("\"qkv\",", "\"qkv\", \"fc1\","));
+    let e = load_adapter(base::<Flex>(&device), &dir.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.visual.blocks.0.mlp.fc1.lora_A.weight"),
+        "{e}"
+    );
+
+    let none = LoraConfig {
+        target_modules: TargetModules::Names(vec!["to_q".into()]),
+        ..LoraConfig::default()
+    };
+    let e = base::<Flex>(&device)
+        .with_lora(&none)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("match no linear layer"), "{e}");
+    let head = LoraConfig {
+        target_modules: TargetModules::Names(vec!["lm_head".into()]),
+        ..LoraConfig::default()
+    };
+    let e = base::<Flex>(&device)
+        .with_lora(&head)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lm_head"), "{e}");
+}
