@@ -31,6 +31,7 @@ pub struct RunConfig {
     pub grpo: GrpoSection,
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
+    pub lora: LoraSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +198,51 @@ pub struct EvalSection {
     pub scoring: Scoring,
 }
 
+/// LoRA for GRPO (PEFT's `LoraConfig` names): the base frozen, adapters trained, the
+/// reference model the base with the adapters bypassed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub enabled: bool,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names (a name or a `.`-suffix matches) or one regular expression (full match),
+    /// PEFT names on transformers' Qwen2-VL.
+    pub target_modules: qwen2vl::TargetModules,
+    pub use_rslora: bool,
+    /// A PEFT adapter directory to start from (its adapter_config.json then sets r, alpha,
+    /// dropout, targets); empty: fresh adapters.
+    pub adapter: String,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        let d = qwen2vl::LoraConfig::default();
+        Self {
+            enabled: false,
+            r: d.r,
+            alpha: d.alpha,
+            dropout: d.dropout,
+            target_modules: d.target_modules,
+            use_rslora: d.use_rslora,
+            adapter: String::new(),
+        }
+    }
+}
+
+impl LoraSection {
+    pub fn lora_config(&self) -> qwen2vl::LoraConfig {
+        qwen2vl::LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: self.target_modules.clone(),
+            use_rslora: self.use_rslora,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointSection {
@@ -218,6 +264,7 @@ impl Default for RunConfig {
             grpo: GrpoSection::default(),
             eval: EvalSection::default(),
             checkpoint: CheckpointSection::default(),
+            lora: LoraSection::default(),
         }
     }
 }
@@ -465,6 +512,14 @@ impl RunConfig {
         }
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             bail!("name = {:?}: a plain directory name is needed", self.name);
+        }
+        if self.lora.enabled {
+            self.lora
+                .lora_config()
+                .validate()
+                .map_err(|e| anyhow!("{e}"))?;
+        } else if !self.lora.adapter.is_empty() {
+            bail!("lora.adapter is set but lora.enabled = false: enable LoRA to train the adapter");
         }
         if self.grpo.num_generations < 2 {
             bail!("grpo.num_generations must be at least 2: advantages compare within a group");

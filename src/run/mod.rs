@@ -30,6 +30,7 @@ use grpo::schedule::LrSchedule;
 use grpo::stream::{PromptSource, StreamOptions};
 use grpo::{AccuracyReward, FormatReward, LetterAccuracyReward, WeightedRewards};
 use medvqa::PromptTemplate;
+use qwen2vl::checkpoint::save_adapter;
 use qwen2vl::generation::{Sampling, ShapeBuckets};
 use qwen2vl::processor::{byte_tokenizer_json, TextTokenizer};
 use qwen2vl::{save_model, Qwen2VL, SaveDtype};
@@ -440,6 +441,7 @@ fn execute<B: Backend>(
         return Ok(());
     }
     let resume = matches!(job, Job::Train { resume: true, .. });
+    let (policy, lora) = model::with_lora(policy, &cfg.lora)?;
 
     let before = if cfg.eval.before && has_eval {
         let path = dir.join("eval_before.json");
@@ -459,7 +461,8 @@ fn execute<B: Backend>(
     }
 
     let gcfg = grpo_config(cfg, &eos, pad);
-    let reference = (gcfg.loss.beta != 0.0).then(|| policy.valid());
+    // With LoRA the reference is the frozen base itself (adapters bypassed, weights shared).
+    let reference = (gcfg.loss.beta != 0.0).then(|| policy.valid().without_adapters());
     let ctx = HostCtx::<A<B>>::new(
         train_prompts,
         model::tokenizer(cfg)?,
@@ -534,6 +537,11 @@ fn execute<B: Backend>(
     let final_dir = dir.join("final");
     save_model(&trained, &final_dir, SaveDtype::F32)?;
     write_processor_files(&final_dir, cfg)?;
+    if let Some(lcfg) = &lora {
+        // The merged checkpoint above, and the adapter itself as PEFT reads it.
+        let base = (!cfg.model.checkpoint.is_empty()).then_some(cfg.model.checkpoint.as_str());
+        save_adapter(&trained, lcfg, base, &final_dir.join("adapter"))?;
+    }
     let before = match before {
         Some(b) => serde_json::from_str(&b.to_json()).ok(),
         None => report::read_eval(&dir.join("eval_before.json")),

@@ -4,11 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use burn::module::Module;
 use burn::tensor::backend::Backend;
+use qwen2vl::checkpoint::load_adapter;
 use qwen2vl::processor::{byte_tokenizer_json, ImageProcessorConfig, Processor, TextTokenizer};
-use qwen2vl::{load_model, Qwen2VL, Qwen2VLConfig};
+use qwen2vl::{load_model, LoraConfig, Qwen2VL, Qwen2VLConfig};
 
-use crate::config::{RunConfig, TinyModel};
+use crate::config::{LoraSection, RunConfig, TinyModel};
 
 /// The HF `config.json` of a tiny model over the byte-level tokenizer's ids.
 pub fn tiny_config_json(t: &TinyModel) -> String {
@@ -195,4 +197,34 @@ pub fn special_ids(tok: &TextTokenizer) -> anyhow::Result<(Vec<u32>, u32)> {
         .token_id("<|endoftext|>")
         .context("the tokenizer has no <|endoftext|> token")?;
     Ok((vec![im_end, endoftext], endoftext))
+}
+
+/// The policy with LoRA adapters when `lora.enabled` (the base frozen): loaded from
+/// `lora.adapter`, or fresh. Returns the adapters' settings (`None` without LoRA).
+pub fn with_lora<B: Backend>(
+    policy: Qwen2VL<B>,
+    lora: &LoraSection,
+) -> anyhow::Result<(Qwen2VL<B>, Option<LoraConfig>)> {
+    if !lora.enabled {
+        return Ok((policy, None));
+    }
+    let (policy, cfg) = if lora.adapter.is_empty() {
+        let cfg = lora.lora_config();
+        (policy.with_lora(&cfg)?, cfg)
+    } else {
+        let dir = Path::new(&lora.adapter);
+        load_adapter(policy, dir).with_context(|| format!("lora.adapter {}", dir.display()))?
+    };
+    let trainable: usize = policy
+        .projections()
+        .iter()
+        .filter_map(|(_, p)| p.lora.as_ref())
+        .map(|l| l.a.shape().num_elements() + l.b.shape().num_elements())
+        .sum();
+    let frozen = policy.num_params() - trainable;
+    eprintln!(
+        "LoRA r {} alpha {}: {trainable} trainable parameters, {frozen} frozen",
+        cfg.r, cfg.alpha
+    );
+    Ok((policy, Some(cfg)))
 }

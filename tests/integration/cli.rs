@@ -21,7 +21,7 @@ pub(crate) fn medr1(args: &[&str]) -> (bool, String, String) {
 
 /// The tiny fixture model with the project's byte-level tokenizer and the fixture's image
 /// settings: a complete checkpoint directory.
-fn tiny_checkpoint(name: &str) -> PathBuf {
+pub(crate) fn tiny_checkpoint(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("medr1-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

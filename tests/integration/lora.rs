@@ -266,3 +266,59 @@ fn bad_adapters_and_settings_get_errors_naming_what_to_fix() {
         .to_string();
     assert!(e.contains("lm_head"), "{e}");
 }
+
+#[test]
+fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
+    let ckpt = crate::cli::tiny_checkpoint("lora-run");
+    let runs = ckpt.with_file_name(format!("medr1-lora-{}-runs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let sets = [
+        format!("runs_dir=\"{}\"", runs.display()),
+        format!("model.checkpoint=\"{}\"", ckpt.display()),
+        "data.synthetic.n=24".into(),
+        // A short warm start, so that the groups' rewards differ (the advantages are not 0).
+        "sft.steps=4".into(),
+        "grpo.steps=3".into(),
+        "grpo.learning_rate=1e-2".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+        "eval.every=0".into(),
+        "lora.enabled=true".into(),
+        "lora.r=2".into(),
+        "lora.alpha=4.0".into(),
+        r#"lora.target_modules=["q_proj", "v_proj", "qkv"]"#.into(),
+    ];
+    let mut args = vec!["train"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let (ok, _, err) = crate::cli::medr1(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("LoRA r 2 alpha 4: "), "{err}");
+    let fin = runs.join("tiny/final");
+    let device = Default::default();
+    // The adapters sit on the warm start's model.
+    let base = load_model::<Flex>(&runs.join("tiny/sft"), &device)
+        .unwrap()
+        .0;
+    let (adapted, cfg) = load_adapter(base, &fin.join("adapter")).unwrap();
+    assert_eq!((cfg.r, cfg.alpha), (2, 4.0));
+    // Training moved the adapters (B starts at zero) ...
+    let moved = adapted
+        .projections()
+        .iter()
+        .filter_map(|(_, p)| p.lora.as_ref())
+        .map(|l| l.b.val().abs().max().into_scalar())
+        .fold(0.0f32, f32::max);
+    assert!(moved > 1e-4, "adapters did not train: max |B| {moved}");
+    // ... and only them: the untouched warm start with the saved adapter is the merged final
+    // model.
+    let merged = load_model::<Flex>(&fin, &device).unwrap().0;
+    let err = max_abs(
+        &logits(&adapted, "single", &device),
+        &logits(&merged, "single", &device),
+    );
+    assert!(err < 1e-4, "base + adapter vs merged final: {err}");
+    let _ = std::fs::remove_dir_all(&runs);
+    let _ = std::fs::remove_dir_all(&ckpt);
+}
