@@ -716,6 +716,33 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_config_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                RunConfig::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{e:#}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "{n} configs");
+    }
+
+    #[test]
+    fn the_lora_recipe_is_med_r1s_no_think_recipe_with_lora() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let lora = RunConfig::load(Some(&dir.join("med-r1-2b-lora.toml")), &[]).unwrap();
+        let mut plain = RunConfig::load(Some(&dir.join("med-r1-2b-nothink.toml")), &[]).unwrap();
+        assert!(lora.lora.enabled && lora.lora.adapter.is_empty());
+        assert_eq!(lora.lora.lora_config().scale(), 2.0);
+        plain.name = lora.name.clone();
+        plain.grpo.learning_rate = lora.grpo.learning_rate;
+        plain.lora = lora.lora.clone();
+        assert_eq!(plain, lora);
+    }
+
+    #[test]
     fn overrides_reach_nested_keys() {
         let cfg = RunConfig::load(
             None,

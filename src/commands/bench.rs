@@ -22,7 +22,7 @@ use grpo::WeightedRewards;
 use medvqa::VqaRecord;
 use qwen2vl::generation::Sampling;
 use qwen2vl::processor::{byte_tokenizer_json, ProcessedImage, TextTokenizer};
-use qwen2vl::{Qwen2VL, Qwen2VLConfig};
+use qwen2vl::{LoraConfig, Qwen2VL, Qwen2VLConfig};
 
 use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
 
@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// (`grpo.share_prompt = false`, as TRL computes it).
     #[arg(long)]
     pub no_unshared: bool,
+    /// Train LoRA adapters of this rank (alpha 2r) on the text decoder's seven projections
+    /// instead of the whole model: the base frozen and shared with the reference (0: full
+    /// fine-tuning).
+    #[arg(long, default_value_t = 0)]
+    pub lora_r: usize,
     /// Print the results as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
@@ -148,6 +153,13 @@ impl BackendTask for Task {
         let t = Instant::now();
         let mut model = Qwen2VL::<Autodiff<B>>::random(&config, &device);
         eprintln!("built a random model in {:.1}s", t.elapsed().as_secs_f64());
+        if a.lora_r > 0 {
+            model = model.with_lora(&LoraConfig {
+                r: a.lora_r,
+                alpha: 2.0 * a.lora_r as f64,
+                ..LoraConfig::default()
+            })?;
+        }
         let (prompts, image_tokens) = synthetic_prompts(&a, &config);
         let prompt_tokens = prompts[0].ids.len();
         let pad = config.bos_token_id.unwrap_or(0);
@@ -170,7 +182,7 @@ impl BackendTask for Task {
         let tokenizer =
             TextTokenizer::from_bytes(byte_tokenizer_json().to_string().as_bytes(), "byte-level")?;
         let rewards = WeightedRewards::med_r1(false);
-        let reference = (!a.rollout_only).then(|| model.valid());
+        let reference = (!a.rollout_only).then(|| model.valid().without_adapters());
         let mut optim = OptimizerOptions::default().adamw().init();
         let mut seed = 0;
         // `steps` timed GRPO steps after a warm-up; the rollout is timed within each.
@@ -220,6 +232,7 @@ impl BackendTask for Task {
             timing.peak_rss_mib = peak_rss_gib().map(|g| g * 1024.0);
             anyhow::Ok(timing)
         };
+        let lora_params = model.adapter_params();
         let mut held = Some(model);
         let shared = measure(true, &mut held)?;
         let step_peak = gpu.as_ref().map(GpuMemory::take_peak_gib);
@@ -232,12 +245,18 @@ impl BackendTask for Task {
         drop(model);
 
         let params = config.parameter_counts().total();
+        let trainable = if a.lora_r > 0 { lora_params } else { params };
         println!(
-            "device {} ({}), model {} parameters, {} prompts x {} generations, prompt {} tokens \
+            "device {} ({}), model {} parameters{}, {} prompts x {} generations, prompt {} tokens \
              ({} image + {} text), {} new tokens",
             a.device.name(),
             if a.bf16 { "bf16" } else { "f32" },
             params,
+            if a.lora_r > 0 {
+                format!(" (LoRA r {}: {trainable} trained)", a.lora_r)
+            } else {
+                String::new()
+            },
             a.batch,
             a.num_generations,
             prompt_tokens,
@@ -300,6 +319,8 @@ impl BackendTask for Task {
                 "device": a.device.name(),
                 "precision": if a.bf16 { "bf16" } else { "f32" },
                 "parameters": params,
+                "trained_parameters": trainable,
+                "lora_r": a.lora_r,
                 "prompts": a.batch,
                 "num_generations": a.num_generations,
                 "prompt_tokens": prompt_tokens,

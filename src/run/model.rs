@@ -215,12 +215,7 @@ pub fn with_lora<B: Backend>(
         let dir = Path::new(&lora.adapter);
         load_adapter(policy, dir).with_context(|| format!("lora.adapter {}", dir.display()))?
     };
-    let trainable: usize = policy
-        .projections()
-        .iter()
-        .filter_map(|(_, p)| p.lora.as_ref())
-        .map(|l| l.a.shape().num_elements() + l.b.shape().num_elements())
-        .sum();
+    let trainable = policy.adapter_params();
     let frozen = policy.num_params() - trainable;
     eprintln!(
         "LoRA r {} alpha {}: {trainable} trainable parameters, {frozen} frozen",

@@ -290,6 +290,15 @@ impl<B: Backend> Qwen2VL<B> {
         out
     }
 
+    /// How many values the adapters hold (what LoRA trains).
+    pub fn adapter_params(&self) -> usize {
+        self.projections()
+            .iter()
+            .filter_map(|(_, p)| p.lora.as_ref())
+            .map(|l| l.a.shape().num_elements() + l.b.shape().num_elements())
+            .sum()
+    }
+
     /// Whether any projection carries an adapter.
     pub fn has_adapters(&self) -> bool {
         self.projections().iter().any(|(_, p)| p.lora.is_some())
