@@ -164,7 +164,15 @@ pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&probe);
     let params = parameters(cfg)? as u64;
     let copies = if cfg.dtype == "bf16" { 4 } else { 3 };
-    let per_checkpoint = params * 4 * copies;
+    // Optimizer state for what is trained: with LoRA only the adapters (the frozen base's
+    // weights are still in each checkpoint).
+    let trained = if cfg.lora.enabled {
+        let arch = super::model::architecture(cfg)?;
+        cfg.lora.lora_config().trainable_params(&arch)? as u64
+    } else {
+        params
+    };
+    let per_checkpoint = params * 4 + trained * 4 * (copies - 1);
     // Kept checkpoints and one being written (no more than the run will write: one every
     // `checkpoint.every` steps and one at the end), the SFT and final weights.
     // With `grpo.epochs` the step count is known only once the data is read: count the most.

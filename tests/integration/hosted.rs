@@ -19,9 +19,23 @@ use crate::grpo_learns::{byte_tokenizer, text_prompt, tiny_random_model, Ad, Alp
 type Inner = <Ad as burn::tensor::backend::AutodiffBackend>::InnerBackend;
 
 fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> {
+    run_with(dir, total_steps, resume, None)
+}
+
+/// [`run`], with LoRA adapters on the policy when `lora` is given (the reference then the
+/// bypassed base, as `medr1 train` does).
+fn run_with(
+    dir: &Path,
+    total_steps: usize,
+    resume: bool,
+    lora: Option<&qwen2vl::LoraConfig>,
+) -> qwen2vl::Qwen2VL<Inner> {
     let device = Default::default();
-    let policy = tiny_random_model(11, &device);
-    let reference = policy.valid();
+    let mut policy = tiny_random_model(11, &device);
+    if let Some(l) = lora {
+        policy = policy.with_lora(l).unwrap();
+    }
+    let reference = policy.valid().without_adapters();
     let tokenizer = byte_tokenizer();
     let prompts: Vec<_> = ["Say a word.", "Name a thing.", "Write code.", "Count."]
         .iter()
@@ -151,6 +165,49 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
         .filter(|n| n.contains("tmp"))
         .collect();
     assert!(stray.is_empty(), "temporary files left: {stray:?}");
+    let _ = (
+        std::fs::remove_dir_all(whole),
+        std::fs::remove_dir_all(parts),
+    );
+}
+
+#[test]
+fn a_resumed_lora_run_matches_an_uninterrupted_one() {
+    let lora = qwen2vl::LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        target_modules: qwen2vl::TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]),
+        ..Default::default()
+    };
+    let whole = fresh_dir("lora-whole");
+    let parts = fresh_dir("lora-parts");
+    let a = run_with(&whole, 4, false, Some(&lora));
+    run_with(&parts, 2, false, Some(&lora));
+    let b = run_with(&parts, 4, true, Some(&lora));
+    let (la, lb) = (lines(&whole), lines(&parts));
+    assert_eq!(la.len(), 4);
+    for (x, y) in la.iter().zip(&lb) {
+        for key in ["step", "loss", "reward_mean", "kl", "grad_norm"] {
+            assert_eq!(x[key], y[key], "{key} differs: {x} vs {y}");
+        }
+    }
+    let adapters = |m: &qwen2vl::Qwen2VL<Inner>| -> Vec<f32> {
+        m.projections()
+            .iter()
+            .filter_map(|(_, p)| p.lora.as_ref())
+            .flat_map(|l| {
+                let a = l.a.val().into_data().to_vec::<f32>().unwrap();
+                let b = l.b.val().into_data().to_vec::<f32>().unwrap();
+                a.into_iter().chain(b)
+            })
+            .collect()
+    };
+    assert_eq!(adapters(&a), adapters(&b), "final adapters differ");
+    assert!(adapters(&a).iter().any(|&v| v != 0.0));
+    // The base is untouched: bypassing the adapters gives the initial model.
+    let initial = tiny_random_model(11, &Default::default()).valid();
+    assert_eq!(flat(&a.clone().without_adapters()), flat(&initial));
+    assert_ne!(flat(&a), flat(&initial), "training changed nothing");
     let _ = (
         std::fs::remove_dir_all(whole),
         std::fs::remove_dir_all(parts),

@@ -18,6 +18,7 @@ use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Qwen2VLConfig;
 use crate::error::Qwen2VLError;
 use crate::model::Qwen2VL;
 use crate::params::Dense;
@@ -86,6 +87,43 @@ impl TargetMatcher {
     }
 }
 
+/// Every adaptable projection of a model of this architecture: its PEFT module name and
+/// `[in, out]`, in [`Qwen2VL::projections`]'s order (a test holds the two together).
+pub fn projection_shapes(c: &Qwen2VLConfig) -> Vec<(String, [usize; 2])> {
+    let v = &c.vision;
+    let e = v.embed_dim;
+    let mlp = (e as f64 * v.mlp_ratio) as usize;
+    let merged = e * v.spatial_merge_size * v.spatial_merge_size;
+    let mut out = Vec::new();
+    for i in 0..v.depth {
+        let p = format!("model.visual.blocks.{i}");
+        out.push((format!("{p}.attn.qkv"), [e, 3 * e]));
+        out.push((format!("{p}.attn.proj"), [e, e]));
+        out.push((format!("{p}.mlp.fc1"), [e, mlp]));
+        out.push((format!("{p}.mlp.fc2"), [mlp, e]));
+    }
+    out.push(("model.visual.merger.mlp.0".into(), [merged, merged]));
+    out.push(("model.visual.merger.mlp.2".into(), [merged, v.hidden_size]));
+    let t = &c.text;
+    let (h, q, kv, i) = (
+        t.hidden_size,
+        t.num_attention_heads * t.head_dim,
+        t.num_key_value_heads * t.head_dim,
+        t.intermediate_size,
+    );
+    for l in 0..t.num_hidden_layers {
+        let p = format!("model.language_model.layers.{l}");
+        out.push((format!("{p}.self_attn.q_proj"), [h, q]));
+        out.push((format!("{p}.self_attn.k_proj"), [h, kv]));
+        out.push((format!("{p}.self_attn.v_proj"), [h, kv]));
+        out.push((format!("{p}.self_attn.o_proj"), [q, h]));
+        out.push((format!("{p}.mlp.gate_proj"), [h, i]));
+        out.push((format!("{p}.mlp.up_proj"), [h, i]));
+        out.push((format!("{p}.mlp.down_proj"), [i, h]));
+    }
+    out
+}
+
 /// LoRA settings, PEFT's `LoraConfig` names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
@@ -121,6 +159,16 @@ impl LoraConfig {
         } else {
             self.alpha / self.r as f64
         }
+    }
+
+    /// The values the adapters of a model of this architecture hold (what LoRA trains).
+    pub fn trainable_params(&self, c: &Qwen2VLConfig) -> Result<usize, Qwen2VLError> {
+        let m = TargetMatcher::new(&self.target_modules)?;
+        Ok(projection_shapes(c)
+            .iter()
+            .filter(|(name, _)| m.matches(name))
+            .map(|(_, [i, o])| self.r * (i + o))
+            .sum())
     }
 
     pub fn validate(&self) -> Result<(), Qwen2VLError> {
@@ -405,6 +453,31 @@ mod tests {
         // A full match, not a search.
         assert!(!re.matches("x.model.language_model.layers.1.mlp.up_proj"));
         assert!(TargetMatcher::new(&TargetModules::Pattern("(".into())).is_err());
+    }
+
+    #[test]
+    fn projection_shapes_are_the_models_projections() {
+        use burn::backend::Flex;
+        let c = Qwen2VLConfig::from_file(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/qwen2vl-tiny-seed0/hf_model/config.json"
+        )))
+        .unwrap();
+        let model = Qwen2VL::<Flex>::random(&c, &Default::default());
+        let from_model: Vec<(String, [usize; 2])> = model
+            .projections()
+            .into_iter()
+            .map(|(n, p)| (n, p.dims()))
+            .collect();
+        assert_eq!(projection_shapes(&c), from_model);
+        let cfg = LoraConfig {
+            r: 3,
+            target_modules: names(&["qkv", "down_proj"]),
+            ..LoraConfig::default()
+        };
+        let counted = cfg.trainable_params(&c).unwrap();
+        let adapted = model.with_lora(&cfg).unwrap();
+        assert_eq!(counted, adapted.adapter_params());
     }
 
     #[test]
