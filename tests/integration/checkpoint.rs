@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::common::{fixture_dir, Flex};
+use crate::common::{fixture_dir, max_abs_diff, Flex};
 use burn::tensor::Tensor;
 use qwen2vl::checkpoint::{load_model, named_tensors};
 use qwen2vl::{save_model, Qwen2VLError, SaveDtype, TokenBatch};
@@ -76,16 +76,8 @@ fn logits_of(dir: &Path) -> Vec<f32> {
 
 /// The checkpoint in `dir` computes exactly what the fixture's own checkpoint does.
 fn assert_same_logits_as_fixture(dir: &Path) {
-    let diff = max_diff(&logits_of(dir), &logits_of(&fixture_dir().join("hf_model")));
+    let diff = max_abs_diff(&logits_of(dir), &logits_of(&fixture_dir().join("hf_model")));
     assert_eq!(diff, 0.0);
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -22,3 +22,12 @@ pub fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
     }
     Default::default()
 }
+
+/// The largest absolute difference between two equally long lists.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

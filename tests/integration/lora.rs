@@ -15,7 +15,7 @@ use qwen2vl::lora::{LoraConfig, TargetModules};
 use qwen2vl::verify::{images, Fixture};
 use qwen2vl::{load_model, Qwen2VL, TokenBatch};
 
-use crate::common::{fixture_dir, Flex};
+use crate::common::{fixture_dir, max_abs_diff, Flex};
 
 fn lora_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2vl-tiny-lora")
@@ -61,14 +61,6 @@ fn reference(name: &str) -> Vec<f32> {
         .collect()
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn a_peft_adapter_gives_transformers_logits_on_bypassed_and_merged() {
     let device = Default::default();
@@ -86,22 +78,22 @@ fn a_peft_adapter_gives_transformers_logits_on_bypassed_and_merged() {
         let want = reference(&format!("{case}.logits"));
         // The adapter must matter, or the comparison proves nothing.
         let base_want = reference(&format!("{case}.base_logits"));
-        assert!(max_abs(&want, &base_want) > 1.0);
-        let err = max_abs(&on, &want);
+        assert!(max_abs_diff(&want, &base_want) > 1.0);
+        let err = max_abs_diff(&on, &want);
         assert!(
             err < 1e-4,
             "{case}: adapter logits differ from PEFT's by {err}"
         );
 
         let off = logits(&model.clone().without_adapters(), case, &device);
-        let err = max_abs(&off, &base_want);
+        let err = max_abs_diff(&off, &base_want);
         assert!(
             err < 1e-4,
             "{case}: bypassed adapters differ from PEFT's disabled by {err}"
         );
 
         let merged = logits(&model.clone().merge_adapters(), case, &device);
-        let err = max_abs(&merged, &reference(&format!("{case}.merged_logits")));
+        let err = max_abs_diff(&merged, &reference(&format!("{case}.merged_logits")));
         assert!(
             err < 1e-4,
             "{case}: merged logits differ from PEFT's merged by {err}"
@@ -314,7 +306,7 @@ fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
     // ... and only them: the untouched warm start with the saved adapter is the merged final
     // model.
     let merged = load_model::<Flex>(&fin, &device).unwrap().0;
-    let err = max_abs(
+    let err = max_abs_diff(
         &logits(&adapted, "single", &device),
         &logits(&merged, "single", &device),
     );

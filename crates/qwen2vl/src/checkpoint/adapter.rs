@@ -13,7 +13,8 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 
-use super::export::write_atomically;
+use super::export::{host_f32, write_atomically};
+use super::files::widen_to_f32;
 use crate::error::Qwen2VLError;
 use crate::lora::{LoraAdapter, LoraConfig, TargetMatcher, TargetModules};
 use crate::model::Qwen2VL;
@@ -128,31 +129,6 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, Qwen2VLError> {
     Ok(cfg)
 }
 
-fn to_f32(dir: &Path, key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, Qwen2VLError> {
-    Ok(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(err(
-                dir,
-                format!(
-                "{ADAPTER_WEIGHTS}: tensor `{key}` has dtype {other:?} (expected F32, BF16 or F16)"
-            ),
-            ))
-        }
-    })
-}
-
 /// Loads a PEFT LoRA adapter directory onto `model`: the base frozen, an adapter on every
 /// module the file holds weights for. Every module `target_modules` selects must have both
 /// matrices, every tensor in the file must belong to one, shapes must fit. Returns the
@@ -224,7 +200,16 @@ pub fn load_adapter<B: Backend>(
                     file: path.clone(),
                 });
             }
-            let values = to_f32(dir, &key, view.dtype(), view.data())?;
+            let values = widen_to_f32(view.dtype(), view.data()).ok_or_else(|| {
+                err(
+                    dir,
+                    format!(
+                        "{ADAPTER_WEIGHTS}: tensor `{key}` has dtype {:?} (expected F32, BF16 \
+                         or F16)",
+                        view.dtype()
+                    ),
+                )
+            })?;
             used += 1;
             Ok(Tensor::from_data(TensorData::new(values, shape), &device))
         };
@@ -275,12 +260,7 @@ pub fn save_adapter<B: Backend>(
             ("lora_A", l.a.val().transpose()),
             ("lora_B", l.b.val().transpose()),
         ] {
-            let shape = t.dims().to_vec();
-            let values = t
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32 after conversion");
+            let (shape, values) = host_f32(t);
             let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             tensors.insert(format!("{KEY_PREFIX}{name}.{suffix}.weight"), (shape, data));
         }

@@ -38,16 +38,22 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
+/// A tensor's shape and values on the host, as f32.
+pub(crate) fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
+    let shape = t.dims().to_vec();
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 after conversion");
+    (shape, values)
+}
+
 struct Collector(Vec<NamedTensor>);
 
 impl Collector {
     fn push<B: Backend, const D: usize>(&mut self, key: String, t: Tensor<B, D>) {
-        let shape = t.dims().to_vec();
-        let values = t
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 after conversion");
+        let (shape, values) = host_f32(t);
         self.0.push(NamedTensor { key, shape, values });
     }
 

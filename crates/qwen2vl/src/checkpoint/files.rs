@@ -210,31 +210,15 @@ impl CheckpointFiles {
         let view = st
             .tensor(&t.key)
             .map_err(|e| checkpoint_err(&self.dir, format!("tensor `{}`: {e}", t.key)))?;
-        let bytes = view.data();
-        let values = match t.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            other => {
-                return Err(checkpoint_err(
-                    &self.dir,
-                    format!("tensor `{}` has dtype {other:?}; only f32, bf16, f16 and f64 weights are supported", t.key),
-                ))
-            }
-        };
+        let values = widen_to_f32(t.dtype, view.data()).ok_or_else(|| {
+            checkpoint_err(
+                &self.dir,
+                format!(
+                    "tensor `{}` has dtype {:?}; only f32, bf16, f16 and f64 weights are supported",
+                    t.key, t.dtype
+                ),
+            )
+        })?;
         Ok(values)
     }
 
@@ -248,4 +232,28 @@ impl CheckpointFiles {
         v.sort();
         v
     }
+}
+
+/// Little-endian safetensors values as f32 (bf16 and f16 widen exactly, f64 rounds); `None`
+/// for other dtypes.
+pub(crate) fn widen_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        _ => return None,
+    })
 }
