@@ -55,6 +55,9 @@ enum Command {
     },
     /// Answer a prompt about one image with a Qwen2-VL checkpoint directory.
     Generate(commands::generate::GenerateArgs),
+    /// A LoRA adapter on its base: one merged checkpoint (--merge), or the adapter rewritten
+    /// in PEFT's current layout.
+    Export(commands::export::ExportArgs),
     /// Med-VQA data: summary, synth, convert.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
             bf16,
         } => commands::verify::run(&fixtures, chat_cases.zip(tokenizer), device, bf16),
         Command::Generate(args) => commands::generate::run(args).map(|_| true),
+        Command::Export(args) => commands::export::run(args).map(|_| true),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),
         Command::Train { run, resume, force } => {

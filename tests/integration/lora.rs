@@ -314,3 +314,56 @@ fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
     let _ = std::fs::remove_dir_all(&runs);
     let _ = std::fs::remove_dir_all(&ckpt);
 }
+
+#[test]
+fn export_merges_an_adapter_into_a_checkpoint_transformers_agrees_with() {
+    let out = scratch("export");
+    let merged = out.0.join("merged");
+    let base_dir = fixture_dir().join("hf_model");
+    let adapter = lora_dir().join("adapter");
+    let args = |to: &Path, merge: bool| {
+        let mut v = vec![
+            "export".to_string(),
+            "--model".into(),
+            base_dir.display().to_string(),
+            "--adapter".into(),
+            adapter.display().to_string(),
+            "--out".into(),
+            to.display().to_string(),
+        ];
+        if merge {
+            v.push("--merge".into());
+        }
+        v
+    };
+    let run = |v: Vec<String>| {
+        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
+        crate::cli::medr1(&refs)
+    };
+    let (ok, _, err) = run(args(&merged, true));
+    assert!(ok, "{err}");
+    let device = Default::default();
+    let model = load_model::<Flex>(&merged, &device).unwrap().0;
+    assert!(!model.has_adapters());
+    for case in ["single", "multi"] {
+        let e = max_abs_diff(
+            &logits(&model, case, &device),
+            &reference(&format!("{case}.merged_logits")),
+        );
+        assert!(
+            e < 1e-4,
+            "{case}: exported merge vs PEFT's merge_and_unload: {e}"
+        );
+    }
+    // Without --merge: the adapter again, PEFT's keys.
+    let again = out.0.join("adapter");
+    let (ok, _, err) = run(args(&again, false));
+    assert!(ok, "{err}");
+    assert_eq!(
+        keys_and_shapes(&again.join(ADAPTER_WEIGHTS)),
+        keys_and_shapes(&adapter.join(ADAPTER_WEIGHTS))
+    );
+    // Nothing is written over.
+    let (ok, _, err) = run(args(&merged, true));
+    assert!(!ok && err.contains("not empty"), "{err}");
+}
