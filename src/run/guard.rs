@@ -168,7 +168,14 @@ pub fn prepare_run_dir(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
     // weights are still in each checkpoint).
     let trained = if cfg.lora.enabled {
         let arch = super::model::architecture(cfg)?;
-        cfg.lora.lora_config().trainable_params(&arch)? as u64
+        // A given adapter's own settings rule (as when the run attaches it).
+        let lora = if cfg.lora.adapter.is_empty() {
+            cfg.lora.lora_config()
+        } else {
+            qwen2vl::checkpoint::read_adapter_config(Path::new(&cfg.lora.adapter))
+                .with_context(|| format!("lora.adapter {}", cfg.lora.adapter))?
+        };
+        lora.trainable_params(&arch)? as u64
     } else {
         params
     };

@@ -367,3 +367,45 @@ fn export_merges_an_adapter_into_a_checkpoint_transformers_agrees_with() {
     let (ok, _, err) = run(args(&merged, true));
     assert!(!ok && err.contains("not empty"), "{err}");
 }
+
+#[test]
+fn a_run_starts_from_a_peft_adapter_and_refuses_a_missing_one() {
+    let ckpt = crate::cli::tiny_checkpoint("lora-start");
+    let runs = ckpt.with_file_name(format!("medr1-lora-{}-start-runs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let train = |adapter: &Path| {
+        let sets = [
+            format!("runs_dir=\"{}\"", runs.display()),
+            format!("model.checkpoint=\"{}\"", ckpt.display()),
+            "data.synthetic.n=24".into(),
+            "sft.steps=0".into(),
+            "grpo.steps=1".into(),
+            "eval.before=false".into(),
+            "eval.after=false".into(),
+            "lora.enabled=true".into(),
+            format!("lora.adapter=\"{}\"", adapter.display()),
+        ];
+        let mut args = vec!["train".to_string()];
+        for s in sets {
+            args.extend(["--set".to_string(), s]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::cli::medr1(&refs)
+    };
+    let (ok, _, err) = train(&lora_dir().join("adapter"));
+    assert!(ok, "{err}");
+    // The adapter's own settings, not [lora]'s defaults (r 8, alpha 16).
+    assert!(err.contains("LoRA r 4 alpha 8: "), "{err}");
+    assert!(runs
+        .join("tiny/final/adapter")
+        .join(ADAPTER_WEIGHTS)
+        .is_file());
+    let _ = std::fs::remove_dir_all(&runs);
+    let (ok, _, err) = train(&lora_dir().join("no-such-adapter"));
+    assert!(
+        !ok && err.contains("lora.adapter") && err.contains("no-such-adapter"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&runs);
+    let _ = std::fs::remove_dir_all(&ckpt);
+}
