@@ -31,3 +31,20 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// A fresh directory under the system's temp dir, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// [`Scratch`] `medr1-{group}-{pid}-{name}`, emptied first.
+pub fn scratch(group: &str, name: &str) -> Scratch {
+    let d = std::env::temp_dir().join(format!("medr1-{group}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    Scratch(d)
+}

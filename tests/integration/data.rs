@@ -1,6 +1,7 @@
 //! medvqa: both record formats, every error path, templates, conversion, splits and the
 //! synthetic generator's determinism and balance.
 
+use crate::common::Scratch;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -17,17 +18,8 @@ fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")
 }
 
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 fn scratch(name: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!("medr1-data-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
+    crate::common::scratch("data", name)
 }
 
 fn write(dir: &Path, name: &str, body: &str) -> PathBuf {

@@ -15,23 +15,14 @@ use qwen2vl::lora::{LoraConfig, TargetModules};
 use qwen2vl::verify::{images, Fixture};
 use qwen2vl::{load_model, Qwen2VL, TokenBatch};
 
-use crate::common::{fixture_dir, max_abs_diff, Flex};
+use crate::common::{fixture_dir, max_abs_diff, Flex, Scratch};
 
 fn lora_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2vl-tiny-lora")
 }
 
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 fn scratch(name: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!("medr1-lora-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
+    crate::common::scratch("lora", name)
 }
 
 fn base<B: Backend>(device: &B::Device) -> Qwen2VL<B> {

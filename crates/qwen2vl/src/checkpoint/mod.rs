@@ -9,6 +9,7 @@ mod source;
 pub use adapter::{
     load_adapter, read_adapter_config, save_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
 };
+pub(crate) use export::host_f32;
 pub use export::{named_tensors, save_model, SaveDtype};
 pub use files::{CheckpointFiles, KeyLayout, StoredTensor};
 pub use source::CheckpointSource;

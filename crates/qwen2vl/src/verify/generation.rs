@@ -3,7 +3,8 @@
 
 use burn::tensor::backend::Backend;
 
-use super::{images, to_f32, Checker, FLOAT_TOLERANCE};
+use super::{images, Checker, FLOAT_TOLERANCE};
+use crate::checkpoint::host_f32;
 use crate::error::Qwen2VLError;
 use crate::generation::{completion_logprobs, generate, GenerationConfig, Sampling, ShapeBuckets};
 use crate::model::Qwen2VL;
@@ -99,7 +100,7 @@ impl Checker<'_> {
         let imgs = images::<B>(fx, owners, device)?;
         let pad = model.config.bos_token_id.unwrap_or(0);
         let lp = completion_logprobs(model, &prompts, &completions, imgs.as_ref(), pad)?;
-        let (_, values) = to_f32(lp);
+        let (_, values) = host_f32(lp);
         let values: Vec<f64> = values.into_iter().map(f64::from).collect();
         self.host(
             &format!("{case}.scoring.token_logprobs"),

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
-use crate::checkpoint::{load_from_files, load_model, CheckpointFiles};
+use crate::checkpoint::{host_f32, load_from_files, load_model, CheckpointFiles};
 use crate::config::Qwen2VLConfig;
 use crate::error::Qwen2VLError;
 use crate::model::{Images, ModelTrace, Qwen2VL};
@@ -59,16 +59,6 @@ impl Report {
     pub fn get(&self, name: &str) -> Option<&Check> {
         self.checks.iter().find(|c| c.name == name)
     }
-}
-
-fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
-    let shape = t.dims().to_vec();
-    let values = t
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 after conversion");
-    (shape, values)
 }
 
 /// Element-wise comparison; shapes must hold the same number of elements in the same order.
@@ -124,7 +114,7 @@ impl Checker<'_> {
         let want = self.fixture.get(key)?;
         let check = match got {
             Some(t) => {
-                let (shape, values) = to_f32(t);
+                let (shape, values) = host_f32(t);
                 let values: Vec<f64> = values.into_iter().map(f64::from).collect();
                 compare(name, &values, &shape, &want, FLOAT_TOLERANCE)
             }
@@ -366,7 +356,7 @@ fn check_case<B: Backend>(
             0.0,
         )?;
         let vocab = model.config.text.vocab_size;
-        let (_, lv) = to_f32(logits.clone());
+        let (_, lv) = host_f32(logits.clone());
         ck.tensor(
             &format!("{case}.gen.full_logits"),
             &format!("{case}.gen.full_logits"),
@@ -463,7 +453,7 @@ fn check_batch<B: Backend>(
         let t = batch.len;
         let comp = hidden.narrow(1, t - 1 - n, n);
         let logits = model.logits(comp);
-        let (shape, lv) = to_f32(logits);
+        let (shape, lv) = host_f32(logits);
         let vocab = model.config.text.vocab_size;
         let got: Vec<f64> = lv.iter().map(|&v| v as f64).collect();
         ck.checks
