@@ -32,6 +32,7 @@ pub struct RunConfig {
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
     pub lora: LoraSection,
+    pub memory: MemorySection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,6 +244,34 @@ impl LoraSection {
     }
 }
 
+/// How the scoring passes bound their memory (each exact: the same log-probs and gradients).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemorySection {
+    /// Completions per scoring pass, each run forward and backward before the next; with
+    /// grpo.share_prompt a multiple of grpo.num_generations. 0: all of a rollout in one pass.
+    pub score_micro_batch: usize,
+    /// Completion tokens per LM-head chunk for log-probs and entropies. 0: all at once.
+    pub lm_head_chunk: usize,
+    /// Activation checkpointing of each decoder layer in the policy's scoring pass.
+    pub checkpoint_decoder: bool,
+    /// Activation checkpointing of each vision block (and the patch embedding and merger).
+    pub checkpoint_vision: bool,
+}
+
+impl MemorySection {
+    pub fn options(&self) -> grpo::learner::MemoryOptions {
+        grpo::learner::MemoryOptions {
+            micro_batch: self.score_micro_batch,
+            head_chunk: self.lm_head_chunk,
+            recompute: qwen2vl::generation::Recompute {
+                decoder: self.checkpoint_decoder,
+                vision: self.checkpoint_vision,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointSection {
@@ -265,6 +294,7 @@ impl Default for RunConfig {
             eval: EvalSection::default(),
             checkpoint: CheckpointSection::default(),
             lora: LoraSection::default(),
+            memory: MemorySection::default(),
         }
     }
 }
@@ -523,6 +553,25 @@ impl RunConfig {
         }
         if self.grpo.num_generations < 2 {
             bail!("grpo.num_generations must be at least 2: advantages compare within a group");
+        }
+        let micro = self.memory.score_micro_batch;
+        if self.grpo.share_prompt && !micro.is_multiple_of(self.grpo.num_generations) {
+            bail!(
+                "memory.score_micro_batch = {micro}: with grpo.share_prompt a scoring pass holds \
+                 whole groups, a multiple of grpo.num_generations ({})",
+                self.grpo.num_generations
+            );
+        }
+        if self.lora.enabled
+            && self.lora.dropout > 0.0
+            && (self.memory.checkpoint_decoder || self.memory.checkpoint_vision)
+        {
+            bail!(
+                "memory.checkpoint_decoder / memory.checkpoint_vision with lora.dropout = {}: \
+                 checkpointing recomputes blocks and would draw new dropout masks; set \
+                 lora.dropout = 0 or turn checkpointing off",
+                self.lora.dropout
+            );
         }
         self.validate_ranges()?;
         match self.data.resize.as_slice() {
@@ -793,6 +842,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("eval.scoring"), "{e}");
+        // A shared-prompt scoring pass holds whole groups (tiny: 8 generations).
+        let e = RunConfig::load(None, &["memory.score_micro_batch=6".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory.score_micro_batch"), "{e}");
+        let ok = RunConfig::load(
+            None,
+            &[
+                "memory.score_micro_batch=8".into(),
+                "memory.lm_head_chunk=64".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.memory.options().micro_batch, 8);
+        assert_eq!(ok.memory.options().head_chunk, 64);
+        let on = RunConfig::load(None, &["memory.checkpoint_decoder=true".into()]).unwrap();
+        assert!(on.memory.options().recompute.decoder && !on.memory.options().recompute.vision);
+        let e = RunConfig::load(
+            None,
+            &[
+                "memory.checkpoint_vision=true".into(),
+                "lora.enabled=true".into(),
+                "lora.dropout=0.05".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lora.dropout"), "{e}");
+        RunConfig::load(
+            None,
+            &[
+                "memory.score_micro_batch=6".into(),
+                "grpo.share_prompt=false".into(),
+            ],
+        )
+        .unwrap();
     }
 
     #[test]

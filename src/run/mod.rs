@@ -177,6 +177,7 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
         num_iterations: g.num_iterations.max(1),
         shape_bucket: shape_bucket(cfg),
         share_prompt: g.share_prompt,
+        memory: cfg.memory.options(),
     }
 }
 

@@ -301,7 +301,7 @@ fn several_updates_per_rollout_use_the_sampling_log_probs() {
         .old_logprobs
         .clone()
         .expect("kept for num_iterations > 1");
-    assert_eq!(old.dims(), [4, roll.batch.tokens.width()]);
+    assert_eq!(old.dims(), [4, roll.batch.width]);
     let size = StepSize {
         learning_rate: 1e-2,
         max_grad_norm: 1.0,

@@ -12,6 +12,7 @@ mod generation;
 mod grpo_learns;
 mod hosted;
 mod lora;
+mod memory;
 mod parity;
 mod processor;
 mod rewards;

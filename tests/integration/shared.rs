@@ -25,7 +25,7 @@ struct Cases<B: Backend> {
 }
 
 /// A fixture case's images as the processor hands them over, one per grid.
-fn processed_images(fx: &Fixture, name: &str) -> Vec<ProcessedImage> {
+pub(crate) fn processed_images(fx: &Fixture, name: &str) -> Vec<ProcessedImage> {
     let pixels = fx.get(&format!("{name}.pixel_values")).unwrap().as_f32();
     let mut rows = pixels.chunks_exact(1176);
     fx.grids(name)

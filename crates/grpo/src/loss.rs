@@ -135,6 +135,33 @@ pub fn aggregate<B: Backend>(
     }
 }
 
+/// Per-row weights that make [`aggregate`] a weighted sum over tokens:
+/// `aggregate(loss, mask) = sum_r w_r sum_t mask_rt loss_rt`, from each row's active-token
+/// count. A loss split over several passes (micro-batches of rows) adds up to the whole one
+/// this way, each pass weighted by the whole batch's counts.
+pub fn row_weights(
+    lens: &[usize],
+    cfg: &LossConfig,
+    max_completion_length: usize,
+    active_tokens: Option<f32>,
+) -> Vec<f32> {
+    let n = lens.len();
+    let total = lens.iter().sum::<usize>() as f32;
+    let over_tokens = 1.0 / total.max(1.0);
+    match cfg.loss_type {
+        LossType::Grpo => lens
+            .iter()
+            .map(|&l| 1.0 / (l.max(1) as f32 * n as f32))
+            .collect(),
+        LossType::Bnpo => vec![over_tokens; n],
+        LossType::DrGrpo => vec![1.0 / (n * max_completion_length) as f32; n],
+        LossType::Dapo => match active_tokens {
+            Some(a) => vec![1.0 / a.max(1.0); n],
+            None => vec![over_tokens; n],
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +180,35 @@ mod tests {
 
     fn scalar(t: Tensor<B, 1>) -> f32 {
         t.into_scalar()
+    }
+
+    #[test]
+    fn row_weights_make_every_aggregation_a_weighted_sum() {
+        let loss = t2([[0.5, -1.5], [2.0, 0.25]]);
+        let mask = t2([[1.0, 1.0], [1.0, 0.0]]);
+        for loss_type in [
+            LossType::Grpo,
+            LossType::Bnpo,
+            LossType::DrGrpo,
+            LossType::Dapo,
+        ] {
+            let cfg = LossConfig {
+                loss_type,
+                ..Default::default()
+            };
+            for active in [None, Some(7.0)] {
+                let w = row_weights(&[2, 1], &cfg, 3, active);
+                let by_hand = (0.5 - 1.5) * w[0] + 2.0 * w[1];
+                let whole = scalar(aggregate(loss.clone(), mask.clone(), &cfg, 3, active));
+                assert!(
+                    (by_hand - whole).abs() < 1e-6,
+                    "{loss_type:?} {active:?}: {by_hand} vs {whole}"
+                );
+            }
+        }
+        // By hand for grpo: rows of 2 and 1 tokens over 2 rows.
+        let grpo = row_weights(&[2, 1], &LossConfig::default(), 3, None);
+        assert_eq!(grpo, vec![0.25, 0.5]);
     }
 
     #[test]

@@ -347,6 +347,15 @@ impl<B: Backend> Qwen2VL<B> {
             .sum()
     }
 
+    /// The largest dropout probability of any adapter's input (0 without adapters).
+    pub fn adapter_dropout(&self) -> f64 {
+        self.projections()
+            .iter()
+            .filter_map(|(_, p)| p.lora.as_ref())
+            .map(|l| l.dropout.prob)
+            .fold(0.0, f64::max)
+    }
+
     /// Whether any projection carries an adapter.
     pub fn has_adapters(&self) -> bool {
         self.projections().iter().any(|(_, p)| p.lora.is_some())

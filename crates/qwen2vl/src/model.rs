@@ -86,25 +86,31 @@ impl<B: Backend> PreparedInputs<B> {
     /// The position each row continues at: one past its largest position on any axis
     /// (transformers' `max_position_ids + 1`, what decoding and scoring after the row use).
     pub fn next_positions(&self, batch: &TokenBatch) -> Vec<i64> {
-        let l = batch.len;
-        (0..batch.batch)
-            .map(|r| {
-                let valid = batch.mask_row(r);
-                (0..l)
-                    .filter(|&i| valid[i] != 0)
-                    .map(|i| {
-                        self.positions
-                            .axes
-                            .iter()
-                            .map(|a| a[r * l + i])
-                            .max()
-                            .unwrap_or(0)
-                    })
-                    .max()
-                    .map_or(0, |m| m + 1)
-            })
-            .collect()
+        next_positions(&self.positions, batch)
     }
+}
+
+/// The position each row of `batch` continues at, from its M-RoPE `positions`
+/// ([`PreparedInputs::next_positions`]).
+pub(crate) fn next_positions(positions: &RopePositions, batch: &TokenBatch) -> Vec<i64> {
+    let l = batch.len;
+    (0..batch.batch)
+        .map(|r| {
+            let valid = batch.mask_row(r);
+            (0..l)
+                .filter(|&i| valid[i] != 0)
+                .map(|i| {
+                    positions
+                        .axes
+                        .iter()
+                        .map(|a| a[r * l + i])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .max()
+                .map_or(0, |m| m + 1)
+        })
+        .collect()
 }
 
 /// Intermediate activations of one forward, for parity checks.

@@ -8,19 +8,22 @@ mod finite;
 pub use clip::clip_global_norm;
 pub use finite::weights_finite;
 
-use burn::optim::{GradientsParams, Optimizer};
+use std::ops::Range;
+
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{
     backend::AutodiffBackend, backend::Backend, ElementConversion, Tensor, TensorData,
 };
 use medvqa::VqaRecord;
 use qwen2vl::generation::{
-    generate_grouped, GenerationConfig, Sampling, ScoringBatch, ShapeBuckets,
+    chunked_backward, chunked_scores, generate_grouped, GenerationConfig, HeadWeight, Recompute,
+    Sampling, ScoringBatch, ShapeBuckets,
 };
 use qwen2vl::processor::{ProcessedImage, TextTokenizer};
 use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
 
 use crate::advantages::{group_advantages, zero_std_fraction, ScaleRewards};
-use crate::loss::{aggregate, masked_mean, per_token_loss, LossConfig};
+use crate::loss::{aggregate, masked_mean, per_token_loss, row_weights, LossConfig, PerToken};
 use crate::mask::batch_mask;
 use crate::rewards::WeightedRewards;
 
@@ -57,6 +60,28 @@ pub struct GrpoConfig {
     /// repeating the prompt per completion, as every other trainer does (`false`), up to
     /// float rounding.
     pub share_prompt: bool,
+    /// How the scoring passes bound their memory; the default changes nothing.
+    pub memory: MemoryOptions,
+}
+
+/// Memory options of the scoring passes (policy, reference, sampling policy), each exact: the
+/// log-probs and gradients equal the plain path's up to float rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryOptions {
+    /// Completions per scoring pass (0: the whole rollout in one pass). Each pass runs forward
+    /// and backward before the next, so activations are held for this many rows at a time;
+    /// with group-shared prompts a multiple of `num_generations` (whole groups).
+    pub micro_batch: usize,
+    /// Completion tokens per LM-head chunk (0: all of a pass at once): log-probs and entropies
+    /// are taken from the head's logits this many tokens at a time and the head's backward
+    /// recomputes them the same way, so `[rows, tokens, vocab]` logits never exist at once
+    /// (one more head product per chunk in the backward pass).
+    pub head_chunk: usize,
+    /// Activation checkpointing of the policy's scoring pass: the blocks named keep only
+    /// their input going forward and run again, one at a time, in the backward pass (one
+    /// more forward of those blocks per step). Incompatible with LoRA dropout, whose masks
+    /// a second forward would draw anew.
+    pub recompute: Recompute,
 }
 
 impl Default for GrpoConfig {
@@ -77,6 +102,7 @@ impl Default for GrpoConfig {
             num_iterations: 1,
             shape_bucket: 1,
             share_prompt: true,
+            memory: MemoryOptions::default(),
         }
     }
 }
@@ -114,26 +140,87 @@ pub struct Rollout<B: Backend> {
 /// A rollout's scoring inputs, built once when it is made and read by every pass over it
 /// (the sampling policy's log-probs, the policy, the reference, each of `num_iterations`
 /// updates): the token layout (each prompt once per group when shared, completions padded to
-/// their bucket), the prompts' images on the device once, the mask and the advantages.
+/// their bucket), the prompts' images on the device once, the mask and the advantages; in one
+/// part, or in micro-batches of rows ([`MemoryOptions::micro_batch`]).
 #[derive(Debug, Clone)]
 pub struct StepBatch<B: Backend> {
+    pub parts: Vec<StepPart<B>>,
+    /// The widest part's completion slots: the width of whole-rollout score tensors.
+    pub width: usize,
+}
+
+/// One scoring pass over consecutive completion rows of a rollout.
+#[derive(Debug, Clone)]
+pub struct StepPart<B: Backend> {
+    /// The rollout's completion rows it scores.
+    pub rows: Range<usize>,
     pub tokens: ScoringBatch,
     /// The images of the layout's prompt rows.
     pub images: Option<Images<B>>,
-    /// `[rows, width]`: 1 on the completion tokens that count.
+    /// `[rows, part width]`: 1 on the completion tokens that count.
     pub mask: Tensor<B, 2>,
     /// `[rows]`.
     pub advantages: Tensor<B, 1>,
 }
 
 impl<B: Backend> StepBatch<B> {
-    /// Per-token log-probs (and entropies) of the completions under `model`, `[rows, width]`.
-    fn score(
-        &self,
-        model: &Qwen2VL<B>,
-        with_entropy: bool,
-    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
-        self.tokens.score(model, self.images.as_ref(), with_entropy)
+    /// Per-token log-probs of the completions under `model`, `[rows, width]` (values only when
+    /// the head is chunked), part by part.
+    fn score(&self, model: &Qwen2VL<B>, head_chunk: usize) -> Result<Tensor<B, 2>, Qwen2VLError> {
+        let scores = self
+            .parts
+            .iter()
+            .map(|p| {
+                Ok(p.tokens
+                    .score_chunked(model, p.images.as_ref(), false, head_chunk)?
+                    .0)
+            })
+            .collect::<Result<Vec<_>, Qwen2VLError>>()?;
+        Ok(self.join(scores))
+    }
+
+    /// Per-part `[rows, part width]` tensors as one `[rows, width]`, zero past each part.
+    fn join(&self, parts: Vec<Tensor<B, 2>>) -> Tensor<B, 2> {
+        join_rows(parts, self.width)
+    }
+
+    /// `[rows, width]`: 1 on the completion tokens that count.
+    pub fn mask(&self) -> Tensor<B, 2> {
+        self.join(self.parts.iter().map(|p| p.mask.clone()).collect())
+    }
+
+    /// `[rows]`.
+    pub fn advantages(&self) -> Tensor<B, 1> {
+        Tensor::cat(self.parts.iter().map(|p| p.advantages.clone()).collect(), 0)
+    }
+}
+
+/// `[rows, w]` tensors, `w <= width`, as one `[rows, width]` (zero-padded on the right).
+fn join_rows<K: Backend>(mut parts: Vec<Tensor<K, 2>>, width: usize) -> Tensor<K, 2> {
+    if parts.len() == 1 && parts[0].dims()[1] == width {
+        return parts.pop().expect("one part");
+    }
+    let widened: Vec<Tensor<K, 2>> = parts
+        .into_iter()
+        .map(|t| {
+            let [r, w] = t.dims();
+            if w == width {
+                t
+            } else {
+                let pad = Tensor::zeros([r, width - w], &t.device());
+                Tensor::cat(vec![t, pad], 1)
+            }
+        })
+        .collect();
+    Tensor::cat(widened, 0)
+}
+
+impl<B: Backend> StepPart<B> {
+    /// `[rows, part width]` of a whole-rollout `[rows, width]` tensor.
+    fn of<K: Backend>(&self, whole: &Tensor<K, 2>) -> Tensor<K, 2> {
+        whole
+            .clone()
+            .slice([self.rows.clone(), 0..self.tokens.width()])
     }
 }
 
@@ -235,26 +322,19 @@ pub fn rollout<B: Backend>(
             }
         })
         .collect();
-    let tokens = ScoringBatch::new(
+    let step = step_batch(
+        &rows,
         &prompt_ids,
         &completions,
-        group,
-        cfg.pad_token_id,
-        cfg.buckets(),
-    )?;
-    let (n, t) = (tokens.rows(), tokens.width());
-    let mask_values: Vec<f32> = masks
-        .iter()
-        .flat_map(|m| (0..t).map(move |i| f32::from(u8::from(m.get(i) == Some(&true)))))
-        .collect();
-    let step = StepBatch {
-        mask: Tensor::from_data(TensorData::new(mask_values, [n, t]), device),
-        advantages: Tensor::from_data(TensorData::new(advantages.clone(), [n]), device),
+        &masks,
+        &advantages,
         images,
-        tokens,
-    };
+        group,
+        cfg,
+        device,
+    )?;
     let old_logprobs = if cfg.num_iterations > 1 {
-        Some(step.score(model, false)?.0)
+        Some(step.score(model, cfg.memory.head_chunk)?)
     } else {
         None
     };
@@ -271,55 +351,162 @@ pub fn rollout<B: Backend>(
     })
 }
 
-/// The GRPO loss of a rollout (differentiable) and what it measured; `grad_norm` is left 0
-/// for the caller that takes the gradient step. The rollout was made on the policy's inner
-/// backend (its tensors are read without a copy).
+/// The scoring parts of a rollout: completion rows `micro_batch` at a time (whole groups when
+/// the prompt rows are shared, `group` > 1), each with its prompt rows, their images (narrowed
+/// from the rollout's, no new upload), its mask and advantages.
+#[allow(clippy::too_many_arguments)]
+fn step_batch<B: Backend>(
+    rows: &[&PromptInput],
+    prompt_ids: &[Vec<u32>],
+    completions: &[Vec<u32>],
+    masks: &[Vec<bool>],
+    advantages: &[f32],
+    images: Option<Images<B>>,
+    group: usize,
+    cfg: &GrpoConfig,
+    device: &B::Device,
+) -> Result<StepBatch<B>, Qwen2VLError> {
+    let n = completions.len();
+    let per_part = match cfg.memory.micro_batch {
+        0 => n,
+        m => m.min(n),
+    };
+    if !per_part.is_multiple_of(group) {
+        return Err(Qwen2VLError::Input(format!(
+            "a scoring micro-batch of {per_part} completions splits groups of {group} that share \
+             their prompt: use a multiple of {group}"
+        )));
+    }
+    let prompts_per_part = (per_part / group).max(1);
+    let mut parts = Vec::new();
+    // Patch rows of each prompt row's images, in order.
+    let mut patch_start = 0;
+    for (k, prompt_rows) in rows.chunks(prompts_per_part).enumerate() {
+        let first = k * prompts_per_part;
+        let range = first * group..(first + prompt_rows.len()) * group;
+        let tokens = ScoringBatch::new(
+            &prompt_ids[first..first + prompt_rows.len()],
+            &completions[range.clone()],
+            group,
+            cfg.pad_token_id,
+            cfg.buckets(),
+        )?;
+        let part_images = match &images {
+            Some(all) if prompts_per_part >= rows.len() => Some(all.clone()),
+            Some(all) => {
+                let grids: Vec<[usize; 3]> = prompt_rows
+                    .iter()
+                    .flat_map(|p| p.images.iter().map(|im| im.grid))
+                    .collect();
+                let patches: usize = grids.iter().map(|[t, h, w]| t * h * w).sum();
+                let start = patch_start;
+                patch_start += patches;
+                (!grids.is_empty()).then(|| Images {
+                    pixel_values: all.pixel_values.clone().narrow(0, start, patches),
+                    grids,
+                })
+            }
+            None => None,
+        };
+        let (r, t) = (tokens.rows(), tokens.width());
+        let mask_values: Vec<f32> = masks[range.clone()]
+            .iter()
+            .flat_map(|m| (0..t).map(move |i| f32::from(u8::from(m.get(i) == Some(&true)))))
+            .collect();
+        parts.push(StepPart {
+            mask: Tensor::from_data(TensorData::new(mask_values, [r, t]), device),
+            advantages: Tensor::from_data(
+                TensorData::new(advantages[range.clone()].to_vec(), [r]),
+                device,
+            ),
+            rows: range,
+            images: part_images,
+            tokens,
+        });
+    }
+    let width = parts.iter().map(|p| p.tokens.width()).max().unwrap_or(1);
+    Ok(StepBatch { parts, width })
+}
+
+/// The GRPO loss of a rollout (differentiable, every part in one graph) and what it measured;
+/// `grad_norm` is left 0 for the caller that takes the gradient step. The definition that
+/// [`policy_gradients`] takes the gradient of part by part. The rollout was made on the
+/// policy's inner backend (its tensors are read without a copy).
 pub fn policy_loss<B: AutodiffBackend>(
     policy: &Qwen2VL<B>,
     reference: Option<&Qwen2VL<B::InnerBackend>>,
     roll: &Rollout<B::InnerBackend>,
     cfg: &GrpoConfig,
 ) -> Result<(Tensor<B, 1>, StepMetrics), Qwen2VLError> {
-    let n = roll.completions.len();
     let batch = &roll.batch;
-    // The rollout's tensors, read by the policy through the autodiff wrapper (no copy).
-    let images = batch.images.clone().map(Images::into_autodiff);
-    let mask = Tensor::<B, 2>::from_inner(batch.mask.clone());
-    let (logp, entropy) = batch.tokens.score(policy, images.as_ref(), true)?;
+    let mut logps = Vec::new();
+    let mut entropies = Vec::new();
+    for part in &batch.parts {
+        // The rollout's tensors, read by the policy through the autodiff wrapper (no copy).
+        let images = part.images.clone().map(Images::into_autodiff);
+        let (logp, entropy) = part.tokens.score(policy, images.as_ref(), true)?;
+        logps.push(logp);
+        entropies.push(entropy.expect("asked for").inner());
+    }
+    let logp = join_rows(logps, batch.width);
+    let mask = batch.mask();
     let ref_logp = match (reference, cfg.loss.beta != 0.0) {
-        (Some(r), true) => Some(Tensor::<B, 2>::from_inner(batch.score(r, false)?.0)),
+        (Some(r), true) => Some(batch.score(r, 0)?),
         _ => None,
     };
     let old = match &roll.old_logprobs {
         Some(v) => Tensor::from_inner(v.clone()),
         None => logp.clone().detach(),
     };
-    let adv = Tensor::from_inner(batch.advantages.clone());
-    let pt = per_token_loss(logp, old, ref_logp, adv, &cfg.loss);
+    let adv = Tensor::from_inner(batch.advantages());
+    let pt = per_token_loss(logp, old, ref_logp.map(Tensor::from_inner), adv, &cfg.loss);
     let loss = aggregate(
-        pt.loss,
-        mask.clone(),
+        pt.loss.clone(),
+        Tensor::from_inner(mask.clone()),
         &cfg.loss,
         cfg.max_completion_length,
         None,
     );
+    let detached = PerToken {
+        loss: pt.loss.detach().inner(),
+        kl: pt.kl.map(|k| k.detach().inner()),
+        clipped: pt.clipped.inner(),
+    };
+    let metrics = measure(
+        roll,
+        cfg,
+        loss.clone().detach().inner(),
+        &detached,
+        Some(batch.join(entropies)),
+        mask,
+    );
+    Ok((loss, metrics))
+}
+
+/// What a step measured from its per-token terms (values), the loss and the entropies.
+fn measure<B: Backend>(
+    roll: &Rollout<B>,
+    cfg: &GrpoConfig,
+    loss: Tensor<B, 1>,
+    pt: &PerToken<B>,
+    entropy: Option<Tensor<B, 2>>,
+    mask: Tensor<B, 2>,
+) -> StepMetrics {
+    let n = roll.completions.len();
     let scalar = |x: Tensor<B, 1>| x.into_scalar().elem::<f32>();
     let kl = pt
         .kl
-        .map(|k| scalar(masked_mean(k.detach(), mask.clone(), true)))
+        .clone()
+        .map(|k| scalar(masked_mean(k, mask.clone(), true)))
         .unwrap_or(0.0);
     let entropy = entropy
         .map(|e| scalar(masked_mean(e, mask.clone(), true)))
         .unwrap_or(0.0);
-    let clip_ratio = scalar(masked_mean(pt.clipped.detach(), mask, false));
-    let lens: Vec<usize> = roll
-        .masks
-        .iter()
-        .map(|m| m.iter().filter(|&&b| b).count())
-        .collect();
+    let clip_ratio = scalar(masked_mean(pt.clipped.clone(), mask, false));
+    let lens = completion_lens(roll);
     let mean = roll.rewards.iter().sum::<f32>() / n as f32;
-    let metrics = StepMetrics {
-        loss: scalar(loss.clone().detach()),
+    StepMetrics {
+        loss: scalar(loss),
         reward_mean: mean,
         reward_std: crate::advantages::std_unbiased(&roll.rewards),
         per_reward_mean: roll
@@ -336,13 +523,24 @@ pub fn policy_loss<B: AutodiffBackend>(
         completion_tokens: lens.iter().sum(),
         zero_std_groups: zero_std_fraction(&roll.rewards, cfg.num_generations),
         grad_norm: 0.0,
-    };
-    Ok((loss, metrics))
+    }
 }
 
-/// The gradients of a rollout's GRPO loss divided by `accumulation` (the micro-batches of one
-/// optimizer step), and what the step measured (`loss` undivided, `grad_norm` left 0): the one
-/// step computation of the hosted run, [`update`], the benches and the examples.
+/// Each completion's tokens that count.
+fn completion_lens<B: Backend>(roll: &Rollout<B>) -> Vec<usize> {
+    roll.masks
+        .iter()
+        .map(|m| m.iter().filter(|&&b| b).count())
+        .collect()
+}
+
+/// The gradients of a rollout's GRPO loss ([`policy_loss`]) divided by `accumulation` (the
+/// micro-batches of one optimizer step), and what the step measured (`loss` undivided,
+/// `grad_norm` left 0): the one step computation of the hosted run, [`update`], the benches
+/// and the examples. Part by part ([`MemoryOptions`]): each part's share of the loss (weighted
+/// by the whole rollout's token counts, [`row_weights`]) runs forward and backward before the
+/// next, and with a chunked head its log-probs are values whose gradient reaches the model
+/// through [`chunked_backward`].
 pub fn policy_gradients<B: AutodiffBackend>(
     policy: &Qwen2VL<B>,
     reference: Option<&Qwen2VL<B::InnerBackend>>,
@@ -350,16 +548,177 @@ pub fn policy_gradients<B: AutodiffBackend>(
     cfg: &GrpoConfig,
     accumulation: usize,
 ) -> Result<(GradientsParams, StepMetrics), Qwen2VLError> {
-    let (loss, metrics) = policy_loss(policy, reference, roll, cfg)?;
-    let loss = if accumulation > 1 {
-        loss.div_scalar(accumulation as f32)
-    } else {
-        loss
+    let batch = &roll.batch;
+    let chunk = cfg.memory.head_chunk;
+    if cfg.memory.recompute.any() && policy.adapter_dropout() > 0.0 {
+        return Err(Qwen2VLError::Input(format!(
+            "activation checkpointing recomputes blocks, which would draw new dropout masks for \
+             the LoRA adapters (dropout {}): turn one of the two off",
+            policy.adapter_dropout()
+        )));
+    }
+    let weights = row_weights(
+        &completion_lens(roll),
+        &cfg.loss,
+        cfg.max_completion_length,
+        None,
+    );
+    let scale = 1.0 / accumulation.max(1) as f32;
+    let mut accumulator = GradientsAccumulator::new();
+    let mut only = None;
+    let (mut logps, mut refs, mut entropies) = (vec![], vec![], vec![]);
+    for part in &batch.parts {
+        let device = part.mask.device();
+        let w: Vec<f32> = weights[part.rows.clone()]
+            .iter()
+            .map(|w| w * scale)
+            .collect();
+        let r = part.rows.len();
+        let w = part.mask.clone()
+            * Tensor::<B::InnerBackend, 2>::from_data(TensorData::new(w, [r, 1]), &device);
+        let ref_logp = match (reference, cfg.loss.beta != 0.0) {
+            (Some(m), true) => Some(
+                part.tokens
+                    .score_chunked(m, part.images.as_ref(), false, chunk)?
+                    .0,
+            ),
+            _ => None,
+        };
+        let old = roll.old_logprobs.as_ref().map(|o| part.of(o));
+        let loss_of = |logp: Tensor<B, 2>| {
+            let old = match &old {
+                Some(o) => Tensor::from_inner(o.clone()),
+                None => logp.clone().detach(),
+            };
+            let pt = per_token_loss(
+                logp,
+                old,
+                ref_logp.clone().map(Tensor::from_inner),
+                Tensor::from_inner(part.advantages.clone()),
+                &cfg.loss,
+            );
+            (pt.loss * Tensor::from_inner(w.clone())).sum()
+        };
+        let images = part.images.clone().map(Images::into_autodiff);
+        let recompute = cfg.memory.recompute;
+        let (grads, logp, entropy) = if chunk == 0 && !recompute.any() {
+            let (logp, entropy) = part.tokens.score(policy, images.as_ref(), true)?;
+            let grads = GradientsParams::from_grads(loss_of(logp.clone()).backward(), policy);
+            (grads, logp.detach().inner(), entropy.map(|e| e.inner()))
+        } else {
+            split_gradients(policy, part, images.as_ref(), chunk, recompute, loss_of)?
+        };
+        if batch.parts.len() == 1 {
+            only = Some(grads);
+        } else {
+            accumulator.accumulate(policy, grads);
+        }
+        logps.push(logp);
+        entropies.extend(entropy);
+        refs.extend(ref_logp);
+    }
+    let grads = only.unwrap_or_else(|| accumulator.grads());
+    // What the step measured, on the whole rollout's values.
+    let logp = batch.join(logps);
+    let mask = batch.mask();
+    let ref_logp = (!refs.is_empty()).then(|| batch.join(refs));
+    let old = match roll.old_logprobs.clone() {
+        Some(o) => o,
+        None => logp.clone(),
     };
-    Ok((
-        GradientsParams::from_grads(loss.backward(), policy),
-        metrics,
-    ))
+    let pt = per_token_loss(logp, old, ref_logp, batch.advantages(), &cfg.loss);
+    let loss = aggregate(
+        pt.loss.clone(),
+        mask.clone(),
+        &cfg.loss,
+        cfg.max_completion_length,
+        None,
+    );
+    let entropy = (!entropies.is_empty()).then(|| batch.join(entropies));
+    Ok((grads, measure(roll, cfg, loss, &pt, entropy, mask)))
+}
+
+/// One part's gradients taken in two halves: the trunk (the model up to its final hidden
+/// states, run with its graph or with activation checkpointing, [`Recompute`]) and the LM head
+/// with the loss (whole, or in chunks of `chunk` tokens, [`chunked_backward`]). The head's
+/// half gives the loss's gradient with respect to the hidden states, which the trunk's
+/// backward pass carries into the model (as the gradient of `sum(hidden * grad)`).
+#[allow(clippy::type_complexity)]
+fn split_gradients<B: AutodiffBackend>(
+    policy: &Qwen2VL<B>,
+    part: &StepPart<B::InnerBackend>,
+    images: Option<&Images<B>>,
+    chunk: usize,
+    recompute: Recompute,
+    loss_of: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 1>,
+) -> Result<
+    (
+        GradientsParams,
+        Tensor<B::InnerBackend, 2>,
+        Option<Tensor<B::InnerBackend, 2>>,
+    ),
+    Qwen2VLError,
+> {
+    let tokens = &part.tokens;
+    let (graph, tape, values) = if recompute.any() {
+        let (values, tape) = tokens.hidden_recomputed(policy, images, recompute)?;
+        (None, Some(tape), values)
+    } else {
+        let hidden = tokens.hidden(policy, images)?;
+        let values = hidden.clone().detach().inner();
+        (Some(hidden), None, values)
+    };
+    let [r, t, d] = values.dims();
+    let mut accumulator = GradientsAccumulator::new();
+    let (dh, logp, entropy) = if chunk == 0 {
+        let leaf = Tensor::<B, 3>::from_inner(values).require_grad();
+        let (logp, entropy) = tokens.score_hidden(policy, leaf.clone(), true);
+        let logp_values = logp.clone().detach().inner();
+        let grads = loss_of(logp).backward();
+        let dh = leaf
+            .grad(&grads)
+            .expect("the loss depends on the hidden states");
+        accumulator.accumulate(policy, GradientsParams::from_grads(grads, policy));
+        (dh, logp_values, entropy.map(|e| e.inner()))
+    } else {
+        let (head, head_id) = policy.head_weight();
+        let head_trains = match &head {
+            HeadWeight::Tied(w) | HeadWeight::Separate(w) => w.is_require_grad(),
+        };
+        let head = head.inner();
+        let h = values.reshape([r * t, d]);
+        let targets = tokens.targets(&h.device());
+        let (logp, entropy) = chunked_scores(&head, h.clone(), targets.clone(), true, chunk);
+        let logp = logp.reshape([r, t]);
+        let leaf = Tensor::<B, 2>::from_inner(logp.clone()).require_grad();
+        let of_logp = loss_of(leaf.clone()).backward();
+        let g = leaf
+            .grad(&of_logp)
+            .expect("the loss depends on the log-probs");
+        let (dh, dw) = chunked_backward(&head, h, targets, g.reshape([r * t]), chunk);
+        if head_trains {
+            let mut grads = GradientsParams::new();
+            grads.register(head_id, dw);
+            accumulator.accumulate(policy, grads);
+        }
+        (
+            dh.reshape([r, t, d]),
+            logp,
+            entropy.map(|e| e.reshape([r, t])),
+        )
+    };
+    match (graph, tape) {
+        (Some(hidden), _) => {
+            let through = (hidden * Tensor::<B, 3>::from_inner(dh)).sum();
+            let grads = GradientsParams::from_grads(through.backward(), policy);
+            accumulator.accumulate(policy, grads);
+        }
+        (None, Some(tape)) => tokens.backward_recomputed(policy, tape, dh, |g| {
+            accumulator.accumulate(policy, GradientsParams::from_grads(g, policy))
+        })?,
+        (None, None) => unreachable!("one of the two"),
+    }
+    Ok((accumulator.grads(), logp, entropy))
 }
 
 /// One optimizer step on a rollout (one update per rollout: the ratio is 1 and clipping is

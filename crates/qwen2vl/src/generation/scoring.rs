@@ -1,12 +1,12 @@
 //! Teacher-forced per-token log-probs of given completions in one batched forward: what GRPO
 //! needs for the policy (with autodiff) and the reference model (without).
 
-use burn::tensor::{activation::log_softmax, backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{activation::log_softmax, backend::Backend, Int, Tensor, TensorData};
 
+use super::head::chunked_scores;
 use crate::error::Qwen2VLError;
 use crate::model::{Images, Qwen2VL};
 use crate::positions::TokenBatch;
-use crate::text::causal_padding_mask;
 
 /// Prompts left-padded to a common length, completions right-padded after them:
 /// `[pad.. prompt | completion ..pad]`. Returns the batch and the prompt width.
@@ -169,18 +169,18 @@ pub fn grouped_completion_scores<B: Backend>(
 /// `group` completions run against its keys and values.
 #[derive(Debug, Clone)]
 pub struct ScoringBatch {
-    layout: Layout,
+    pub(super) layout: Layout,
     /// Completions, `rows x width` right-padded.
     targets: Vec<i64>,
     rows: usize,
     /// Completion slots per row (the bucket width).
-    width: usize,
+    pub(super) width: usize,
     /// The longest completion.
     exact: usize,
 }
 
 #[derive(Debug, Clone)]
-enum Layout {
+pub(super) enum Layout {
     /// Prompt and completion in one row; the prompt part is `prompt_width` wide.
     Joined {
         batch: TokenBatch,
@@ -284,26 +284,60 @@ impl ScoringBatch {
         images: Option<&Images<B>>,
         with_entropy: bool,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
+        let hidden = self.hidden(model, images)?;
+        Ok(self.score_hidden(model, hidden, with_entropy))
+    }
+
+    /// [`Self::score`] from the final hidden states [`Self::hidden`] gives, through the
+    /// model's LM head.
+    pub fn score_hidden<B: Backend>(
+        &self,
+        model: &Qwen2VL<B>,
+        hidden: Tensor<B, 3>,
+        with_entropy: bool,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let targets = self
+            .targets(&hidden.device())
+            .reshape([self.rows, self.width, 1]);
+        target_scores(model, hidden, targets, with_entropy)
+    }
+
+    /// [`Self::score`] with the LM head run `head_chunk` completion tokens at a time
+    /// ([`chunked_scores`]; 0: [`Self::score`] itself), so that the logits of the whole batch
+    /// never exist at once. With a chunk the scores are values only, outside any graph: a
+    /// policy takes their gradient through [`Self::hidden`] and [`super::chunked_backward`].
+    pub fn score_chunked<B: Backend>(
+        &self,
+        model: &Qwen2VL<B>,
+        images: Option<&Images<B>>,
+        with_entropy: bool,
+        head_chunk: usize,
+    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Qwen2VLError> {
+        if head_chunk == 0 {
+            return self.score(model, images, with_entropy);
+        }
+        let hidden = self.hidden(model, images)?.detach();
+        let head = model.head_weight().0.detach();
         let (n, tc) = (self.rows, self.width);
-        let hidden = match &self.layout {
-            Layout::Joined {
-                batch,
-                prompt_width,
-            } => model
-                .forward_hidden(batch, images, None)?
-                .narrow(1, prompt_width - 1, tc),
-            Layout::Grouped {
-                prompts,
-                completions,
-                group,
-            } => grouped_hidden(model, prompts, completions, *group, images)?,
-        };
-        let device = hidden.device();
-        let targets = Tensor::<B, 3, Int>::from_data(
-            TensorData::new(self.targets.clone(), [n, tc, 1]),
-            &device,
+        let d = hidden.dims()[2];
+        let targets = self.targets(&hidden.device());
+        let (logp, entropy) = chunked_scores(
+            &head,
+            hidden.reshape([n * tc, d]),
+            targets,
+            with_entropy,
+            head_chunk,
         );
-        Ok(target_scores(model, hidden, targets, with_entropy))
+        Ok((logp.reshape([n, tc]), entropy.map(|e| e.reshape([n, tc]))))
+    }
+
+    /// The completion tokens each slot predicts, `[rows * width]` row after row (pad ids past a
+    /// completion).
+    pub fn targets<B: Backend>(&self, device: &B::Device) -> Tensor<B, 1, Int> {
+        Tensor::from_data(
+            TensorData::new(self.targets.clone(), [self.rows * self.width]),
+            device,
+        )
     }
 
     /// Scores of [`Self::score`] narrowed to the longest completion.
@@ -338,83 +372,6 @@ fn target_scores<B: Backend>(
         lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc])
     });
     (logp.gather(2, targets).reshape([n, tc]), entropy)
-}
-
-/// The hidden states that predict each completion slot when the prompts run once and their
-/// `group` completions each run against their prompt's keys and values.
-fn grouped_hidden<B: Backend>(
-    model: &Qwen2VL<B>,
-    prompt_batch: &TokenBatch,
-    comp_batch: &TokenBatch,
-    group: usize,
-    images: Option<&Images<B>>,
-) -> Result<Tensor<B, 3>, Qwen2VLError> {
-    let (lp, n, tc) = (prompt_batch.len, comp_batch.batch, comp_batch.len);
-    // One lookup for the prompts' and the completions' tokens (one scatter of the table's
-    // gradient in training).
-    let device = model.input_device(images);
-    let batches: &[&TokenBatch] = if tc == 1 {
-        &[prompt_batch]
-    } else {
-        &[prompt_batch, comp_batch]
-    };
-    let mut texts = model.token_embeddings(batches, &device)?.into_iter();
-    let prompt_text = texts.next().expect("the prompts' embeddings");
-    let comp_text = texts.next();
-    // The prompts, once: hidden states and every layer's keys and values.
-    let inputs = model.prepare_looked_up(prompt_batch, prompt_text, images, None)?;
-    let next = inputs.next_positions(prompt_batch);
-    let rope = model.text.rope_tables(
-        crate::text::position_axes(&inputs.positions),
-        prompt_batch.batch,
-        lp,
-        &device,
-    );
-    let masked = causal_padding_mask::<B>(prompt_batch, &device);
-    let (prompt_hidden, prefix) = model.text.forward_keep(inputs.embeds, &rope, Some(masked));
-    let of_prompt: Vec<i64> = (0..n).map(|r| (r / group) as i64).collect();
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(of_prompt, [n]), &device);
-    // Predicts each completion's first token.
-    let first = prompt_hidden.narrow(1, lp - 1, 1).select(0, rows.clone());
-    let Some(comp_text) = comp_text else {
-        return Ok(first);
-    };
-    // (Refuses image placeholders in a completion.)
-    let embeds = model.place_images(comp_batch, comp_text, None, &device)?;
-    // The completions after their prompt's keys and values.
-    let pos: Vec<i64> = (0..n)
-        .flat_map(|r| {
-            let start = next[r / group];
-            (0..tc as i64).map(move |t| t + start)
-        })
-        .collect();
-    let rope = model.text.rope_tables([&pos, &pos, &pos], n, tc, &device);
-    let masked = after_prefix_mask::<B>(prompt_batch, group, tc, &device);
-    let after = model
-        .text
-        .forward_after(embeds, &rope, masked, &prefix, rows);
-    Ok(Tensor::cat(vec![first, after.narrow(1, 0, tc - 1)], 1))
-}
-
-/// `[rows, 1, len, prefix_len + len]`, true where masked: completion token `i` of row `r`
-/// sees its prompt's real tokens (row `r / group` of `prefix`) and its own tokens up to `i`.
-fn after_prefix_mask<B: Backend>(
-    prefix: &TokenBatch,
-    group: usize,
-    len: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    let rows = prefix.batch * group;
-    let keys = prefix.len + len;
-    let mut m = Vec::with_capacity(rows * len * keys);
-    for r in 0..rows {
-        let valid = prefix.mask_row(r / group);
-        for i in 0..len {
-            m.extend(valid.iter().map(|&v| v == 0));
-            m.extend((0..len).map(|j| j > i));
-        }
-    }
-    Tensor::from_data(TensorData::new(m, [rows, 1, len, keys]), device)
 }
 
 #[cfg(test)]

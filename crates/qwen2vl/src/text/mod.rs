@@ -104,7 +104,7 @@ impl<B: Backend> TextDecoder<B> {
     }
 
     /// The attention mask (`[batch, 1, len, keys]`, true where masked) as every layer adds it.
-    fn score_bias(&self, masked: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
+    pub(crate) fn score_bias(&self, masked: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
         score_bias(
             masked,
             self.config.num_attention_heads,

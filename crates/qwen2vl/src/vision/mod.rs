@@ -49,6 +49,22 @@ impl<B: Backend> Default for VisionTrace<B> {
     }
 }
 
+/// What every vision block of one forward reads: the rotary tables spread over the fused qkv
+/// projection's layout, and the patch count of each image frame.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockTables<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+    pub segments: Vec<usize>,
+}
+
+impl<B: Backend> BlockTables<B> {
+    /// `block` over the patch rows `x`.
+    pub fn block(&self, block: &VisionBlock<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        block.forward(x, self.cos.clone(), self.sin.clone(), &self.segments)
+    }
+}
+
 impl<B: Backend> VisionTower<B> {
     pub fn load<S: ParamSource<B>>(
         src: &mut S,
@@ -139,6 +155,36 @@ impl<B: Backend> VisionTower<B> {
         self.forward_traced(pixel_values, grids, None)
     }
 
+    /// What every block of one forward over images of `grids` reads, and the rotary tables
+    /// `[patches, head_dim]` before they are spread over the heads (for traces).
+    pub(crate) fn block_tables(
+        &self,
+        grids: &[[usize; 3]],
+        device: &B::Device,
+    ) -> (BlockTables<B>, Vec<f32>, Vec<f32>) {
+        let c = &self.config;
+        let hd = c.embed_dim / c.num_heads;
+        let positions = vision_patch_positions(grids, c.spatial_merge_size);
+        let n = positions.len();
+        let (cos_host, sin_host) = vision_tables(&positions, hd, c.rope_theta);
+        let segments: Vec<usize> = grids
+            .iter()
+            .flat_map(|[t, h, w]| std::iter::repeat_n(h * w, *t))
+            .collect();
+        // Spread over the fused qkv projection's `[n, 3, heads, hd]` layout: q and k rotated,
+        // v passed through (cos 1, sin 0: exact), so the whole projection rotates in one
+        // contiguous pass.
+        let (qkv_cos, qkv_sin) =
+            spread_over_heads(&cos_host, &sin_host, hd, 2 * c.num_heads, c.num_heads);
+        let shape = [n, 3, c.num_heads, hd];
+        let tables = BlockTables {
+            cos: Tensor::from_data(TensorData::new(qkv_cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(qkv_sin, shape), device),
+            segments,
+        };
+        (tables, cos_host, sin_host)
+    }
+
     pub fn forward_traced(
         &self,
         pixel_values: Tensor<B, 2>,
@@ -147,15 +193,8 @@ impl<B: Backend> VisionTower<B> {
     ) -> Tensor<B, 2> {
         let device = pixel_values.device();
         let n = pixel_values.dims()[0];
-        let c = &self.config;
-        let hd = c.embed_dim / c.num_heads;
-        let positions = vision_patch_positions(grids, c.spatial_merge_size);
-        let (cos_host, sin_host) = vision_tables(&positions, hd, c.rope_theta);
-        let segments: Vec<usize> = grids
-            .iter()
-            .flat_map(|[t, h, w]| std::iter::repeat_n(h * w, *t))
-            .collect();
-
+        let hd = self.config.embed_dim / self.config.num_heads;
+        let (tables, cos_host, sin_host) = self.block_tables(grids, &device);
         let mut x = self.patch_embed.apply(pixel_values);
         if let Some(t) = trace.as_deref_mut() {
             t.patch_embed = Some(x.clone());
@@ -164,16 +203,8 @@ impl<B: Backend> VisionTower<B> {
             t.rot_cos = Some(table(&cos_host));
             t.rot_sin = Some(table(&sin_host));
         }
-        // Spread over the fused qkv projection's `[n, 3, heads, hd]` layout: q and k rotated,
-        // v passed through (cos 1, sin 0: exact), so the whole projection rotates in one
-        // contiguous pass.
-        let (qkv_cos, qkv_sin) =
-            spread_over_heads(&cos_host, &sin_host, hd, 2 * c.num_heads, c.num_heads);
-        let shape = [n, 3, c.num_heads, hd];
-        let qkv_cos = Tensor::<B, 4>::from_data(TensorData::new(qkv_cos, shape), &device);
-        let qkv_sin = Tensor::<B, 4>::from_data(TensorData::new(qkv_sin, shape), &device);
         for block in &self.blocks {
-            x = block.forward(x, qkv_cos.clone(), qkv_sin.clone(), &segments);
+            x = tables.block(block, x);
             if let Some(t) = trace.as_deref_mut() {
                 t.blocks.push(x.clone());
             }

@@ -1,0 +1,371 @@
+//! The memory options of the scoring passes are exact: scoring in micro-batches of rows, the
+//! LM head in chunks and activation checkpointing of the decoder and vision blocks give the plain step's log-probs, loss, metrics and every parameter's
+//! gradient, with the prompt shared per group and repeated, a tied and a separate head, and a
+//! LoRA policy (frozen head).
+
+use crate::common::{fixture_dir, Flex};
+use crate::grpo_learns::{byte_tokenizer, record, Alphanumeric};
+use crate::shared::processed_images;
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use grpo::learner::{
+    policy_gradients, policy_loss, rollout, GrpoConfig, MemoryOptions, PromptInput, StepMetrics,
+};
+use grpo::loss::LossConfig;
+use grpo::WeightedRewards;
+use qwen2vl::generation::Recompute;
+use qwen2vl::verify::Fixture;
+use qwen2vl::{load_model, LoraConfig, Qwen2VL};
+
+type Ad = Autodiff<Flex>;
+const PAD: u32 = 256;
+
+/// Every float parameter's gradient (None: no gradient), in the module's order.
+struct Collect<'a> {
+    grads: &'a GradientsParams,
+    out: Vec<(String, Option<Vec<f32>>)>,
+}
+
+impl ModuleVisitor<Ad> for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Ad, D>>) {
+        let g = self
+            .grads
+            .get::<Flex, D>(param.id)
+            .map(|g| g.into_data().to_vec::<f32>().unwrap());
+        self.out.push((format!("{:?}", param.shape()), g));
+    }
+}
+
+fn collect(model: &Qwen2VL<Ad>, grads: &GradientsParams) -> Vec<(String, Option<Vec<f32>>)> {
+    let mut v = Collect {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+fn assert_same_gradients(
+    what: &str,
+    a: &[(String, Option<Vec<f32>>)],
+    b: &[(String, Option<Vec<f32>>)],
+) -> usize {
+    assert_eq!(a.len(), b.len());
+    let mut compared = 0;
+    for ((shape, x), (_, y)) in a.iter().zip(b) {
+        let (Some(x), Some(y)) = (x, y) else {
+            assert_eq!(
+                x.is_some(),
+                y.is_some(),
+                "{what}: gradient of a {shape} parameter"
+            );
+            continue;
+        };
+        let scale = y.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (u, v) in x.iter().zip(y) {
+            assert!(
+                (u - v).abs() <= 1e-5 * scale,
+                "{what}: gradient of a {shape} parameter: {u} vs {v}"
+            );
+        }
+        compared += 1;
+    }
+    compared
+}
+
+fn assert_same_metrics(what: &str, a: &StepMetrics, b: &StepMetrics) {
+    assert!(
+        (a.loss - b.loss).abs() < 1e-5,
+        "{what}: loss {} vs {}",
+        a.loss,
+        b.loss
+    );
+    assert!(
+        (a.kl - b.kl).abs() < 1e-6,
+        "{what}: kl {} vs {}",
+        a.kl,
+        b.kl
+    );
+    assert!((a.entropy - b.entropy).abs() < 1e-5, "{what}: entropy");
+    assert_eq!(a.clip_ratio, b.clip_ratio, "{what}: clip ratio");
+    assert_eq!(a.completion_tokens, b.completion_tokens, "{what}");
+}
+
+fn prompts(fx: &Fixture) -> Vec<PromptInput> {
+    ["single", "multi"]
+        .iter()
+        .map(|name| PromptInput {
+            text: String::new(),
+            ids: fx.id_rows(&format!("{name}.input_ids")).unwrap().remove(0),
+            images: processed_images(fx, name),
+            record: record(),
+        })
+        .collect()
+}
+
+/// Gradients and metrics of one step of `policy` with `memory`, and the sampling policy's
+/// log-probs of the rollout.
+fn step(
+    policy: &Qwen2VL<Ad>,
+    prompts: &[PromptInput],
+    eos: u32,
+    share_prompt: bool,
+    memory: MemoryOptions,
+) -> (Vec<Vec<u32>>, Vec<f32>, StepMetrics, GradientsParams) {
+    let cfg = GrpoConfig {
+        num_generations: 4,
+        max_completion_length: 6,
+        loss: LossConfig {
+            beta: 0.04,
+            ..Default::default()
+        },
+        num_iterations: 2,
+        eos_token_ids: vec![eos],
+        pad_token_id: PAD,
+        share_prompt,
+        memory,
+        ..Default::default()
+    };
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let reference = policy.valid().without_adapters();
+    let roll = rollout(
+        &policy.valid(),
+        prompts,
+        &byte_tokenizer(),
+        &rewards,
+        &cfg,
+        5,
+        &Default::default(),
+    )
+    .unwrap();
+    // Only the completions' own tokens: slots past a completion are masked everywhere.
+    let old = roll.old_logprobs.clone().unwrap();
+    let width = roll.batch.width;
+    let old: Vec<f32> = old.into_data().to_vec().unwrap();
+    let old = roll
+        .completions
+        .iter()
+        .enumerate()
+        .flat_map(|(r, c)| old[r * width..r * width + c.len()].to_vec())
+        .collect();
+    let (grads, metrics) = policy_gradients(policy, Some(&reference), &roll, &cfg, 1).unwrap();
+    (roll.completions, old, metrics, grads)
+}
+
+fn memory_options_match(policy: &Qwen2VL<Ad>, what: &str) {
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let prompts = prompts(&fx);
+    let eos = fx.id_rows("single.gen.new_tokens").unwrap().remove(0)[3];
+    for share_prompt in [true, false] {
+        let plain = step(
+            policy,
+            &prompts,
+            eos,
+            share_prompt,
+            MemoryOptions::default(),
+        );
+        let plain_grads = collect(policy, &plain.3);
+        let (none, decoder, vision, both) = (
+            Recompute::default(),
+            Recompute {
+                decoder: true,
+                vision: false,
+            },
+            Recompute {
+                decoder: false,
+                vision: true,
+            },
+            Recompute {
+                decoder: true,
+                vision: true,
+            },
+        );
+        let options = [
+            (4, 0, none),
+            (0, 5, none),
+            (4, 3, none),
+            (if share_prompt { 8 } else { 3 }, 1, none),
+            (0, 0, decoder),
+            (0, 0, vision),
+            (0, 4, decoder),
+            (4, 3, both),
+        ];
+        for (micro_batch, head_chunk, recompute) in options {
+            let case = format!(
+                "{what}, shared {share_prompt}, micro-batch {micro_batch}, head chunk \
+                 {head_chunk}, {recompute:?}"
+            );
+            let memory = MemoryOptions {
+                micro_batch,
+                head_chunk,
+                recompute,
+            };
+            let (completions, old, metrics, grads) =
+                step(policy, &prompts, eos, share_prompt, memory);
+            assert_eq!(completions, plain.0, "{case}: the rollouts differ");
+            for (a, b) in old.iter().zip(&plain.1) {
+                assert!((a - b).abs() < 1e-5, "{case}: old log-prob {a} vs {b}");
+            }
+            assert_same_metrics(&case, &metrics, &plain.2);
+            let compared = assert_same_gradients(&case, &collect(policy, &grads), &plain_grads);
+            assert!(compared > 0, "{case}: no gradients compared");
+        }
+    }
+}
+
+/// The plain step's gradient is the gradient of [`policy_loss`], the loss's definition.
+#[test]
+fn the_step_takes_the_gradient_of_the_policy_loss() {
+    let device = Default::default();
+    let (policy, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let prompts = prompts(&fx);
+    let eos = fx.id_rows("single.gen.new_tokens").unwrap().remove(0)[3];
+    let (_, _, metrics, grads) = step(&policy, &prompts, eos, true, MemoryOptions::default());
+    let cfg = GrpoConfig {
+        num_generations: 4,
+        max_completion_length: 6,
+        loss: LossConfig {
+            beta: 0.04,
+            ..Default::default()
+        },
+        num_iterations: 2,
+        eos_token_ids: vec![eos],
+        pad_token_id: PAD,
+        ..Default::default()
+    };
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let roll = rollout(
+        &policy.valid(),
+        &prompts,
+        &byte_tokenizer(),
+        &rewards,
+        &cfg,
+        5,
+        &device,
+    )
+    .unwrap();
+    let (loss, whole) = policy_loss(&policy, Some(&policy.valid()), &roll, &cfg).unwrap();
+    let whole_grads = GradientsParams::from_grads(loss.backward(), &policy);
+    assert_same_metrics("policy_loss", &metrics, &whole);
+    let n = assert_same_gradients(
+        "policy_loss",
+        &collect(&policy, &grads),
+        &collect(&policy, &whole_grads),
+    );
+    assert!(n > 50, "only {n} parameters had gradients");
+}
+
+/// Micro-batches and a chunked head on the fixture model (its head tied to the embedding).
+#[test]
+fn micro_batches_and_a_chunked_head_are_exact_with_a_tied_head() {
+    let (policy, _) =
+        load_model::<Ad>(&fixture_dir().join("hf_model"), &Default::default()).unwrap();
+    memory_options_match(&policy, "tied head");
+}
+
+/// The same with a separate LM head (random weights, the fixture's architecture untied) and
+/// with a LoRA policy, whose head is frozen.
+#[test]
+fn micro_batches_and_a_chunked_head_are_exact_with_a_separate_or_frozen_head() {
+    let device = Default::default();
+    let (tied, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
+    let mut config = tied.config.clone();
+    config.tie_word_embeddings = false;
+    let separate = Qwen2VL::<Ad>::random(&config, &device);
+    assert!(separate.lm_head.is_some());
+    memory_options_match(&separate, "separate head");
+    let lora = tied
+        .with_lora(&LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            ..LoraConfig::default()
+        })
+        .unwrap();
+    memory_options_match(&lora, "LoRA policy");
+}
+
+/// With the prompt shared per group, a micro-batch must hold whole groups.
+#[test]
+fn a_micro_batch_that_splits_a_group_is_refused() {
+    let device = Default::default();
+    let (policy, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let cfg = GrpoConfig {
+        num_generations: 4,
+        max_completion_length: 2,
+        pad_token_id: PAD,
+        memory: MemoryOptions {
+            micro_batch: 6,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let err = rollout(
+        &policy.valid(),
+        &prompts(&fx),
+        &byte_tokenizer(),
+        &rewards,
+        &cfg,
+        5,
+        &device,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("multiple of 4"), "{err}");
+}
+
+/// Activation checkpointing would draw new LoRA dropout masks when it recomputes: refused.
+#[test]
+fn checkpointing_with_lora_dropout_is_refused() {
+    let device = Default::default();
+    let (policy, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
+    let policy = policy
+        .with_lora(&LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.1,
+            ..LoraConfig::default()
+        })
+        .unwrap();
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let cfg = GrpoConfig {
+        num_generations: 2,
+        max_completion_length: 2,
+        pad_token_id: PAD,
+        memory: MemoryOptions {
+            recompute: Recompute {
+                decoder: true,
+                vision: false,
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let roll = rollout(
+        &policy.valid(),
+        &prompts(&fx),
+        &byte_tokenizer(),
+        &rewards,
+        &cfg,
+        5,
+        &device,
+    )
+    .unwrap();
+    let err = policy_gradients(&policy, None, &roll, &cfg, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dropout"), "{err}");
+}
