@@ -1,5 +1,6 @@
 //! `medr1`: Med-R1 (GRPO on Qwen2-VL for medical VQA) on Burn.
 
+mod accounting;
 mod backend;
 mod commands;
 mod config;

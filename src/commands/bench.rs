@@ -16,14 +16,15 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use grpo::host::OptimizerOptions;
-use grpo::learner::{rollout, update, GrpoConfig, PromptInput, StepSize};
+use grpo::learner::{rollout, update, GrpoConfig, MemoryOptions, PromptInput, StepSize};
 use grpo::loss::LossConfig;
 use grpo::WeightedRewards;
 use medvqa::VqaRecord;
-use qwen2vl::generation::Sampling;
+use qwen2vl::generation::{Recompute, Sampling};
 use qwen2vl::processor::{byte_tokenizer_json, ProcessedImage, TextTokenizer};
 use qwen2vl::{LoraConfig, Qwen2VL, Qwen2VLConfig};
 
+use crate::accounting::{account, StepShape, Training};
 use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
 
 #[derive(Args, Debug, Clone)]
@@ -67,9 +68,47 @@ pub struct BenchArgs {
     /// fine-tuning).
     #[arg(long, default_value_t = 0)]
     pub lora_r: usize,
+    /// Completions per scoring pass (`memory.score_micro_batch`; 0: the whole rollout; with the
+    /// shared prompt a multiple of --num-generations).
+    #[arg(long, default_value_t = 0)]
+    pub score_micro_batch: usize,
+    /// Completion tokens per LM-head chunk (`memory.lm_head_chunk`; 0: all at once).
+    #[arg(long, default_value_t = 0)]
+    pub lm_head_chunk: usize,
+    /// Activation checkpointing of the policy's scoring pass (`memory.checkpoint_decoder`,
+    /// `memory.checkpoint_vision`).
+    #[arg(long, value_enum, default_value_t = Checkpointing::None)]
+    pub checkpoint: Checkpointing,
     /// Print the results as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Which blocks `--checkpoint` recomputes.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpointing {
+    None,
+    Decoder,
+    Vision,
+    All,
+}
+
+impl Checkpointing {
+    fn recompute(self) -> Recompute {
+        Recompute {
+            decoder: matches!(self, Self::Decoder | Self::All),
+            vision: matches!(self, Self::Vision | Self::All),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Decoder => "decoder",
+            Self::Vision => "vision",
+            Self::All => "all",
+        }
+    }
 }
 
 struct Task(BenchArgs, Qwen2VLConfig);
@@ -164,6 +203,11 @@ impl BackendTask for Task {
         let prompt_tokens = prompts[0].ids.len();
         let pad = config.bos_token_id.unwrap_or(0);
         let rows = a.batch * a.num_generations;
+        let memory = MemoryOptions {
+            micro_batch: a.score_micro_batch,
+            head_chunk: a.lm_head_chunk,
+            recompute: a.checkpoint.recompute(),
+        };
         let cfg = |share_prompt: bool| GrpoConfig {
             num_generations: a.num_generations,
             sampling: Sampling {
@@ -177,6 +221,7 @@ impl BackendTask for Task {
             eos_token_ids: Vec::new(),
             pad_token_id: pad,
             share_prompt,
+            memory,
             ..GrpoConfig::default()
         };
         let tokenizer =
@@ -279,8 +324,9 @@ impl BackendTask for Task {
         } else {
             println!(
                 "GRPO step (rollout + policy and reference scoring + backward + clip + AdamW): \
-                 {:.3} s",
-                median(&shared.step_s)
+                 {:.3} s, of which the update (scoring, backward, clip, AdamW) {:.3} s",
+                median(&shared.step_s),
+                median(&shared.update_s())
             );
         }
         if let Some(u) = &unshared {
@@ -299,6 +345,34 @@ impl BackendTask for Task {
                  {su:.3} s, {:.2}x the shared one's time",
                 su / ss
             );
+        }
+        let accounted = account(
+            &config,
+            StepShape {
+                prompts: a.batch,
+                num_generations: a.num_generations,
+                prompt_tokens,
+                patches: prompts[0].images.iter().map(|im| im.rows()).sum(),
+                completion_tokens: a.new_tokens,
+                share_prompt: true,
+            },
+            Training {
+                trained: trainable,
+                lora: a.lora_r > 0,
+                reference: LossConfig::default().beta != 0.0,
+                bytes: if a.bf16 { 2 } else { 4 },
+            },
+            memory,
+        );
+        println!(
+            "memory options: score micro-batch {}, LM-head chunk {}, checkpointing {}; \
+             accounted (the step's state and one scoring pass's peak):",
+            a.score_micro_batch,
+            a.lm_head_chunk,
+            a.checkpoint.name()
+        );
+        for l in accounted.lines_text() {
+            println!("{l}");
         }
         match shared.peak_rss_mib {
             Some(m) => println!("peak host memory (RSS): {:.2} GiB", m / 1024.0),
@@ -330,9 +404,14 @@ impl BackendTask for Task {
                 "rollout_s": r,
                 "rollout_tokens_per_s": new_tokens / r,
                 "peak_rss_mib": shared.peak_rss_mib,
+                "score_micro_batch": a.score_micro_batch,
+                "lm_head_chunk": a.lm_head_chunk,
+                "checkpoint": a.checkpoint.name(),
+                "accounted_gib": accounted.json(),
             });
             if !a.rollout_only {
                 out["step_s"] = median(&shared.step_s).into();
+                out["update_s"] = median(&shared.update_s()).into();
             }
             if let Some(u) = &unshared {
                 out["rollout_unshared_s"] = median(&u.rollout_s).into();
@@ -357,6 +436,17 @@ struct Timing {
     rollout_s: Vec<f64>,
     step_s: Vec<f64>,
     peak_rss_mib: Option<f64>,
+}
+
+impl Timing {
+    /// Each step's time after its rollout.
+    fn update_s(&self) -> Vec<f64> {
+        self.step_s
+            .iter()
+            .zip(&self.rollout_s)
+            .map(|(s, r)| s - r)
+            .collect()
+    }
 }
 
 fn median(v: &[f64]) -> f64 {

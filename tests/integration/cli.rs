@@ -233,6 +233,33 @@ fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
         assert!(v > 0.0 && v.is_finite(), "{key} = {v}");
     }
     assert_eq!(json["num_generations"], 3);
+    assert!(json["update_s"].as_f64().unwrap() > 0.0, "{last}");
+    // The memory options run, and the account follows them.
+    let (ok, out, err) = bench(&[
+        "--num-generations",
+        "3",
+        "--score-micro-batch",
+        "3",
+        "--lm-head-chunk",
+        "2",
+        "--checkpoint",
+        "all",
+        "--no-unshared",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("checkpointing all"), "{out}");
+    let last = out.lines().last().unwrap();
+    let options: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(options["checkpoint"], "all");
+    assert_eq!(options["score_micro_batch"], 3);
+    let logits = |j: &serde_json::Value| {
+        j["accounted_gib"]["head_logits"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{j}"))
+    };
+    // A chunk of 2 completion tokens, against all 6 x 4 of the step in one pass.
+    assert!((logits(&options) * 12.0 - logits(&json)).abs() < 1e-6 * logits(&json));
     let (ok, _, err) = medr1(&[
         "bench",
         "--model-config",

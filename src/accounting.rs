@@ -1,0 +1,330 @@
+//! What a GRPO step holds in memory, accounted from the architecture, the step's shapes, the
+//! training mode (full or LoRA) and the memory options: the estimate `medr1 bench` prints
+//! beside the peak it measures, and what the book's memory tables come from.
+//!
+//! Activations count what the backward pass keeps per token: in a decoder layer the norms'
+//! inputs and outputs, the projections' inputs and outputs, the attention probabilities and
+//! the MLP's three intermediate products; in a vision block the same with the block's own
+//! widths, attention within one image.
+
+use grpo::learner::MemoryOptions;
+use qwen2vl::Qwen2VLConfig;
+
+/// The shapes of one GRPO step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepShape {
+    pub prompts: usize,
+    pub num_generations: usize,
+    /// Tokens per prompt, its image tokens included.
+    pub prompt_tokens: usize,
+    /// Vision patches per prompt (before merging; 0 without images).
+    pub patches: usize,
+    pub completion_tokens: usize,
+    /// Each prompt (and image) run once per group, not once per completion.
+    pub share_prompt: bool,
+}
+
+/// What is trained, and in which precision.
+#[derive(Debug, Clone, Copy)]
+pub struct Training {
+    /// Parameters with gradients and optimizer state (all of them, or the adapters').
+    pub trained: usize,
+    /// LoRA: the frozen base is also the reference.
+    pub lora: bool,
+    /// A KL term (`beta > 0`) needs the reference model.
+    pub reference: bool,
+    /// Bytes per weight and activation value (4: f32, 2: bf16).
+    pub bytes: usize,
+}
+
+/// One line of the account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub what: &'static str,
+    /// Its name in `medr1 bench --json`'s `accounted_gib`.
+    pub key: &'static str,
+    pub bytes: f64,
+}
+
+/// The account of one step: what lives through the step (weights, optimizer state) and the
+/// scoring pass's peak on top (activations of one micro-batch and its logits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    pub lines: Vec<Line>,
+}
+
+impl Account {
+    pub fn total(&self) -> f64 {
+        self.lines.iter().map(|l| l.bytes).sum()
+    }
+
+    pub fn gib(bytes: f64) -> f64 {
+        bytes / (1u64 << 30) as f64
+    }
+
+    /// `what: x.xx GiB` lines and the total.
+    pub fn lines_text(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .lines
+            .iter()
+            .map(|l| format!("  {:<44} {:>8.3} GiB", l.what, Self::gib(l.bytes)))
+            .collect();
+        out.push(format!(
+            "  {:<44} {:>8.3} GiB",
+            "total",
+            Self::gib(self.total())
+        ));
+        out
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for l in &self.lines {
+            map.insert(l.key.into(), Self::gib(l.bytes).into());
+        }
+        map.insert("total".into(), Self::gib(self.total()).into());
+        serde_json::Value::Object(map)
+    }
+}
+
+/// The account of a step of `config` on `shape`, trained as `training`, with `memory`.
+pub fn account(
+    config: &Qwen2VLConfig,
+    shape: StepShape,
+    training: Training,
+    memory: MemoryOptions,
+) -> Account {
+    let params = config.parameter_counts().total() as f64;
+    let trained = training.trained as f64;
+    let b = training.bytes as f64;
+    let t = &config.text;
+    let v = &config.vision;
+    let rows = shape.prompts * shape.num_generations;
+    // Rows per scoring pass, and the prompts they hold.
+    let pass_rows = match memory.micro_batch {
+        0 => rows,
+        m => m.min(rows),
+    };
+    let pass_prompts = pass_rows.div_ceil(shape.num_generations);
+    // Decoder tokens of one pass and the keys each attends to.
+    let (prompt_rows, patch_rows) = if shape.share_prompt {
+        (pass_prompts, pass_prompts)
+    } else {
+        (pass_rows, pass_rows)
+    };
+    let prompt_tok = (prompt_rows * shape.prompt_tokens) as f64;
+    let comp_tok = (pass_rows * shape.completion_tokens) as f64;
+    let keys = (shape.prompt_tokens + shape.completion_tokens) as f64;
+    let (d, kv) = (
+        t.hidden_size as f64,
+        (t.num_key_value_heads * t.head_dim) as f64,
+    );
+    let inter = t.intermediate_size as f64;
+    let heads = t.num_attention_heads as f64;
+    // Per token of one layer; attention probabilities (and scores) per key.
+    let layer_per_token = 8.0 * d + 3.0 * kv + 4.0 * inter;
+    let layer_bytes = b
+        * ((prompt_tok + comp_tok) * layer_per_token
+            + (prompt_tok * shape.prompt_tokens as f64 / 2.0 + comp_tok * keys) * 2.0 * heads);
+    let layers = t.num_hidden_layers as f64;
+    let decoder = if memory.recompute.decoder {
+        // Each layer's input, and one layer's activations at a time.
+        b * (prompt_tok + comp_tok) * d * layers + layer_bytes
+    } else {
+        layer_bytes * layers
+    };
+    let (e, mlp) = (v.embed_dim as f64, v.embed_dim as f64 * v.mlp_ratio);
+    let patches = (patch_rows * shape.patches) as f64;
+    let block_bytes = b
+        * patches
+        * (6.0 * e + 3.0 * e + 2.0 * mlp + 2.0 * v.num_heads as f64 * shape.patches as f64);
+    let depth = v.depth as f64;
+    let vision = if memory.recompute.vision {
+        b * patches * e * depth + block_bytes
+    } else {
+        block_bytes * depth
+    };
+    // Logits, their log-softmax and its gradient, for the tokens of one head chunk.
+    let head_tokens = match memory.head_chunk {
+        0 => comp_tok,
+        c => (c as f64).min(comp_tok),
+    };
+    let logits = 3.0 * 4.0 * head_tokens * t.vocab_size as f64;
+    let mut lines = vec![
+        Line {
+            what: "policy weights",
+            key: "weights",
+            bytes: params * b,
+        },
+        Line {
+            what: "gradients",
+            key: "gradients",
+            bytes: trained * b,
+        },
+        Line {
+            what: "AdamW moments (f32)",
+            key: "adamw_moments",
+            bytes: 2.0 * 4.0 * trained,
+        },
+    ];
+    if training.bytes < 4 {
+        lines.push(Line {
+            what: "AdamW master weights (f32)",
+            key: "adamw_master",
+            bytes: 4.0 * trained,
+        });
+    }
+    if training.reference && !training.lora {
+        lines.push(Line {
+            what: "reference model",
+            key: "reference",
+            bytes: params * b,
+        });
+    }
+    lines.push(Line {
+        what: "decoder activations (one scoring pass)",
+        key: "decoder_activations",
+        bytes: decoder,
+    });
+    if shape.patches > 0 {
+        lines.push(Line {
+            what: "vision activations (one scoring pass)",
+            key: "vision_activations",
+            bytes: vision,
+        });
+    }
+    lines.push(Line {
+        what: "LM-head logits (one chunk, f32)",
+        key: "head_logits",
+        bytes: logits,
+    });
+    Account { lines }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qwen2vl::generation::Recompute;
+
+    const QWEN2VL_2B: &str = include_str!("../tests/fixtures/qwen2_vl_2b_instruct_config.json");
+
+    fn med_r1() -> StepShape {
+        StepShape {
+            prompts: 2,
+            num_generations: 4,
+            prompt_tokens: 262,
+            patches: 784,
+            completion_tokens: 16,
+            share_prompt: true,
+        }
+    }
+
+    fn line(a: &Account, what: &str) -> f64 {
+        Account::gib(a.lines.iter().find(|l| l.what == what).unwrap().bytes)
+    }
+
+    /// The weights and optimizer state of the 2B model as the CUDA chapter's table has them:
+    /// bf16 full fine-tuning 4.1 + 4.1 + 16.5 + 8.2 + 4.1 = 37.0 GiB; LoRA r 8 on the
+    /// decoder's projections (9,232,384 values) keeps one copy of the weights.
+    #[test]
+    fn the_2b_weights_and_optimizer_state_match_the_hand_count() {
+        let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();
+        let params = 2_208_985_600usize;
+        let full = account(
+            &config,
+            med_r1(),
+            Training {
+                trained: params,
+                lora: false,
+                reference: true,
+                bytes: 2,
+            },
+            MemoryOptions::default(),
+        );
+        let fixed: f64 = [
+            "policy weights",
+            "gradients",
+            "AdamW moments (f32)",
+            "AdamW master weights (f32)",
+            "reference model",
+        ]
+        .iter()
+        .map(|w| line(&full, w))
+        .sum();
+        // 2 (weights) + 2 (gradients) + 8 (moments) + 4 (master) + 2 (reference) bytes.
+        let expected = params as f64 * 18.0 / (1u64 << 30) as f64;
+        assert!((fixed - expected).abs() < 1e-9, "{fixed} vs {expected}");
+        assert!((fixed - 37.0).abs() < 0.05, "{fixed}");
+        let lora = account(
+            &config,
+            med_r1(),
+            Training {
+                trained: 9_232_384,
+                lora: true,
+                reference: true,
+                bytes: 2,
+            },
+            MemoryOptions::default(),
+        );
+        assert!(!lora.lines.iter().any(|l| l.what == "reference model"));
+        assert!((line(&lora, "policy weights") - 4.114).abs() < 0.001);
+        assert!((line(&lora, "AdamW moments (f32)") - 0.0688).abs() < 0.001);
+    }
+
+    /// Each option shrinks its own line and no other; the logits of 8 x 16 tokens over the
+    /// 151,936-entry vocabulary are 3 x 4 bytes each, a 64-token chunk half of that.
+    #[test]
+    fn each_memory_option_shrinks_its_own_line() {
+        let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();
+        let training = Training {
+            trained: 9_232_384,
+            lora: true,
+            reference: true,
+            bytes: 4,
+        };
+        let plain = account(&config, med_r1(), training, MemoryOptions::default());
+        let logits = 3.0 * 4.0 * 128.0 * 151_936.0 / (1u64 << 30) as f64;
+        assert!((line(&plain, "LM-head logits (one chunk, f32)") - logits).abs() < 1e-9);
+        let chunked = account(
+            &config,
+            med_r1(),
+            training,
+            MemoryOptions {
+                head_chunk: 64,
+                ..Default::default()
+            },
+        );
+        assert!((line(&chunked, "LM-head logits (one chunk, f32)") - logits / 2.0).abs() < 1e-9);
+        let dec = "decoder activations (one scoring pass)";
+        let vis = "vision activations (one scoring pass)";
+        let checkpointed = account(
+            &config,
+            med_r1(),
+            training,
+            MemoryOptions {
+                recompute: Recompute {
+                    decoder: true,
+                    vision: false,
+                },
+                ..Default::default()
+            },
+        );
+        assert!(line(&checkpointed, dec) < line(&plain, dec) / 5.0);
+        assert_eq!(line(&checkpointed, vis), line(&plain, vis));
+        let halves = account(
+            &config,
+            med_r1(),
+            training,
+            MemoryOptions {
+                micro_batch: 4,
+                ..Default::default()
+            },
+        );
+        assert!((line(&halves, dec) - line(&plain, dec) / 2.0).abs() < 1e-9);
+        assert!((line(&halves, vis) - line(&plain, vis) / 2.0).abs() < 1e-9);
+        assert_eq!(
+            line(&halves, "policy weights"),
+            line(&plain, "policy weights")
+        );
+    }
+}
