@@ -24,7 +24,7 @@ use qwen2vl::generation::{Recompute, Sampling};
 use qwen2vl::processor::{byte_tokenizer_json, ProcessedImage, TextTokenizer};
 use qwen2vl::{LoraConfig, Qwen2VL, Qwen2VLConfig};
 
-use crate::accounting::{account, StepShape, Training};
+use crate::accounting::{account, Account, StepShape, Training};
 use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
 
 #[derive(Args, Debug, Clone)]
@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// `memory.checkpoint_vision`).
     #[arg(long, value_enum, default_value_t = Checkpointing::None)]
     pub checkpoint: Checkpointing,
+    /// Print the memory account of the step and exit, without building the model (to size a
+    /// machine for a configuration that does not fit this one).
+    #[arg(long)]
+    pub account_only: bool,
     /// Print the results as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
@@ -193,21 +197,13 @@ impl BackendTask for Task {
         let mut model = Qwen2VL::<Autodiff<B>>::random(&config, &device);
         eprintln!("built a random model in {:.1}s", t.elapsed().as_secs_f64());
         if a.lora_r > 0 {
-            model = model.with_lora(&LoraConfig {
-                r: a.lora_r,
-                alpha: 2.0 * a.lora_r as f64,
-                ..LoraConfig::default()
-            })?;
+            model = model.with_lora(&a.lora())?;
         }
         let (prompts, image_tokens) = synthetic_prompts(&a, &config);
         let prompt_tokens = prompts[0].ids.len();
         let pad = config.bos_token_id.unwrap_or(0);
         let rows = a.batch * a.num_generations;
-        let memory = MemoryOptions {
-            micro_batch: a.score_micro_batch,
-            head_chunk: a.lm_head_chunk,
-            recompute: a.checkpoint.recompute(),
-        };
+        let memory = a.memory();
         let cfg = |share_prompt: bool| GrpoConfig {
             num_generations: a.num_generations,
             sampling: Sampling {
@@ -346,34 +342,7 @@ impl BackendTask for Task {
                 su / ss
             );
         }
-        let accounted = account(
-            &config,
-            StepShape {
-                prompts: a.batch,
-                num_generations: a.num_generations,
-                prompt_tokens,
-                patches: prompts[0].images.iter().map(|im| im.rows()).sum(),
-                completion_tokens: a.new_tokens,
-                share_prompt: true,
-            },
-            Training {
-                trained: trainable,
-                lora: a.lora_r > 0,
-                reference: LossConfig::default().beta != 0.0,
-                bytes: if a.bf16 { 2 } else { 4 },
-            },
-            memory,
-        );
-        println!(
-            "memory options: score micro-batch {}, LM-head chunk {}, checkpointing {}; \
-             accounted (the step's state and one scoring pass's peak):",
-            a.score_micro_batch,
-            a.lm_head_chunk,
-            a.checkpoint.name()
-        );
-        for l in accounted.lines_text() {
-            println!("{l}");
-        }
+        let accounted = step_account(&a, &config, &prompts, trainable);
         match shared.peak_rss_mib {
             Some(m) => println!("peak host memory (RSS): {:.2} GiB", m / 1024.0),
             None => println!("peak host memory: not available on this platform"),
@@ -427,6 +396,63 @@ impl BackendTask for Task {
             println!("{out}");
         }
         Ok(())
+    }
+}
+
+/// The memory account of the step `a` describes, printed.
+fn step_account(
+    a: &BenchArgs,
+    config: &Qwen2VLConfig,
+    prompts: &[PromptInput],
+    trained: usize,
+) -> Account {
+    let accounted = account(
+        config,
+        StepShape {
+            prompts: a.batch,
+            num_generations: a.num_generations,
+            prompt_tokens: prompts[0].ids.len(),
+            patches: prompts[0].images.iter().map(|im| im.rows()).sum(),
+            completion_tokens: a.new_tokens,
+            share_prompt: true,
+        },
+        Training {
+            trained,
+            lora: a.lora_r > 0,
+            reference: LossConfig::default().beta != 0.0,
+            bytes: if a.bf16 { 2 } else { 4 },
+        },
+        a.memory(),
+    );
+    println!(
+        "memory options: score micro-batch {}, LM-head chunk {}, checkpointing {}; \
+         accounted (the step's state and one scoring pass's peak):",
+        a.score_micro_batch,
+        a.lm_head_chunk,
+        a.checkpoint.name()
+    );
+    for l in accounted.lines_text() {
+        println!("{l}");
+    }
+    accounted
+}
+
+impl BenchArgs {
+    /// `--lora-r`'s adapters: rank r, alpha 2r, the decoder's seven projections.
+    fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.lora_r,
+            alpha: 2.0 * self.lora_r as f64,
+            ..LoraConfig::default()
+        }
+    }
+
+    fn memory(&self) -> MemoryOptions {
+        MemoryOptions {
+            micro_batch: self.score_micro_batch,
+            head_chunk: self.lm_head_chunk,
+            recompute: self.checkpoint.recompute(),
+        }
     }
 }
 
@@ -520,6 +546,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--model-config {}", args.model_config.display()))?;
     if args.batch == 0 || args.steps == 0 || args.num_generations == 0 {
         anyhow::bail!("--batch, --num-generations and --steps must be at least 1");
+    }
+    if args.account_only {
+        let trained = if args.lora_r > 0 {
+            args.lora().trainable_params(&config)?
+        } else {
+            config.parameter_counts().total()
+        };
+        let (prompts, _) = synthetic_prompts(&args, &config);
+        let accounted = step_account(&args, &config, &prompts, trained);
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "accounted_gib": accounted.json() })
+            );
+        }
+        return Ok(());
     }
     dispatch_dtype(args.device, args.bf16, Task(args.clone(), config))?
 }

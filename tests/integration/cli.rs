@@ -260,6 +260,23 @@ fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
     };
     // A chunk of 2 completion tokens, against all 6 x 4 of the step in one pass.
     assert!((logits(&options) * 12.0 - logits(&json)).abs() < 1e-6 * logits(&json));
+    // The account alone, without a run, is the same account.
+    let (ok, out, err) = bench(&[
+        "--num-generations",
+        "3",
+        "--score-micro-batch",
+        "3",
+        "--lm-head-chunk",
+        "2",
+        "--checkpoint",
+        "all",
+        "--account-only",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("GRPO step"), "{out}");
+    let alone: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(alone["accounted_gib"], options["accounted_gib"]);
     let (ok, _, err) = medr1(&[
         "bench",
         "--model-config",
