@@ -17,7 +17,7 @@ use grpo::loss::LossConfig;
 use grpo::WeightedRewards;
 use qwen2vl::generation::Recompute;
 use qwen2vl::verify::Fixture;
-use qwen2vl::{load_model, LoraConfig, Qwen2VL};
+use qwen2vl::{load_model, LoraConfig, Qwen2VL, TargetModules};
 
 type Ad = Autodiff<Flex>;
 const PAD: u32 = 256;
@@ -282,6 +282,7 @@ fn micro_batches_and_a_chunked_head_are_exact_with_a_separate_or_frozen_head() {
     assert!(separate.lm_head.is_some());
     memory_options_match(&separate, "separate head");
     let lora = tied
+        .clone()
         .with_lora(&LoraConfig {
             r: 2,
             alpha: 4.0,
@@ -289,6 +290,20 @@ fn micro_batches_and_a_chunked_head_are_exact_with_a_separate_or_frozen_head() {
         })
         .unwrap();
     memory_options_match(&lora, "LoRA policy");
+    // Adapters on the second vision block and the decoder: the patch embedding and the first
+    // block are frozen with nothing before them that trains (checkpointing stops there), the
+    // second trains without needing its input's gradient.
+    let vision_lora = tied
+        .with_lora(&LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            target_modules: TargetModules::Pattern(
+                r".*(visual\.blocks\.1\.attn\.qkv|language_model\..*q_proj)".into(),
+            ),
+            ..LoraConfig::default()
+        })
+        .unwrap();
+    memory_options_match(&vision_lora, "LoRA on a later vision block");
 }
 
 /// With the prompt shared per group, a micro-batch must hold whole groups.

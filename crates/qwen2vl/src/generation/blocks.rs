@@ -41,7 +41,33 @@ enum Block {
     Final,
 }
 
+/// Whether any float parameter of a module takes gradients.
+struct Trains(bool);
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for Trains {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        self.0 |= param.is_require_grad();
+    }
+}
+
+fn trains<B: Backend, M: burn::module::Module<B>>(m: &M) -> bool {
+    let mut v = Trains(false);
+    m.visit(&mut v);
+    v.0
+}
+
 impl Block {
+    /// Whether this block of `model` has parameters that take gradients.
+    fn trains<B: Backend>(self, model: &Qwen2VL<B>) -> bool {
+        match self {
+            Block::PatchEmbed => trains(&model.visual.patch_embed),
+            Block::Vision(i) => trains(&model.visual.blocks[i]),
+            Block::Merge => trains(&model.visual.merger) || trains(&model.text.embed_tokens),
+            Block::Layer(i) => trains(&model.text.layers[i]),
+            Block::Final => trains(&model.text.norm),
+        }
+    }
+
     fn recomputed(self, r: Recompute) -> bool {
         match self {
             Block::PatchEmbed | Block::Vision(_) | Block::Merge => r.vision,
@@ -181,10 +207,18 @@ struct Context<B: Backend> {
 
 /// One block of a checkpointed pass, as the backward pass finds it.
 enum Taped<A: AutodiffBackend> {
-    /// Run again from its input.
-    Recompute(Block, Flow<A::InnerBackend>),
-    /// Kept with its graph, from tracked leaves.
-    Kept { inputs: Flow<A>, outputs: Flow<A> },
+    /// Neither it nor any block before it trains (a frozen vision tower under LoRA): run
+    /// without a graph, and the backward pass stops here.
+    Frozen,
+    /// Run again from its input; whether a block before it trains (its input's gradient is
+    /// needed).
+    Recompute(Block, Flow<A::InnerBackend>, bool),
+    /// Kept with its graph, from leaves tracked when a block before it trains.
+    Kept {
+        inputs: Flow<A>,
+        outputs: Flow<A>,
+        upstream: bool,
+    },
 }
 
 /// What [`ScoringBatch::backward_recomputed`] needs of a checkpointed forward pass.
@@ -420,17 +454,28 @@ impl ScoringBatch {
         let context = self.context(model, images)?;
         let (blocks, mut flow) = self.plan(&plain, plain_images.as_ref(), &plain_context);
         let mut taped = Vec::with_capacity(blocks.len());
-        for (k, block) in blocks.into_iter().enumerate() {
-            if block.recomputed(recompute) {
+        // Whether a block before this one trains: its input's gradient is needed.
+        let mut upstream = false;
+        for block in blocks {
+            let trains = block.trains(model);
+            if !trains && !upstream {
+                flow = self.run_block(&plain, &plain_context, block, flow)?;
+                taped.push(Taped::Frozen);
+            } else if block.recomputed(recompute) {
                 let next = self.run_block(&plain, &plain_context, block, flow.clone())?;
-                taped.push(Taped::Recompute(block, flow));
+                taped.push(Taped::Recompute(block, flow, upstream));
                 flow = next;
             } else {
-                let inputs: Flow<A> = flow.leaf(k > 0);
+                let inputs: Flow<A> = flow.leaf(upstream);
                 let outputs = self.run_block(model, &context, block, inputs.clone())?;
                 flow = outputs.values();
-                taped.push(Taped::Kept { inputs, outputs });
+                taped.push(Taped::Kept {
+                    inputs,
+                    outputs,
+                    upstream,
+                });
             }
+            upstream |= trains;
         }
         Ok((
             flow.into_hidden(),
@@ -454,24 +499,33 @@ impl ScoringBatch {
     ) -> Result<(), Qwen2VLError> {
         let Tape { blocks, context } = tape;
         let mut grad = Flow::Hidden(grad);
-        for (k, taped) in blocks.into_iter().enumerate().rev() {
-            let (inputs, outputs) = match taped {
-                Taped::Recompute(block, input) => {
-                    let inputs: Flow<A> = input.leaf(k > 0);
+        for taped in blocks.into_iter().rev() {
+            let (inputs, outputs, upstream) = match taped {
+                // Nothing before it trains either.
+                Taped::Frozen => break,
+                Taped::Recompute(block, input, upstream) => {
+                    let inputs: Flow<A> = input.leaf(upstream);
                     let outputs = self.run_block(model, &context, block, inputs.clone())?;
-                    (inputs, outputs)
+                    (inputs, outputs, upstream)
                 }
-                Taped::Kept { inputs, outputs } => (inputs, outputs),
+                Taped::Kept {
+                    inputs,
+                    outputs,
+                    upstream,
+                } => (inputs, outputs, upstream),
             };
             let Some(surrogate) = outputs.dot(&grad) else {
                 continue;
             };
             drop(outputs);
             let grads = surrogate.backward();
-            if k > 0 {
+            if upstream {
                 grad = inputs.grad(&grads);
             }
             on_grads(grads);
+            if !upstream {
+                break;
+            }
         }
         Ok(())
     }
