@@ -33,6 +33,10 @@ pub struct Training {
     pub lora: bool,
     /// A KL term (`beta > 0`) needs the reference model.
     pub reference: bool,
+    /// Some parameter of the vision tower or the merger is trained. When none is (LoRA on the
+    /// decoder only), the scoring pass keeps nothing of the vision forward for the backward
+    /// pass: the tower runs outside the graph, one block's activations at a time.
+    pub vision_trains: bool,
     /// Bytes per weight and activation value (4: f32, 2: bf16).
     pub bytes: usize,
 }
@@ -139,7 +143,9 @@ pub fn account(
         * patches
         * (6.0 * e + 3.0 * e + 2.0 * mlp + 2.0 * v.num_heads as f64 * shape.patches as f64);
     let depth = v.depth as f64;
-    let vision = if memory.recompute.vision {
+    let vision = if !training.vision_trains {
+        0.0
+    } else if memory.recompute.vision {
         b * patches * e * depth + block_bytes
     } else {
         block_bytes * depth
@@ -188,7 +194,11 @@ pub fn account(
     });
     if shape.patches > 0 {
         lines.push(Line {
-            what: "vision activations (one scoring pass)",
+            what: if training.vision_trains {
+                "vision activations (one scoring pass)"
+            } else {
+                "vision activations (frozen: none kept)"
+            },
             key: "vision_activations",
             bytes: vision,
         });
@@ -237,6 +247,7 @@ mod tests {
                 trained: params,
                 lora: false,
                 reference: true,
+                vision_trains: true,
                 bytes: 2,
             },
             MemoryOptions::default(),
@@ -262,6 +273,7 @@ mod tests {
                 trained: 9_232_384,
                 lora: true,
                 reference: true,
+                vision_trains: false,
                 bytes: 2,
             },
             MemoryOptions::default(),
@@ -276,10 +288,12 @@ mod tests {
     #[test]
     fn each_memory_option_shrinks_its_own_line() {
         let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();
+        // LoRA with adapters in the vision tower too (its activations are kept).
         let training = Training {
             trained: 9_232_384,
             lora: true,
             reference: true,
+            vision_trains: true,
             bytes: 4,
         };
         let plain = account(&config, med_r1(), training, MemoryOptions::default());
@@ -326,5 +340,18 @@ mod tests {
             line(&halves, "policy weights"),
             line(&plain, "policy weights")
         );
+        // A frozen vision tower keeps nothing, whatever the options.
+        let frozen = account(
+            &config,
+            med_r1(),
+            Training {
+                vision_trains: false,
+                ..training
+            },
+            MemoryOptions::default(),
+        );
+        assert!(!frozen.lines.iter().any(|l| l.what == vis));
+        assert_eq!(line(&frozen, "vision activations (frozen: none kept)"), 0.0);
+        assert_eq!(line(&frozen, dec), line(&plain, dec));
     }
 }

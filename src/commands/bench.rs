@@ -420,6 +420,8 @@ fn step_account(
             trained,
             lora: a.lora_r > 0,
             reference: LossConfig::default().beta != 0.0,
+            // --lora-r puts adapters on the text decoder only.
+            vision_trains: a.lora_r == 0,
             bytes: if a.bf16 { 2 } else { 4 },
         },
         a.memory(),
