@@ -137,7 +137,7 @@ pub fn account(
     } else {
         layer_bytes * layers
     };
-    let (e, mlp) = (v.embed_dim as f64, v.embed_dim as f64 * v.mlp_ratio);
+    let (e, mlp) = (v.embed_dim as f64, v.mlp_dim() as f64);
     let patches = (patch_rows * shape.patches) as f64;
     let block_bytes = b
         * patches

@@ -43,12 +43,20 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         "              rope theta {}, mrope_section {:?}, rms eps {:e}, tied LM head: {}",
         t.rope_theta, t.mrope_section, t.rms_norm_eps, cfg.tie_word_embeddings
     );
+    let attention = match &v.kind {
+        qwen2vl::VisionKind::Qwen2VL => "whole-image attention".to_string(),
+        qwen2vl::VisionKind::Qwen25VL {
+            window_size,
+            fullatt_block_indexes,
+            ..
+        } => format!("{window_size}-pixel windows, whole-image attention in blocks {fullatt_block_indexes:?}"),
+    };
     println!(
-        "vision        {} blocks, width {}, {} heads, MLP ratio {}, patch {}x{} (temporal {}), merge {}x{} -> {}",
+        "vision        {} blocks, width {}, {} heads, MLP width {}, patch {}x{} (temporal {}), merge {}x{} -> {}; {attention}",
         v.depth,
         v.embed_dim,
         v.num_heads,
-        v.mlp_ratio,
+        v.mlp_dim(),
         v.patch_size,
         v.patch_size,
         v.temporal_patch_size,

@@ -22,11 +22,16 @@ pub(crate) fn medr1(args: &[&str]) -> (bool, String, String) {
 /// The tiny fixture model with the project's byte-level tokenizer and the fixture's image
 /// settings: a complete checkpoint directory.
 pub(crate) fn tiny_checkpoint(name: &str) -> PathBuf {
+    tiny_checkpoint_of(&fixture_dir(), name)
+}
+
+/// [`tiny_checkpoint`] of the model of another fixture directory.
+pub(crate) fn tiny_checkpoint_of(fixture: &Path, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("medr1-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(fixture_dir().join("hf_model").join(f), dir.join(f)).unwrap();
+        std::fs::copy(fixture.join("hf_model").join(f), dir.join(f)).unwrap();
     }
     std::fs::write(
         dir.join("tokenizer.json"),

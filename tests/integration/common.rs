@@ -8,6 +8,11 @@ pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2vl-tiny-seed0")
 }
 
+/// The tiny Qwen2.5-VL fixture (`tests/fixtures/make_qwen25vl_fixture.py`).
+pub fn qwen25vl_fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen25vl-tiny-seed0")
+}
+
 #[cfg(feature = "wgpu")]
 #[path = "../../src/wgpu_probe.rs"]
 mod wgpu_probe;

@@ -400,3 +400,54 @@ fn a_run_starts_from_a_peft_adapter_and_refuses_a_missing_one() {
     let _ = std::fs::remove_dir_all(&runs);
     let _ = std::fs::remove_dir_all(&ckpt);
 }
+
+/// Qwen2.5-VL through the whole run: a GRPO run from the tiny Qwen2.5-VL checkpoint with
+/// adapters on the decoder and on the vision tower's gated MLP, its final model written as a
+/// Qwen2.5-VL checkpoint equal to the base with the saved adapter.
+#[test]
+fn a_qwen25vl_lora_run_trains_and_writes_a_qwen25vl_checkpoint() {
+    let ckpt =
+        crate::cli::tiny_checkpoint_of(&crate::common::qwen25vl_fixture_dir(), "q25-lora-run");
+    let runs = ckpt.with_file_name(format!("medr1-q25-lora-{}-runs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let sets = [
+        format!("runs_dir=\"{}\"", runs.display()),
+        format!("model.checkpoint=\"{}\"", ckpt.display()),
+        "data.synthetic.n=24".into(),
+        "sft.steps=2".into(),
+        "grpo.steps=2".into(),
+        "grpo.learning_rate=1e-2".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+        "eval.every=0".into(),
+        "lora.enabled=true".into(),
+        "lora.r=2".into(),
+        "lora.alpha=4.0".into(),
+        r#"lora.target_modules=["q_proj", "v_proj", "gate_proj"]"#.into(),
+    ];
+    let mut args = vec!["train"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let (ok, _, err) = crate::cli::medr1(&args);
+    assert!(ok, "{err}");
+    let fin = runs.join("tiny/final");
+    let config = std::fs::read_to_string(fin.join("config.json")).unwrap();
+    assert!(config.contains("\"qwen2_5_vl\""), "{config}");
+    let device = Default::default();
+    // The adapters sit on the warm start's model.
+    let base = load_model::<Flex>(&runs.join("tiny/sft"), &device)
+        .unwrap()
+        .0;
+    let (adapted, _) = load_adapter(base, &fin.join("adapter")).unwrap();
+    let adapter_config = std::fs::read_to_string(fin.join("adapter/adapter_config.json")).unwrap();
+    assert!(adapter_config.contains("gate_proj"), "{adapter_config}");
+    let merged = load_model::<Flex>(&fin, &device).unwrap().0;
+    let err = max_abs_diff(
+        &logits(&adapted, "single", &device),
+        &logits(&merged, "single", &device),
+    );
+    assert!(err < 1e-4, "base + adapter vs merged final: {err}");
+    let _ = std::fs::remove_dir_all(&runs);
+    let _ = std::fs::remove_dir_all(&ckpt);
+}

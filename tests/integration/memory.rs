@@ -3,7 +3,7 @@
 //! gradient, with the prompt shared per group and repeated, a tied and a separate head, and a
 //! LoRA policy (frozen head).
 
-use crate::common::{fixture_dir, Flex};
+use crate::common::{fixture_dir, qwen25vl_fixture_dir, Flex};
 use crate::grpo_learns::{byte_tokenizer, record, Alphanumeric};
 use crate::shared::processed_images;
 use burn::backend::Autodiff;
@@ -383,4 +383,24 @@ fn checkpointing_with_lora_dropout_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("dropout"), "{err}");
+}
+
+/// Qwen2.5-VL (windowed vision tower): every memory option, shared and unshared, equals the
+/// plain step, with the whole model trained and with LoRA on a vision block.
+#[test]
+fn memory_options_are_exact_on_qwen25vl() {
+    let device = Default::default();
+    let (policy, _) = load_model::<Ad>(&qwen25vl_fixture_dir().join("hf_model"), &device).unwrap();
+    memory_options_match(&policy, "Qwen2.5-VL");
+    let lora = policy
+        .with_lora(&LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            target_modules: TargetModules::Pattern(
+                r".*(visual\.blocks\.2\.mlp\.gate_proj|language_model\..*v_proj)".into(),
+            ),
+            ..LoraConfig::default()
+        })
+        .unwrap();
+    memory_options_match(&lora, "Qwen2.5-VL, LoRA on the last vision block's gate");
 }

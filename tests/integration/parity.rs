@@ -1,8 +1,10 @@
-//! Parity with HuggingFace transformers on the tiny reference fixture
+//! Parity with HuggingFace transformers on the tiny reference fixtures: Qwen2-VL
 //! (`tests/fixtures/qwen2vl-tiny-seed0`, copied from `shared/fixtures`, made by
-//! `make_fixtures.py --seed 0` with transformers 5.24, float32, eager attention).
+//! `make_fixtures.py --seed 0` with transformers 5.24, float32, eager attention) and Qwen2.5-VL
+//! (`tests/fixtures/qwen25vl-tiny-seed0`, made by `tests/fixtures/make_qwen25vl_fixture.py`
+//! with transformers 5.25, the same cases, and a windowed vision tower).
 
-use crate::common::{fixture_dir, Flex};
+use crate::common::{fixture_dir, qwen25vl_fixture_dir, Flex};
 use qwen2vl::verify::{verify_fixture, Report};
 
 /// Every check named here must be present and pass: a port that silently skips a stage fails.
@@ -62,9 +64,26 @@ const REQUIRED: &[&str] = &[
     "layout.runtime_layout.multi.logits",
 ];
 
+/// Qwen2.5-VL's window path on top: its layout, the windowed blocks 0 and 2 around the
+/// full-attention block 1, in both cases (one image of two windows, two images of six).
+const REQUIRED_QWEN25VL: &[&str] = &[
+    "single.vision.window_index",
+    "single.vision.cu_window_seqlens",
+    "single.vision.block2",
+    "multi.vision.window_index",
+    "multi.vision.cu_window_seqlens",
+    "multi.vision.block0",
+    "multi.vision.block2",
+    "multi.vision.merger_ln_q",
+];
+
 pub fn assert_report(report: &Report) {
+    assert_report_with(report, &[]);
+}
+
+fn assert_report_with(report: &Report, more: &[&str]) {
     let mut problems = Vec::new();
-    for name in REQUIRED {
+    for name in REQUIRED.iter().chain(more) {
         match report.get(name) {
             None => problems.push(format!("{name}: missing")),
             Some(c) if !c.ok() => problems.push(format!(
@@ -106,4 +125,21 @@ fn tiny_fixture_matches_transformers_on_wgpu() {
         verify_fixture::<burn::backend::Wgpu>(&fixture_dir(), &crate::common::wgpu_device())
             .unwrap();
     assert_report(&report);
+}
+
+#[test]
+fn tiny_qwen25vl_fixture_matches_transformers_on_flex() {
+    let report = verify_fixture::<Flex>(&qwen25vl_fixture_dir(), &Default::default()).unwrap();
+    assert_report_with(&report, REQUIRED_QWEN25VL);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn tiny_qwen25vl_fixture_matches_transformers_on_wgpu() {
+    let report = verify_fixture::<burn::backend::Wgpu>(
+        &qwen25vl_fixture_dir(),
+        &crate::common::wgpu_device(),
+    )
+    .unwrap();
+    assert_report_with(&report, REQUIRED_QWEN25VL);
 }

@@ -36,6 +36,7 @@ pub struct VisionConfig {
     pub depth: usize,
     pub embed_dim: usize,
     pub num_heads: usize,
+    /// Qwen2-VL's MLP width over `embed_dim` (0 for Qwen2.5-VL: see [`VisionConfig::mlp_dim`]).
     pub mlp_ratio: f64,
     pub in_channels: usize,
     /// Output width of the PatchMerger: the text hidden size.
@@ -45,9 +46,64 @@ pub struct VisionConfig {
     pub spatial_merge_size: usize,
     pub rope_theta: f64,
     pub hidden_act: String,
+    /// What differs between the architectures' towers.
+    pub kind: VisionKind,
 }
 
-/// Everything needed to build a Qwen2-VL model.
+/// The vision towers of the two architectures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum VisionKind {
+    /// Qwen2-VL: LayerNorm, a QuickGELU MLP (`fc1`, `fc2`) of width `embed_dim * mlp_ratio`,
+    /// attention over each whole image.
+    Qwen2VL,
+    /// Qwen2.5-VL: RMSNorm, a gated SiLU MLP with biases (`gate_proj`, `up_proj`,
+    /// `down_proj`) of width `intermediate_size`, and attention within windows of
+    /// `window_size` pixels (square, in whole merged tokens) except in the blocks
+    /// `fullatt_block_indexes`, which attend over each whole image.
+    Qwen25VL {
+        intermediate_size: usize,
+        window_size: usize,
+        fullatt_block_indexes: Vec<usize>,
+        /// Temporal position spacing of video frames (read and written back, unused for images).
+        tokens_per_second: usize,
+    },
+}
+
+impl VisionConfig {
+    /// The width of a block's MLP.
+    pub fn mlp_dim(&self) -> usize {
+        match &self.kind {
+            VisionKind::Qwen2VL => (self.embed_dim as f64 * self.mlp_ratio) as usize,
+            VisionKind::Qwen25VL {
+                intermediate_size, ..
+            } => *intermediate_size,
+        }
+    }
+
+    /// Merged tokens per side of an attention window (Qwen2.5-VL), `None` for full attention
+    /// in every block.
+    pub fn window_tokens(&self) -> Option<usize> {
+        match &self.kind {
+            VisionKind::Qwen2VL => None,
+            VisionKind::Qwen25VL { window_size, .. } => {
+                Some(window_size / self.spatial_merge_size / self.patch_size)
+            }
+        }
+    }
+
+    /// Whether block `i` attends over whole images.
+    pub fn full_attention(&self, i: usize) -> bool {
+        match &self.kind {
+            VisionKind::Qwen2VL => true,
+            VisionKind::Qwen25VL {
+                fullatt_block_indexes,
+                ..
+            } => fullatt_block_indexes.contains(&i),
+        }
+    }
+}
+
+/// Everything needed to build a Qwen2-VL or Qwen2.5-VL model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Qwen2VLConfig {
     pub text: TextConfig,
@@ -221,14 +277,16 @@ impl Qwen2VLConfig {
             scope: "",
             map: root_map,
         };
-        if let Some(model_type) = root.str_opt("model_type")? {
-            if model_type != "qwen2_vl" {
+        let qwen25 = match root.str_opt("model_type")?.as_deref() {
+            None | Some("qwen2_vl") => false,
+            Some("qwen2_5_vl") => true,
+            Some(other) => {
                 return Err(root.err(
                     "model_type",
-                    &format!("this is a `{model_type}` checkpoint; medr1 implements `qwen2_vl` (Qwen2-VL). Qwen2.5-VL and others differ in architecture"),
+                    &format!("this is a `{other}` checkpoint; medr1 implements `qwen2_vl` (Qwen2-VL) and `qwen2_5_vl` (Qwen2.5-VL)"),
                 ));
             }
-        }
+        };
         // Nested (transformers 5) layout keeps text fields in `text_config`; flat keeps them at the root.
         let text_map = root.object("text_config")?;
         let text = match text_map {
@@ -316,12 +374,27 @@ impl Qwen2VLConfig {
             hidden_act,
         };
 
-        let embed_dim = vision.usize_opt("embed_dim")?.unwrap_or(1280);
+        // Qwen2-VL names the tower's width `embed_dim` and the merger's output `hidden_size`;
+        // Qwen2.5-VL names them `hidden_size` and `out_hidden_size`.
+        let (embed_dim, out_dim) = if qwen25 {
+            (
+                vision.usize_opt("hidden_size")?.unwrap_or(3584),
+                vision.usize_opt("out_hidden_size")?.unwrap_or(3584),
+            )
+        } else {
+            (
+                vision.usize_opt("embed_dim")?.unwrap_or(1280),
+                vision.usize_opt("hidden_size")?.unwrap_or(3584),
+            )
+        };
         let num_heads = vision.usize_opt("num_heads")?.unwrap_or(16);
         if num_heads == 0 || embed_dim % num_heads != 0 || (embed_dim / num_heads) % 4 != 0 {
             return Err(vision.err(
                 "num_heads",
-                "embed_dim / num_heads must be a whole multiple of 4 (2-D rotary)",
+                &format!(
+                    "{} / num_heads must be a whole multiple of 4 (2-D rotary)",
+                    if qwen25 { "hidden_size" } else { "embed_dim" }
+                ),
             ));
         }
         let vision_rope_theta = match vision.object("rope_parameters")? {
@@ -329,36 +402,91 @@ impl Qwen2VLConfig {
             None => None,
         }
         .unwrap_or(10000.0);
+        let expected_act = if qwen25 { "silu" } else { "quick_gelu" };
         let vision_act = vision
             .str_opt("hidden_act")?
-            .unwrap_or_else(|| "quick_gelu".into());
-        if vision_act != "quick_gelu" {
+            .unwrap_or_else(|| expected_act.into());
+        if vision_act != expected_act {
             return Err(vision.err(
                 "hidden_act",
-                &format!("only `quick_gelu` is supported, got `{vision_act}`"),
+                &format!("only `{expected_act}` is supported, got `{vision_act}`"),
             ));
         }
+        let patch_size = vision
+            .usize_opt("patch_size")?
+            .or(vision.usize_opt("spatial_patch_size")?)
+            .unwrap_or(14);
+        let spatial_merge_size = vision.usize_opt("spatial_merge_size")?.unwrap_or(2);
+        let kind = if qwen25 {
+            let window_size = vision.usize_opt("window_size")?.unwrap_or(112);
+            let unit = spatial_merge_size * patch_size;
+            if unit == 0 || window_size == 0 || window_size % unit != 0 {
+                return Err(vision.err(
+                    "window_size",
+                    &format!(
+                        "must be a positive multiple of patch_size x spatial_merge_size = {unit}"
+                    ),
+                ));
+            }
+            let depth = vision.usize_opt("depth")?.unwrap_or(32);
+            let fullatt_block_indexes = match vision.get("fullatt_block_indexes") {
+                None => vec![7, 15, 23, 31],
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_u64().map(|n| n as usize))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .ok_or_else(|| {
+                        vision.err(
+                            "fullatt_block_indexes",
+                            &format!("expected a list of block indexes, got {v}"),
+                        )
+                    })?,
+            };
+            if let Some(i) = fullatt_block_indexes.iter().find(|&&i| i >= depth) {
+                return Err(vision.err(
+                    "fullatt_block_indexes",
+                    &format!("block {i} does not exist (depth {depth})"),
+                ));
+            }
+            VisionKind::Qwen25VL {
+                intermediate_size: vision.usize_opt("intermediate_size")?.unwrap_or(3420),
+                window_size,
+                fullatt_block_indexes,
+                tokens_per_second: vision.usize_opt("tokens_per_second")?.unwrap_or(4),
+            }
+        } else {
+            VisionKind::Qwen2VL
+        };
         // 5.x reads `in_channels`; the hub's `in_chans` is ignored by transformers (default 3).
         let in_channels = vision.usize_opt("in_channels")?.unwrap_or(3);
         let vision_cfg = VisionConfig {
             depth: vision.usize_opt("depth")?.unwrap_or(32),
             embed_dim,
             num_heads,
-            mlp_ratio: vision.f64_opt("mlp_ratio")?.unwrap_or(4.0),
+            mlp_ratio: if qwen25 {
+                0.0
+            } else {
+                vision.f64_opt("mlp_ratio")?.unwrap_or(4.0)
+            },
             in_channels,
-            hidden_size: vision.usize_opt("hidden_size")?.unwrap_or(3584),
-            patch_size: vision
-                .usize_opt("patch_size")?
-                .or(vision.usize_opt("spatial_patch_size")?)
-                .unwrap_or(14),
+            hidden_size: out_dim,
+            patch_size,
             temporal_patch_size: vision.usize_opt("temporal_patch_size")?.unwrap_or(2),
-            spatial_merge_size: vision.usize_opt("spatial_merge_size")?.unwrap_or(2),
+            spatial_merge_size,
             rope_theta: vision_rope_theta,
             hidden_act: vision_act,
+            kind,
         };
         if vision_cfg.hidden_size != text_cfg.hidden_size {
             return Err(vision.err(
-                "hidden_size",
+                if qwen25 {
+                    "out_hidden_size"
+                } else {
+                    "hidden_size"
+                },
                 &format!(
                     "the PatchMerger output ({}) must equal the text hidden_size ({})",
                     vision_cfg.hidden_size, text_cfg.hidden_size
@@ -400,9 +528,13 @@ impl Qwen2VLConfig {
     pub fn to_hub_json(&self, dtype: &str) -> Value {
         let t = &self.text;
         let v = &self.vision;
+        let (architecture, model_type) = match v.kind {
+            VisionKind::Qwen2VL => ("Qwen2VLForConditionalGeneration", "qwen2_vl"),
+            VisionKind::Qwen25VL { .. } => ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+        };
         let mut root = json!({
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": "qwen2_vl",
+            "architectures": [architecture],
+            "model_type": model_type,
             "attention_dropout": 0.0,
             "hidden_act": t.hidden_act,
             "hidden_size": t.hidden_size,
@@ -426,21 +558,7 @@ impl Qwen2VLConfig {
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
-            "vision_config": {
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                // transformers' strict config wants an int when the ratio is whole.
-                "mlp_ratio": if v.mlp_ratio.fract() == 0.0 { json!(v.mlp_ratio as u64) } else { json!(v.mlp_ratio) },
-                "num_heads": v.num_heads,
-                "in_chans": v.in_channels,
-                "in_channels": v.in_channels,
-                "hidden_size": v.hidden_size,
-                "hidden_act": v.hidden_act,
-                "patch_size": v.patch_size,
-                "spatial_patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "temporal_patch_size": v.temporal_patch_size,
-            },
+            "vision_config": Self::hub_vision_json(v),
         });
         let map = root.as_object_mut().expect("object literal");
         if t.head_dim * t.num_attention_heads != t.hidden_size {
@@ -464,6 +582,49 @@ impl Qwen2VLConfig {
         root
     }
 
+    /// The `vision_config` of the released checkpoints of either architecture.
+    fn hub_vision_json(v: &VisionConfig) -> Value {
+        match &v.kind {
+            VisionKind::Qwen2VL => json!({
+                "depth": v.depth,
+                "embed_dim": v.embed_dim,
+                // transformers' strict config wants an int when the ratio is whole.
+                "mlp_ratio": if v.mlp_ratio.fract() == 0.0 { json!(v.mlp_ratio as u64) } else { json!(v.mlp_ratio) },
+                "num_heads": v.num_heads,
+                "in_chans": v.in_channels,
+                "in_channels": v.in_channels,
+                "hidden_size": v.hidden_size,
+                "hidden_act": v.hidden_act,
+                "patch_size": v.patch_size,
+                "spatial_patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "temporal_patch_size": v.temporal_patch_size,
+            }),
+            VisionKind::Qwen25VL {
+                intermediate_size,
+                window_size,
+                fullatt_block_indexes,
+                tokens_per_second,
+            } => json!({
+                "depth": v.depth,
+                "hidden_act": v.hidden_act,
+                "hidden_size": v.embed_dim,
+                "intermediate_size": intermediate_size,
+                "num_heads": v.num_heads,
+                "in_chans": v.in_channels,
+                "in_channels": v.in_channels,
+                "out_hidden_size": v.hidden_size,
+                "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "spatial_patch_size": v.patch_size,
+                "window_size": window_size,
+                "fullatt_block_indexes": fullatt_block_indexes,
+                "tokens_per_second": tokens_per_second,
+                "temporal_patch_size": v.temporal_patch_size,
+            }),
+        }
+    }
+
     /// Width of one flattened patch: channels x temporal x patch x patch (1176 for Qwen2-VL).
     pub fn patch_dim(&self) -> usize {
         let v = &self.vision;
@@ -474,14 +635,19 @@ impl Qwen2VLConfig {
     pub fn parameter_counts(&self) -> ParameterCounts {
         let v = &self.vision;
         let e = v.embed_dim;
-        let mlp = (e as f64 * v.mlp_ratio) as usize;
-        let block = 2 * (2 * e) // norm1, norm2
+        let mlp = v.mlp_dim();
+        // LayerNorm has a weight and a bias, RMSNorm a weight; the gated MLP a third matrix.
+        let (norm, mlp_in) = match v.kind {
+            VisionKind::Qwen2VL => (2 * e, 1),
+            VisionKind::Qwen25VL { .. } => (e, 2),
+        };
+        let block = 2 * norm // norm1, norm2
             + (3 * e * e + 3 * e) // qkv
             + (e * e + e) // proj
-            + (mlp * e + mlp) // fc1
-            + (e * mlp + e); // fc2
+            + mlp_in * (mlp * e + mlp) // fc1 (gate_proj, up_proj)
+            + (e * mlp + e); // fc2 (down_proj)
         let merged = e * v.spatial_merge_size * v.spatial_merge_size;
-        let merger = 2 * e + (merged * merged + merged) + (v.hidden_size * merged + v.hidden_size);
+        let merger = norm + (merged * merged + merged) + (v.hidden_size * merged + v.hidden_size);
         let vision = self.patch_dim() * e + v.depth * block + merger;
 
         let t = &self.text;
@@ -536,6 +702,41 @@ mod tests {
         assert_eq!(cfg.parameter_counts().total(), 2_208_985_600);
     }
 
+    const QWEN25VL_3B: &str =
+        include_str!("../../../tests/fixtures/qwen2_5_vl_3b_instruct_config.json");
+
+    /// transformers' Qwen2_5_VLForConditionalGeneration built from this config (on the meta
+    /// device) has 3,754,622,976 parameters, 668,684,288 of them in the vision tower.
+    #[test]
+    fn real_qwen25vl_3b_config_counts_3_754_622_976_parameters() {
+        let cfg = Qwen2VLConfig::from_json_str(QWEN25VL_3B, "3b").unwrap();
+        assert_eq!(cfg.vision.embed_dim, 1280);
+        assert_eq!(cfg.vision.hidden_size, 2048);
+        assert_eq!(cfg.vision.mlp_dim(), 3420);
+        assert_eq!(cfg.vision.window_tokens(), Some(4));
+        assert!(cfg.vision.full_attention(7) && !cfg.vision.full_attention(8));
+        let counts = cfg.parameter_counts();
+        assert_eq!(counts.vision, 668_684_288);
+        assert_eq!(counts.total(), 3_754_622_976);
+        let again = Qwen2VLConfig::from_json_str(&cfg.to_hub_json("bfloat16").to_string(), "saved")
+            .unwrap();
+        assert_eq!(cfg, again);
+    }
+
+    #[test]
+    fn qwen25vl_window_errors_name_the_field() {
+        let bad = QWEN25VL_3B.replace("\"window_size\": 112", "\"window_size\": 100");
+        let err = Qwen2VLConfig::from_json_str(&bad, "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vision_config.window_size"), "{err}");
+        let bad = QWEN25VL_3B.replace("31\n", "32\n");
+        let err = Qwen2VLConfig::from_json_str(&bad, "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fullatt_block_indexes"), "{err}");
+    }
+
     #[test]
     fn hub_json_round_trips() {
         let cfg = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();
@@ -565,11 +766,14 @@ mod tests {
 
         let other = QWEN2VL_2B.replace(
             "\"model_type\": \"qwen2_vl\"",
-            "\"model_type\": \"qwen2_5_vl\"",
+            "\"model_type\": \"qwen3_vl\"",
         );
         let err = Qwen2VLConfig::from_json_str(&other, "cfg.json")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("qwen2_5_vl"), "{err}");
+        assert!(
+            err.contains("qwen3_vl") && err.contains("model_type"),
+            "{err}"
+        );
     }
 }

@@ -17,7 +17,7 @@ pub mod verify;
 pub mod vision;
 
 pub use checkpoint::{load_model, save_model, CheckpointInfo, SaveDtype};
-pub use config::{ParameterCounts, Qwen2VLConfig, TextConfig, VisionConfig};
+pub use config::{ParameterCounts, Qwen2VLConfig, TextConfig, VisionConfig, VisionKind};
 pub use error::Qwen2VLError;
 pub use lora::{LoraAdapter, LoraConfig, Proj, TargetModules};
 pub use model::{Images, ModelTrace, PreparedInputs, Qwen2VL};

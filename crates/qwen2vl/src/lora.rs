@@ -92,15 +92,24 @@ impl TargetMatcher {
 pub fn projection_shapes(c: &Qwen2VLConfig) -> Vec<(String, [usize; 2])> {
     let v = &c.vision;
     let e = v.embed_dim;
-    let mlp = (e as f64 * v.mlp_ratio) as usize;
+    let mlp = v.mlp_dim();
     let merged = e * v.spatial_merge_size * v.spatial_merge_size;
     let mut out = Vec::new();
     for i in 0..v.depth {
         let p = format!("model.visual.blocks.{i}");
         out.push((format!("{p}.attn.qkv"), [e, 3 * e]));
         out.push((format!("{p}.attn.proj"), [e, e]));
-        out.push((format!("{p}.mlp.fc1"), [e, mlp]));
-        out.push((format!("{p}.mlp.fc2"), [mlp, e]));
+        match v.kind {
+            crate::config::VisionKind::Qwen2VL => {
+                out.push((format!("{p}.mlp.fc1"), [e, mlp]));
+                out.push((format!("{p}.mlp.fc2"), [mlp, e]));
+            }
+            crate::config::VisionKind::Qwen25VL { .. } => {
+                out.push((format!("{p}.mlp.gate_proj"), [e, mlp]));
+                out.push((format!("{p}.mlp.up_proj"), [e, mlp]));
+                out.push((format!("{p}.mlp.down_proj"), [mlp, e]));
+            }
+        }
     }
     out.push(("model.visual.merger.mlp.0".into(), [merged, merged]));
     out.push(("model.visual.merger.mlp.2".into(), [merged, v.hidden_size]));
@@ -294,8 +303,9 @@ impl<B: Backend> Qwen2VL<B> {
             let p = format!("model.visual.blocks.{i}");
             out.push((format!("{p}.attn.qkv"), &b.qkv));
             out.push((format!("{p}.attn.proj"), &b.proj));
-            out.push((format!("{p}.mlp.fc1"), &b.fc1));
-            out.push((format!("{p}.mlp.fc2"), &b.fc2));
+            for (name, proj) in b.mlp_projections() {
+                out.push((format!("{p}.mlp.{name}"), proj));
+            }
         }
         out.push(("model.visual.merger.mlp.0".into(), &self.visual.merger.fc1));
         out.push(("model.visual.merger.mlp.2".into(), &self.visual.merger.fc2));
@@ -317,10 +327,28 @@ impl<B: Backend> Qwen2VL<B> {
         let mut out = Vec::new();
         for (i, b) in self.visual.blocks.iter_mut().enumerate() {
             let p = format!("model.visual.blocks.{i}");
-            out.push((format!("{p}.attn.qkv"), &mut b.qkv));
-            out.push((format!("{p}.attn.proj"), &mut b.proj));
-            out.push((format!("{p}.mlp.fc1"), &mut b.fc1));
-            out.push((format!("{p}.mlp.fc2"), &mut b.fc2));
+            let crate::vision::VisionBlock {
+                qkv,
+                proj,
+                fc1,
+                fc2,
+                gate,
+                ..
+            } = b;
+            out.push((format!("{p}.attn.qkv"), qkv));
+            out.push((format!("{p}.attn.proj"), proj));
+            // In the order of VisionBlock::mlp_projections.
+            match gate {
+                None => {
+                    out.push((format!("{p}.mlp.fc1"), fc1));
+                    out.push((format!("{p}.mlp.fc2"), fc2));
+                }
+                Some(gate) => {
+                    out.push((format!("{p}.mlp.gate_proj"), gate));
+                    out.push((format!("{p}.mlp.up_proj"), fc1));
+                    out.push((format!("{p}.mlp.down_proj"), fc2));
+                }
+            }
         }
         let merger = &mut self.visual.merger;
         out.push(("model.visual.merger.mlp.0".into(), &mut merger.fc1));

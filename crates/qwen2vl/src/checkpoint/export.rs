@@ -14,6 +14,7 @@ use safetensors::{Dtype, View};
 use crate::error::Qwen2VLError;
 use crate::lora::Proj;
 use crate::model::Qwen2VL;
+use crate::vision::VisionNorm;
 
 /// Storage dtype of a saved checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,13 @@ impl Collector {
         }
     }
 
+    fn vision_norm<B: Backend>(&mut self, prefix: &str, n: &VisionNorm<B>) {
+        match n {
+            VisionNorm::Layer(n) => self.layer_norm(prefix, n),
+            VisionNorm::Rms(n) => self.rms_norm(&format!("{prefix}.weight"), n),
+        }
+    }
+
     fn rms_norm<B: Backend>(&mut self, key: &str, n: &RmsNorm<B>) {
         self.push(key.to_string(), n.gamma.val());
     }
@@ -102,14 +110,15 @@ pub fn named_tensors<B: Backend>(model: &Qwen2VL<B>) -> Vec<NamedTensor> {
     );
     for (i, b) in v.blocks.iter().enumerate() {
         let p = format!("visual.blocks.{i}");
-        c.layer_norm(&format!("{p}.norm1"), &b.norm1);
+        c.vision_norm(&format!("{p}.norm1"), &b.norm1);
         c.proj(&format!("{p}.attn.qkv"), &b.qkv);
         c.proj(&format!("{p}.attn.proj"), &b.proj);
-        c.layer_norm(&format!("{p}.norm2"), &b.norm2);
-        c.proj(&format!("{p}.mlp.fc1"), &b.fc1);
-        c.proj(&format!("{p}.mlp.fc2"), &b.fc2);
+        c.vision_norm(&format!("{p}.norm2"), &b.norm2);
+        for (name, proj) in b.mlp_projections() {
+            c.proj(&format!("{p}.mlp.{name}"), proj);
+        }
     }
-    c.layer_norm("visual.merger.ln_q", &v.merger.ln_q);
+    c.vision_norm("visual.merger.ln_q", &v.merger.ln_q);
     c.proj("visual.merger.mlp.0", &v.merger.fc1);
     c.proj("visual.merger.mlp.2", &v.merger.fc2);
 

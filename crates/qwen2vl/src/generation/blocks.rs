@@ -326,15 +326,20 @@ impl ScoringBatch {
     ) -> Result<Flow<B>, Qwen2VLError> {
         let flow = match (block, input) {
             (Block::PatchEmbed, Flow::Patches(p)) => {
-                Flow::Patches(crate::params::Dense::apply(&model.visual.patch_embed, p))
+                let tables = context.vision.as_ref().expect("images");
+                let x = crate::params::Dense::apply(&model.visual.patch_embed, p);
+                Flow::Patches(tables.to_window_order(x))
             }
             (Block::Vision(i), Flow::Patches(x)) => {
                 let tables = context.vision.as_ref().expect("images");
-                Flow::Patches(tables.block(&model.visual.blocks[i], x))
+                Flow::Patches(tables.block(i, &model.visual.blocks[i], x))
             }
             (Block::Merge, input) => {
                 let image_embeds = match input {
-                    Flow::Patches(x) => Some(model.visual.merger.forward(x).1),
+                    Flow::Patches(x) => {
+                        let tables = context.vision.as_ref().expect("images");
+                        Some(tables.to_image_order(model.visual.merger.forward(x).1))
+                    }
                     _ => None,
                 };
                 self.merge(model, context, image_embeds)?

@@ -285,6 +285,31 @@ fn check_case<B: Backend>(
         &format!("{p}.rot_sin"),
         v.rot_sin.clone(),
     )?;
+    // Qwen2.5-VL's window layout (the order the blocks run in and the windows they attend in).
+    if let Some(win) = model.config.vision.window_tokens() {
+        let grids = fx.grids(case)?;
+        let layout =
+            crate::vision::window_layout(&grids, model.config.vision.spatial_merge_size, win);
+        let groups: Vec<f64> = layout.groups.iter().map(|&g| g as f64).collect();
+        ck.host(
+            &format!("{p}.window_index"),
+            &format!("{p}.window_index"),
+            &groups,
+            0.0,
+        )?;
+        let cumulative: Vec<f64> = std::iter::once(0.0)
+            .chain(layout.segments.iter().scan(0usize, |acc, &n| {
+                *acc += n;
+                Some(*acc as f64)
+            }))
+            .collect();
+        ck.host(
+            &format!("{p}.cu_window_seqlens"),
+            &format!("{p}.cu_window_seqlens"),
+            &cumulative,
+            0.0,
+        )?;
+    }
     for (i, b) in v.blocks.iter().enumerate() {
         ck.tensor(
             &format!("{p}.block{i}"),

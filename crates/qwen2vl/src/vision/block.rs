@@ -1,22 +1,63 @@
-//! One pre-LayerNorm ViT block: full (non-causal) attention within each image, QuickGELU MLP.
+//! One pre-norm ViT block: attention within each image (or, in Qwen2.5-VL's windowed blocks,
+//! within each window), then the MLP: Qwen2-VL's QuickGELU `fc2(quick_gelu(fc1 x))` or
+//! Qwen2.5-VL's gated `down_proj(silu(gate_proj x) * up_proj x)`.
 
 use burn::module::Module;
-use burn::nn::LayerNorm;
-use burn::tensor::{activation::sigmoid, backend::Backend, Tensor};
+use burn::nn::{LayerNorm, RmsNorm};
+use burn::tensor::{
+    activation::{sigmoid, silu},
+    backend::Backend,
+    Tensor,
+};
 
 use crate::attention::{apply_rotary, scaled_dot_product};
+use crate::config::{VisionConfig, VisionKind};
 use crate::error::Qwen2VLError;
 use crate::lora::Proj;
-use crate::params::{layer_norm, proj, Dense, ParamSource};
+use crate::params::{layer_norm, proj, rms_norm, Dense, ParamSource};
+
+/// The vision tower's norm: Qwen2-VL's LayerNorm or Qwen2.5-VL's RMSNorm (both eps 1e-6).
+#[derive(Module, Debug)]
+pub enum VisionNorm<B: Backend> {
+    Layer(LayerNorm<B>),
+    Rms(RmsNorm<B>),
+}
+
+impl<B: Backend> VisionNorm<B> {
+    pub fn load<S: ParamSource<B>>(
+        src: &mut S,
+        prefix: &str,
+        dim: usize,
+        config: &VisionConfig,
+    ) -> Result<Self, Qwen2VLError> {
+        Ok(match config.kind {
+            VisionKind::Qwen2VL => VisionNorm::Layer(layer_norm(src, prefix, dim, 1e-6)?),
+            VisionKind::Qwen25VL { .. } => {
+                VisionNorm::Rms(rms_norm(src, &format!("{prefix}.weight"), dim, 1e-6)?)
+            }
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            VisionNorm::Layer(n) => n.forward(x),
+            VisionNorm::Rms(n) => n.forward(x),
+        }
+    }
+}
 
 #[derive(Module, Debug)]
 pub struct VisionBlock<B: Backend> {
-    pub norm1: LayerNorm<B>,
+    pub norm1: VisionNorm<B>,
     pub qkv: Proj<B>,
     pub proj: Proj<B>,
-    pub norm2: LayerNorm<B>,
+    pub norm2: VisionNorm<B>,
+    /// Qwen2-VL's `mlp.fc1`, Qwen2.5-VL's `mlp.up_proj`.
     pub fc1: Proj<B>,
+    /// Qwen2-VL's `mlp.fc2`, Qwen2.5-VL's `mlp.down_proj`.
     pub fc2: Proj<B>,
+    /// Qwen2.5-VL's `mlp.gate_proj`; none in Qwen2-VL.
+    pub gate: Option<Proj<B>>,
     pub num_heads: usize,
 }
 
@@ -29,24 +70,54 @@ impl<B: Backend> VisionBlock<B> {
     pub fn load<S: ParamSource<B>>(
         src: &mut S,
         prefix: &str,
-        dim: usize,
-        num_heads: usize,
-        mlp_dim: usize,
+        config: &VisionConfig,
     ) -> Result<Self, Qwen2VLError> {
+        let (dim, mlp_dim) = (config.embed_dim, config.mlp_dim());
+        let norm1 = VisionNorm::load(src, &format!("{prefix}.norm1"), dim, config)?;
+        let qkv = proj(src, &format!("{prefix}.attn.qkv"), dim, 3 * dim, true)?;
+        let attn_proj = proj(src, &format!("{prefix}.attn.proj"), dim, dim, true)?;
+        let norm2 = VisionNorm::load(src, &format!("{prefix}.norm2"), dim, config)?;
+        let (fc1, fc2, gate) = match config.kind {
+            VisionKind::Qwen2VL => (
+                proj(src, &format!("{prefix}.mlp.fc1"), dim, mlp_dim, true)?,
+                proj(src, &format!("{prefix}.mlp.fc2"), mlp_dim, dim, true)?,
+                None,
+            ),
+            VisionKind::Qwen25VL { .. } => {
+                let gate = proj(src, &format!("{prefix}.mlp.gate_proj"), dim, mlp_dim, true)?;
+                let up = proj(src, &format!("{prefix}.mlp.up_proj"), dim, mlp_dim, true)?;
+                let down = proj(src, &format!("{prefix}.mlp.down_proj"), mlp_dim, dim, true)?;
+                (up, down, Some(gate))
+            }
+        };
         Ok(Self {
-            norm1: layer_norm(src, &format!("{prefix}.norm1"), dim, 1e-6)?,
-            qkv: proj(src, &format!("{prefix}.attn.qkv"), dim, 3 * dim, true)?,
-            proj: proj(src, &format!("{prefix}.attn.proj"), dim, dim, true)?,
-            norm2: layer_norm(src, &format!("{prefix}.norm2"), dim, 1e-6)?,
-            fc1: proj(src, &format!("{prefix}.mlp.fc1"), dim, mlp_dim, true)?,
-            fc2: proj(src, &format!("{prefix}.mlp.fc2"), mlp_dim, dim, true)?,
-            num_heads,
+            norm1,
+            qkv,
+            proj: attn_proj,
+            norm2,
+            fc1,
+            fc2,
+            gate,
+            num_heads: config.num_heads,
         })
+    }
+
+    /// The MLP's projections under their checkpoint names (after `mlp.`), in checkpoint order.
+    pub fn mlp_projections(&self) -> Vec<(&'static str, &Proj<B>)> {
+        match &self.gate {
+            None => vec![("fc1", &self.fc1), ("fc2", &self.fc2)],
+            Some(gate) => vec![
+                ("gate_proj", gate),
+                ("up_proj", &self.fc1),
+                ("down_proj", &self.fc2),
+            ],
+        }
     }
 
     /// `x` is `[n_patches, dim]`; `cos`/`sin` are `[n_patches, 3, heads, head_dim]` (spread
     /// over the fused qkv projection, sin folded: see [`spread_over_heads`](crate::rope::spread_over_heads)); `segments` are
-    /// the patch counts of each image frame, in order (attention never crosses them).
+    /// the patch counts of the runs of rows that attend to each other, in order (attention
+    /// never crosses them).
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
@@ -56,9 +127,14 @@ impl<B: Backend> VisionBlock<B> {
     ) -> Tensor<B, 2> {
         let h = self.attention(self.norm1.forward(x.clone()), cos, sin, segments);
         let x = x + h;
-        let m = self
-            .fc2
-            .apply(quick_gelu(self.fc1.apply(self.norm2.forward(x.clone()))));
+        let normed = self.norm2.forward(x.clone());
+        let m = match &self.gate {
+            None => self.fc2.apply(quick_gelu(self.fc1.apply(normed))),
+            Some(gate) => {
+                let gated = silu(gate.apply(normed.clone())) * self.fc1.apply(normed);
+                self.fc2.apply(gated)
+            }
+        };
         x + m
     }
 

@@ -1,17 +1,19 @@
-//! PatchMerger: LayerNorm, then each 2x2 block of patches (consecutive rows) is concatenated and
-//! projected to the text width by a 2-layer MLP with exact (erf) GELU.
+//! PatchMerger: the tower's norm (LayerNorm in Qwen2-VL, RMSNorm in Qwen2.5-VL), then each 2x2
+//! block of patches (consecutive rows) is concatenated and projected to the text width by a
+//! 2-layer MLP with exact (erf) GELU.
 
 use burn::module::Module;
-use burn::nn::LayerNorm;
 use burn::tensor::{activation::gelu, backend::Backend, Tensor};
 
+use super::block::VisionNorm;
+use crate::config::VisionConfig;
 use crate::error::Qwen2VLError;
 use crate::lora::Proj;
-use crate::params::{layer_norm, proj, Dense, ParamSource};
+use crate::params::{proj, Dense, ParamSource};
 
 #[derive(Module, Debug)]
 pub struct PatchMerger<B: Backend> {
-    pub ln_q: LayerNorm<B>,
+    pub ln_q: VisionNorm<B>,
     pub fc1: Proj<B>,
     pub fc2: Proj<B>,
     pub merged_dim: usize,
@@ -21,13 +23,16 @@ impl<B: Backend> PatchMerger<B> {
     pub fn load<S: ParamSource<B>>(
         src: &mut S,
         prefix: &str,
-        dim: usize,
-        merge: usize,
-        out_dim: usize,
+        config: &VisionConfig,
     ) -> Result<Self, Qwen2VLError> {
+        let (dim, merge, out_dim) = (
+            config.embed_dim,
+            config.spatial_merge_size,
+            config.hidden_size,
+        );
         let merged_dim = dim * merge * merge;
         Ok(Self {
-            ln_q: layer_norm(src, &format!("{prefix}.ln_q"), dim, 1e-6)?,
+            ln_q: VisionNorm::load(src, &format!("{prefix}.ln_q"), dim, config)?,
             fc1: proj(
                 src,
                 &format!("{prefix}.mlp.0"),
@@ -40,7 +45,7 @@ impl<B: Backend> PatchMerger<B> {
         })
     }
 
-    /// LayerNorm output (`[n, dim]`) and merged embeddings (`[n / merge², out_dim]`).
+    /// The norm's output (`[n, dim]`) and merged embeddings (`[n / merge², out_dim]`).
     pub fn forward(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let normed = self.ln_q.forward(x);
         let [n, dim] = normed.dims();

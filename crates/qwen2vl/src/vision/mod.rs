@@ -1,15 +1,18 @@
-//! The Qwen2-VL vision tower: Conv3d patch embedding (as a matrix product), 2-D rotary ViT
-//! blocks with per-image attention, and the PatchMerger.
+//! The vision tower of Qwen2-VL and Qwen2.5-VL: Conv3d patch embedding (as a matrix
+//! product), 2-D rotary ViT blocks with per-image (Qwen2.5-VL: mostly per-window) attention,
+//! and the PatchMerger.
 
 mod block;
 mod merger;
+mod window;
 
-pub use block::{quick_gelu, VisionBlock};
+pub use block::{quick_gelu, VisionBlock, VisionNorm};
 pub use merger::PatchMerger;
+pub use window::{window_layout, WindowLayout};
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::config::VisionConfig;
 use crate::error::Qwen2VLError;
@@ -50,18 +53,54 @@ impl<B: Backend> Default for VisionTrace<B> {
 }
 
 /// What every vision block of one forward reads: the rotary tables spread over the fused qkv
-/// projection's layout, and the patch count of each image frame.
+/// projection's layout, the patch count of each image frame, and with window attention the
+/// window order.
 #[derive(Debug, Clone)]
 pub(crate) struct BlockTables<B: Backend> {
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
     pub segments: Vec<usize>,
+    /// Qwen2.5-VL: the blocks run over the patch rows in window order.
+    pub window: Option<WindowTables<B>>,
+    /// Per block: attention over whole frames (`segments`) rather than windows.
+    pub full: Vec<bool>,
+}
+
+/// The window order of one forward's patches (Qwen2.5-VL).
+#[derive(Debug, Clone)]
+pub(crate) struct WindowTables<B: Backend> {
+    /// Patch row `r` in window order is row `rows[r]` in the processor's order.
+    pub rows: Tensor<B, 1, Int>,
+    /// Merged token `j` in the processor's order is token `restore[j]` in window order.
+    pub restore: Tensor<B, 1, Int>,
+    /// The patch count of each window, in order.
+    pub segments: Vec<usize>,
 }
 
 impl<B: Backend> BlockTables<B> {
-    /// `block` over the patch rows `x`.
-    pub fn block(&self, block: &VisionBlock<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        block.forward(x, self.cos.clone(), self.sin.clone(), &self.segments)
+    /// Block `i` of the tower over the patch rows `x`.
+    pub fn block(&self, i: usize, block: &VisionBlock<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let segments = match &self.window {
+            Some(w) if !self.full[i] => &w.segments,
+            _ => &self.segments,
+        };
+        block.forward(x, self.cos.clone(), self.sin.clone(), segments)
+    }
+
+    /// Patch rows in the processor's order, in the order the blocks run over them.
+    pub fn to_window_order(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.window {
+            Some(w) => x.select(0, w.rows.clone()),
+            None => x,
+        }
+    }
+
+    /// Merged tokens back in the processor's order.
+    pub fn to_image_order(&self, merged: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.window {
+            Some(w) => merged.select(0, w.restore.clone()),
+            None => merged,
+        }
     }
 }
 
@@ -92,25 +131,10 @@ impl<B: Backend> VisionTower<B> {
             )),
             bias: None,
         };
-        let mlp_dim = (e as f64 * c.mlp_ratio) as usize;
         let blocks = (0..c.depth)
-            .map(|i| {
-                VisionBlock::load(
-                    src,
-                    &format!("{prefix}.blocks.{i}"),
-                    e,
-                    c.num_heads,
-                    mlp_dim,
-                )
-            })
+            .map(|i| VisionBlock::load(src, &format!("{prefix}.blocks.{i}"), c))
             .collect::<Result<Vec<_>, _>>()?;
-        let merger = PatchMerger::load(
-            src,
-            &format!("{prefix}.merger"),
-            e,
-            c.spatial_merge_size,
-            c.hidden_size,
-        )?;
+        let merger = PatchMerger::load(src, &format!("{prefix}.merger"), c)?;
         Ok(Self {
             patch_embed,
             blocks,
@@ -150,7 +174,8 @@ impl<B: Backend> VisionTower<B> {
         Ok(())
     }
 
-    /// `pixel_values` `[n_patches, patch_dim]` -> image embeddings `[n_patches / merge², hidden]`.
+    /// `pixel_values` `[n_patches, patch_dim]` -> image embeddings `[n_patches / merge², hidden]`
+    /// (block traces are in the order the blocks run: window order for Qwen2.5-VL).
     pub fn forward(&self, pixel_values: Tensor<B, 2>, grids: &[[usize; 3]]) -> Tensor<B, 2> {
         self.forward_traced(pixel_values, grids, None)
     }
@@ -174,13 +199,45 @@ impl<B: Backend> VisionTower<B> {
         // Spread over the fused qkv projection's `[n, 3, heads, hd]` layout: q and k rotated,
         // v passed through (cos 1, sin 0: exact), so the whole projection rotates in one
         // contiguous pass.
-        let (qkv_cos, qkv_sin) =
-            spread_over_heads(&cos_host, &sin_host, hd, 2 * c.num_heads, c.num_heads);
+        // With windows the blocks see the rows in window order, the tables too.
+        let layout = c
+            .window_tokens()
+            .map(|win| window_layout(grids, c.spatial_merge_size, win));
+        let (qkv_cos, qkv_sin) = match &layout {
+            Some(l) => {
+                let permute = |table: &[f32]| -> Vec<f32> {
+                    l.rows
+                        .iter()
+                        .flat_map(|&r| table[r * hd..(r + 1) * hd].iter().copied())
+                        .collect()
+                };
+                spread_over_heads(
+                    &permute(&cos_host),
+                    &permute(&sin_host),
+                    hd,
+                    2 * c.num_heads,
+                    c.num_heads,
+                )
+            }
+            None => spread_over_heads(&cos_host, &sin_host, hd, 2 * c.num_heads, c.num_heads),
+        };
         let shape = [n, 3, c.num_heads, hd];
+        let index = |v: &[usize]| -> Tensor<B, 1, Int> {
+            let v: Vec<i64> = v.iter().map(|&i| i as i64).collect();
+            let len = v.len();
+            Tensor::from_data(TensorData::new(v, [len]), device)
+        };
+        let window = layout.map(|l| WindowTables {
+            rows: index(&l.rows),
+            restore: index(&l.restore),
+            segments: l.segments,
+        });
         let tables = BlockTables {
             cos: Tensor::from_data(TensorData::new(qkv_cos, shape), device),
             sin: Tensor::from_data(TensorData::new(qkv_sin, shape), device),
             segments,
+            window,
+            full: (0..c.depth).map(|i| c.full_attention(i)).collect(),
         };
         (tables, cos_host, sin_host)
     }
@@ -203,8 +260,9 @@ impl<B: Backend> VisionTower<B> {
             t.rot_cos = Some(table(&cos_host));
             t.rot_sin = Some(table(&sin_host));
         }
-        for block in &self.blocks {
-            x = tables.block(block, x);
+        x = tables.to_window_order(x);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = tables.block(i, block, x);
             if let Some(t) = trace.as_deref_mut() {
                 t.blocks.push(x.clone());
             }
@@ -213,6 +271,6 @@ impl<B: Backend> VisionTower<B> {
         if let Some(t) = trace {
             t.merger_ln_q = Some(normed);
         }
-        merged
+        tables.to_image_order(merged)
     }
 }
