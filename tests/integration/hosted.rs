@@ -22,6 +22,17 @@ fn run(dir: &Path, total_steps: usize, resume: bool) -> qwen2vl::Qwen2VL<Inner> 
     run_with(dir, total_steps, resume, None)
 }
 
+/// The policy a run starts from: the tiny random Qwen2-VL, or the Qwen2.5-VL fixture's model.
+fn initial_model(qwen25: bool) -> qwen2vl::Qwen2VL<Ad> {
+    let device = Default::default();
+    if qwen25 {
+        let dir = crate::common::qwen25vl_fixture_dir().join("hf_model");
+        qwen2vl::load_model::<Ad>(&dir, &device).unwrap().0
+    } else {
+        tiny_random_model(11, &device)
+    }
+}
+
 /// [`run`], with LoRA adapters on the policy when `lora` is given (the reference then the
 /// bypassed base, as `medr1 train` does).
 fn run_with(
@@ -30,8 +41,19 @@ fn run_with(
     resume: bool,
     lora: Option<&qwen2vl::LoraConfig>,
 ) -> qwen2vl::Qwen2VL<Inner> {
+    run_model(dir, total_steps, resume, lora, false)
+}
+
+/// [`run_with`] from [`initial_model`].
+fn run_model(
+    dir: &Path,
+    total_steps: usize,
+    resume: bool,
+    lora: Option<&qwen2vl::LoraConfig>,
+    qwen25: bool,
+) -> qwen2vl::Qwen2VL<Inner> {
     let device = Default::default();
-    let mut policy = tiny_random_model(11, &device);
+    let mut policy = initial_model(qwen25);
     if let Some(l) = lora {
         policy = policy.with_lora(l).unwrap();
     }
@@ -165,6 +187,33 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
         .filter(|n| n.contains("tmp"))
         .collect();
     assert!(stray.is_empty(), "temporary files left: {stray:?}");
+    let _ = (
+        std::fs::remove_dir_all(whole),
+        std::fs::remove_dir_all(parts),
+    );
+}
+
+/// The same on Qwen2.5-VL (its vision tower's norms and gated MLP in the checkpoint record).
+#[test]
+fn a_resumed_qwen25vl_run_matches_an_uninterrupted_one() {
+    let whole = fresh_dir("q25-whole");
+    let parts = fresh_dir("q25-parts");
+    let a = run_model(&whole, 4, false, None, true);
+    run_model(&parts, 2, false, None, true);
+    let b = run_model(&parts, 4, true, None, true);
+    let (la, lb) = (lines(&whole), lines(&parts));
+    assert_eq!(la.len(), 4);
+    for (x, y) in la.iter().zip(&lb) {
+        for key in ["step", "loss", "reward_mean", "kl", "grad_norm"] {
+            assert_eq!(x[key], y[key], "{key} differs: {x} vs {y}");
+        }
+    }
+    assert_eq!(flat(&a), flat(&b), "final weights differ");
+    assert_ne!(
+        flat(&a),
+        flat(&initial_model(true).valid()),
+        "training changed nothing"
+    );
     let _ = (
         std::fs::remove_dir_all(whole),
         std::fs::remove_dir_all(parts),
