@@ -250,18 +250,23 @@ fn bad_adapters_and_settings_get_errors_naming_what_to_fix() {
     assert!(e.contains("lm_head"), "{e}");
 }
 
-#[test]
-fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
-    let ckpt = crate::cli::tiny_checkpoint("lora-run");
-    let runs = ckpt.with_file_name(format!("medr1-lora-{}-runs", std::process::id()));
+/// `medr1 train` from checkpoint `ckpt` with a warm start of `sft_steps`, `grpo_steps` of GRPO
+/// and rank-2 adapters on `targets` (a TOML list); its runs directory and stderr.
+fn lora_run(
+    ckpt: &Path,
+    name: &str,
+    sft_steps: usize,
+    grpo_steps: usize,
+    targets: &str,
+) -> (PathBuf, String) {
+    let runs = ckpt.with_file_name(format!("medr1-{name}-{}-runs", std::process::id()));
     let _ = std::fs::remove_dir_all(&runs);
     let sets = [
         format!("runs_dir=\"{}\"", runs.display()),
         format!("model.checkpoint=\"{}\"", ckpt.display()),
         "data.synthetic.n=24".into(),
-        // A short warm start, so that the groups' rewards differ (the advantages are not 0).
-        "sft.steps=4".into(),
-        "grpo.steps=3".into(),
+        format!("sft.steps={sft_steps}"),
+        format!("grpo.steps={grpo_steps}"),
         "grpo.learning_rate=1e-2".into(),
         "eval.before=false".into(),
         "eval.after=false".into(),
@@ -269,7 +274,7 @@ fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
         "lora.enabled=true".into(),
         "lora.r=2".into(),
         "lora.alpha=4.0".into(),
-        r#"lora.target_modules=["q_proj", "v_proj", "qkv"]"#.into(),
+        format!("lora.target_modules={targets}"),
     ];
     let mut args = vec!["train"];
     for s in &sets {
@@ -277,7 +282,12 @@ fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
     }
     let (ok, _, err) = crate::cli::medr1(&args);
     assert!(ok, "{err}");
-    assert!(err.contains("LoRA r 2 alpha 4: "), "{err}");
+    (runs, err)
+}
+
+/// The warm start of `runs` with its final adapter, checked to equal the merged final model:
+/// training changed nothing but the adapters.
+fn sft_plus_adapter_is_the_final_model(runs: &Path) -> (Qwen2VL<Flex>, LoraConfig) {
     let fin = runs.join("tiny/final");
     let device = Default::default();
     // The adapters sit on the warm start's model.
@@ -285,8 +295,26 @@ fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
         .unwrap()
         .0;
     let (adapted, cfg) = load_adapter(base, &fin.join("adapter")).unwrap();
+    let merged = load_model::<Flex>(&fin, &device).unwrap().0;
+    let err = max_abs_diff(
+        &logits(&adapted, "single", &device),
+        &logits(&merged, "single", &device),
+    );
+    assert!(err < 1e-4, "base + adapter vs merged final: {err}");
+    (adapted, cfg)
+}
+
+#[test]
+fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
+    let ckpt = crate::cli::tiny_checkpoint("lora-run");
+    // A short warm start, so that the groups' rewards differ (the advantages are not 0).
+    let (runs, err) = lora_run(&ckpt, "lora", 4, 3, r#"["q_proj", "v_proj", "qkv"]"#);
+    assert!(err.contains("LoRA r 2 alpha 4: "), "{err}");
+    // Only the adapters trained: the untouched warm start with the saved adapter is the
+    // merged final model ...
+    let (adapted, cfg) = sft_plus_adapter_is_the_final_model(&runs);
     assert_eq!((cfg.r, cfg.alpha), (2, 4.0));
-    // Training moved the adapters (B starts at zero) ...
+    // ... and training moved them (B starts at zero).
     let moved = adapted
         .projections()
         .iter()
@@ -294,14 +322,6 @@ fn a_lora_run_trains_only_the_adapters_and_writes_them_as_peft_does() {
         .map(|l| l.b.val().abs().max().into_scalar())
         .fold(0.0f32, f32::max);
     assert!(moved > 1e-4, "adapters did not train: max |B| {moved}");
-    // ... and only them: the untouched warm start with the saved adapter is the merged final
-    // model.
-    let merged = load_model::<Flex>(&fin, &device).unwrap().0;
-    let err = max_abs_diff(
-        &logits(&adapted, "single", &device),
-        &logits(&merged, "single", &device),
-    );
-    assert!(err < 1e-4, "base + adapter vs merged final: {err}");
     let _ = std::fs::remove_dir_all(&runs);
     let _ = std::fs::remove_dir_all(&ckpt);
 }
@@ -408,46 +428,19 @@ fn a_run_starts_from_a_peft_adapter_and_refuses_a_missing_one() {
 fn a_qwen25vl_lora_run_trains_and_writes_a_qwen25vl_checkpoint() {
     let ckpt =
         crate::cli::tiny_checkpoint_of(&crate::common::qwen25vl_fixture_dir(), "q25-lora-run");
-    let runs = ckpt.with_file_name(format!("medr1-q25-lora-{}-runs", std::process::id()));
-    let _ = std::fs::remove_dir_all(&runs);
-    let sets = [
-        format!("runs_dir=\"{}\"", runs.display()),
-        format!("model.checkpoint=\"{}\"", ckpt.display()),
-        "data.synthetic.n=24".into(),
-        "sft.steps=2".into(),
-        "grpo.steps=2".into(),
-        "grpo.learning_rate=1e-2".into(),
-        "eval.before=false".into(),
-        "eval.after=false".into(),
-        "eval.every=0".into(),
-        "lora.enabled=true".into(),
-        "lora.r=2".into(),
-        "lora.alpha=4.0".into(),
-        r#"lora.target_modules=["q_proj", "v_proj", "gate_proj"]"#.into(),
-    ];
-    let mut args = vec!["train"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    let (ok, _, err) = crate::cli::medr1(&args);
-    assert!(ok, "{err}");
+    let (runs, _) = lora_run(
+        &ckpt,
+        "q25-lora",
+        2,
+        2,
+        r#"["q_proj", "v_proj", "gate_proj"]"#,
+    );
     let fin = runs.join("tiny/final");
     let config = std::fs::read_to_string(fin.join("config.json")).unwrap();
     assert!(config.contains("\"qwen2_5_vl\""), "{config}");
-    let device = Default::default();
-    // The adapters sit on the warm start's model.
-    let base = load_model::<Flex>(&runs.join("tiny/sft"), &device)
-        .unwrap()
-        .0;
-    let (adapted, _) = load_adapter(base, &fin.join("adapter")).unwrap();
     let adapter_config = std::fs::read_to_string(fin.join("adapter/adapter_config.json")).unwrap();
     assert!(adapter_config.contains("gate_proj"), "{adapter_config}");
-    let merged = load_model::<Flex>(&fin, &device).unwrap().0;
-    let err = max_abs_diff(
-        &logits(&adapted, "single", &device),
-        &logits(&merged, "single", &device),
-    );
-    assert!(err < 1e-4, "base + adapter vs merged final: {err}");
+    sft_plus_adapter_is_the_final_model(&runs);
     let _ = std::fs::remove_dir_all(&runs);
     let _ = std::fs::remove_dir_all(&ckpt);
 }

@@ -293,17 +293,23 @@ fn micro_batches_and_a_chunked_head_are_exact_with_a_separate_or_frozen_head() {
     // Adapters on the second vision block and the decoder: the patch embedding and the first
     // block are frozen with nothing before them that trains (checkpointing stops there), the
     // second trains without needing its input's gradient.
-    let vision_lora = tied
+    let vision_lora = with_lora_on(
+        tied,
+        r".*(visual\.blocks\.1\.attn\.qkv|language_model\..*q_proj)",
+    );
+    memory_options_match(&vision_lora, "LoRA on a later vision block");
+}
+
+/// Rank-2 adapters on the projections whose PEFT names match `pattern`.
+fn with_lora_on(model: Qwen2VL<Ad>, pattern: &str) -> Qwen2VL<Ad> {
+    model
         .with_lora(&LoraConfig {
             r: 2,
             alpha: 4.0,
-            target_modules: TargetModules::Pattern(
-                r".*(visual\.blocks\.1\.attn\.qkv|language_model\..*q_proj)".into(),
-            ),
+            target_modules: TargetModules::Pattern(pattern.into()),
             ..LoraConfig::default()
         })
-        .unwrap();
-    memory_options_match(&vision_lora, "LoRA on a later vision block");
+        .unwrap()
 }
 
 /// With the prompt shared per group, a micro-batch must hold whole groups.
@@ -392,15 +398,9 @@ fn memory_options_are_exact_on_qwen25vl() {
     let device = Default::default();
     let (policy, _) = load_model::<Ad>(&qwen25vl_fixture_dir().join("hf_model"), &device).unwrap();
     memory_options_match(&policy, "Qwen2.5-VL");
-    let lora = policy
-        .with_lora(&LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            target_modules: TargetModules::Pattern(
-                r".*(visual\.blocks\.2\.mlp\.gate_proj|language_model\..*v_proj)".into(),
-            ),
-            ..LoraConfig::default()
-        })
-        .unwrap();
+    let lora = with_lora_on(
+        policy,
+        r".*(visual\.blocks\.2\.mlp\.gate_proj|language_model\..*v_proj)",
+    );
     memory_options_match(&lora, "Qwen2.5-VL, LoRA on the last vision block's gate");
 }

@@ -417,6 +417,7 @@ impl Qwen2VLConfig {
             .or(vision.usize_opt("spatial_patch_size")?)
             .unwrap_or(14);
         let spatial_merge_size = vision.usize_opt("spatial_merge_size")?.unwrap_or(2);
+        let depth = vision.usize_opt("depth")?.unwrap_or(32);
         let kind = if qwen25 {
             let window_size = vision.usize_opt("window_size")?.unwrap_or(112);
             let unit = spatial_merge_size * patch_size;
@@ -428,7 +429,6 @@ impl Qwen2VLConfig {
                     ),
                 ));
             }
-            let depth = vision.usize_opt("depth")?.unwrap_or(32);
             let fullatt_block_indexes = match vision.get("fullatt_block_indexes") {
                 None => vec![7, 15, 23, 31],
                 Some(v) => v
@@ -463,7 +463,7 @@ impl Qwen2VLConfig {
         // 5.x reads `in_channels`; the hub's `in_chans` is ignored by transformers (default 3).
         let in_channels = vision.usize_opt("in_channels")?.unwrap_or(3);
         let vision_cfg = VisionConfig {
-            depth: vision.usize_opt("depth")?.unwrap_or(32),
+            depth,
             embed_dim,
             num_heads,
             mlp_ratio: if qwen25 {

@@ -301,10 +301,8 @@ impl<B: Backend> Qwen2VL<B> {
         let mut out = Vec::new();
         for (i, b) in self.visual.blocks.iter().enumerate() {
             let p = format!("model.visual.blocks.{i}");
-            out.push((format!("{p}.attn.qkv"), &b.qkv));
-            out.push((format!("{p}.attn.proj"), &b.proj));
-            for (name, proj) in b.mlp_projections() {
-                out.push((format!("{p}.mlp.{name}"), proj));
+            for (name, proj) in b.projections() {
+                out.push((format!("{p}.{name}"), proj));
             }
         }
         out.push(("model.visual.merger.mlp.0".into(), &self.visual.merger.fc1));
@@ -327,27 +325,8 @@ impl<B: Backend> Qwen2VL<B> {
         let mut out = Vec::new();
         for (i, b) in self.visual.blocks.iter_mut().enumerate() {
             let p = format!("model.visual.blocks.{i}");
-            let crate::vision::VisionBlock {
-                qkv,
-                proj,
-                fc1,
-                fc2,
-                gate,
-                ..
-            } = b;
-            out.push((format!("{p}.attn.qkv"), qkv));
-            out.push((format!("{p}.attn.proj"), proj));
-            // In the order of VisionBlock::mlp_projections.
-            match gate {
-                None => {
-                    out.push((format!("{p}.mlp.fc1"), fc1));
-                    out.push((format!("{p}.mlp.fc2"), fc2));
-                }
-                Some(gate) => {
-                    out.push((format!("{p}.mlp.gate_proj"), gate));
-                    out.push((format!("{p}.mlp.up_proj"), fc1));
-                    out.push((format!("{p}.mlp.down_proj"), fc2));
-                }
+            for (name, proj) in b.projections_mut() {
+                out.push((format!("{p}.{name}"), proj));
             }
         }
         let merger = &mut self.visual.merger;

@@ -111,11 +111,9 @@ pub fn named_tensors<B: Backend>(model: &Qwen2VL<B>) -> Vec<NamedTensor> {
     for (i, b) in v.blocks.iter().enumerate() {
         let p = format!("visual.blocks.{i}");
         c.vision_norm(&format!("{p}.norm1"), &b.norm1);
-        c.proj(&format!("{p}.attn.qkv"), &b.qkv);
-        c.proj(&format!("{p}.attn.proj"), &b.proj);
         c.vision_norm(&format!("{p}.norm2"), &b.norm2);
-        for (name, proj) in b.mlp_projections() {
-            c.proj(&format!("{p}.mlp.{name}"), proj);
+        for (name, proj) in b.projections() {
+            c.proj(&format!("{p}.{name}"), proj);
         }
     }
     c.vision_norm("visual.merger.ln_q", &v.merger.ln_q);

@@ -102,16 +102,41 @@ impl<B: Backend> VisionBlock<B> {
         })
     }
 
-    /// The MLP's projections under their checkpoint names (after `mlp.`), in checkpoint order.
-    pub fn mlp_projections(&self) -> Vec<(&'static str, &Proj<B>)> {
+    /// The block's projections under their checkpoint names (after `blocks.{i}.`), in
+    /// checkpoint order.
+    pub fn projections(&self) -> Vec<(&'static str, &Proj<B>)> {
+        let mut out = vec![("attn.qkv", &self.qkv), ("attn.proj", &self.proj)];
         match &self.gate {
-            None => vec![("fc1", &self.fc1), ("fc2", &self.fc2)],
-            Some(gate) => vec![
-                ("gate_proj", gate),
-                ("up_proj", &self.fc1),
-                ("down_proj", &self.fc2),
-            ],
+            None => out.extend([("mlp.fc1", &self.fc1), ("mlp.fc2", &self.fc2)]),
+            Some(gate) => out.extend([
+                ("mlp.gate_proj", gate),
+                ("mlp.up_proj", &self.fc1),
+                ("mlp.down_proj", &self.fc2),
+            ]),
         }
+        out
+    }
+
+    /// [`Self::projections`], mutable.
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj<B>)> {
+        let Self {
+            qkv,
+            proj,
+            fc1,
+            fc2,
+            gate,
+            ..
+        } = self;
+        let mut out = vec![("attn.qkv", qkv), ("attn.proj", proj)];
+        match gate {
+            None => out.extend([("mlp.fc1", fc1), ("mlp.fc2", fc2)]),
+            Some(gate) => out.extend([
+                ("mlp.gate_proj", gate),
+                ("mlp.up_proj", fc1),
+                ("mlp.down_proj", fc2),
+            ]),
+        }
+        out
     }
 
     /// `x` is `[n_patches, dim]`; `cos`/`sin` are `[n_patches, 3, heads, head_dim]` (spread

@@ -203,24 +203,13 @@ impl<B: Backend> VisionTower<B> {
         let layout = c
             .window_tokens()
             .map(|win| window_layout(grids, c.spatial_merge_size, win));
-        let (qkv_cos, qkv_sin) = match &layout {
-            Some(l) => {
-                let permute = |table: &[f32]| -> Vec<f32> {
-                    l.rows
-                        .iter()
-                        .flat_map(|&r| table[r * hd..(r + 1) * hd].iter().copied())
-                        .collect()
-                };
-                spread_over_heads(
-                    &permute(&cos_host),
-                    &permute(&sin_host),
-                    hd,
-                    2 * c.num_heads,
-                    c.num_heads,
-                )
-            }
-            None => spread_over_heads(&cos_host, &sin_host, hd, 2 * c.num_heads, c.num_heads),
-        };
+        let (qkv_cos, qkv_sin) = spread_over_heads(
+            &rows_in_order(&cos_host, hd, layout.as_ref()),
+            &rows_in_order(&sin_host, hd, layout.as_ref()),
+            hd,
+            2 * c.num_heads,
+            c.num_heads,
+        );
         let shape = [n, 3, c.num_heads, hd];
         let index = |v: &[usize]| -> Tensor<B, 1, Int> {
             let v: Vec<i64> = v.iter().map(|&i| i as i64).collect();
@@ -272,5 +261,22 @@ impl<B: Backend> VisionTower<B> {
             t.merger_ln_q = Some(normed);
         }
         tables.to_image_order(merged)
+    }
+}
+
+/// The rows (of `width` values) of a per-patch table in the order the blocks run over the
+/// patches: window order when there are windows, else as they are.
+fn rows_in_order<'a>(
+    table: &'a [f32],
+    width: usize,
+    layout: Option<&WindowLayout>,
+) -> std::borrow::Cow<'a, [f32]> {
+    match layout {
+        Some(l) => l
+            .rows
+            .iter()
+            .flat_map(|&r| table[r * width..(r + 1) * width].iter().copied())
+            .collect(),
+        None => std::borrow::Cow::Borrowed(table),
     }
 }
