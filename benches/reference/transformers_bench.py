@@ -25,12 +25,16 @@ Run it where medr1's bench runs, with the same arguments:
       --device cuda --bf16 --batch 2 --num-generations 4 --prompt-len 100 --image-size 448 \
       --new-tokens 256 --json
 
-Needs torch and transformers (not torchvision). Works on CPU too, with a tiny config, to check
+--lora-r R trains PEFT adapters instead (as `medr1 bench --lora-r R`): the reference is then the
+model with its adapters disabled, no second copy; the process's peak RSS is reported too.
+
+Needs torch and transformers (not torchvision), and peft for --lora-r. Works on CPU too, with a tiny config, to check
 the script itself.
 """
 
 import argparse
 import json
+import resource
 import time
 
 import torch
@@ -53,6 +57,10 @@ def parse():
     p.add_argument("--rollout-only", action="store_true",
                    help="time the rollout only (no reference copy, no update: the 2B model's f32 "
                         "training state does not fit 24 GiB, its decoding does)")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="train PEFT LoRA adapters of this rank (alpha 2r) on the text decoder's seven projections "
+                        "instead of the whole model, the reference being the model with them disabled, as TRL does "
+                        "(medr1 bench --lora-r); needs peft")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args()
 
@@ -75,6 +83,11 @@ def main():
     t = time.time()
     model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=a.attn)
     model.to(a.device)
+    if a.lora_r:
+        from peft import LoraConfig, get_peft_model
+        lora = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, lora)
     print(f"built a random model in {time.time() - t:.1f}s", flush=True)
 
     vision = config.vision_config
@@ -105,11 +118,13 @@ def main():
 
     gen = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=True, temperature=1.0,
                top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
+    trained = [p for p in model.parameters() if p.requires_grad]
     if not a.rollout_only:
-        reference = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=a.attn)
-        reference.load_state_dict(model.state_dict())
-        reference.to(a.device).eval()
-        optim = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+        if not a.lora_r:
+            reference = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=a.attn)
+            reference.load_state_dict(model.state_dict())
+            reference.to(a.device).eval()
+        optim = torch.optim.AdamW(trained, lr=1e-6, weight_decay=0.0)
     beta = 0.04
 
     def logps_of(m, full, completions, keep):
@@ -144,7 +159,11 @@ def main():
         keep = completions.shape[1]
         advantages = torch.zeros(rows, device=a.device)  # rewards of random weights: all equal
         with torch.no_grad(), autocast:
-            ref = logps_of(reference, full, completions, keep)
+            if a.lora_r:
+                with model.disable_adapter():
+                    ref = logps_of(model, full, completions, keep)
+            else:
+                ref = logps_of(reference, full, completions, keep)
         model.train()
         with autocast:
             logps = logps_of(model, full, completions, keep)
@@ -153,7 +172,7 @@ def main():
             kl = torch.exp(ref - logps) - (ref - logps) - 1
             loss = (per_token + beta * kl).mean(dim=1).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
         sync(a.device)
@@ -170,6 +189,8 @@ def main():
 
     r, s = median(rollout_s), median(step_s)
     params = sum(p.numel() for p in model.parameters())
+    # Peak resident memory of the process (Linux reports KiB).
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "engine": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}",
         "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
@@ -179,6 +200,7 @@ def main():
         "prompt_tokens": len(ids), "image_tokens": image_tokens, "new_tokens": a.new_tokens,
         "rollout_s": r, "rollout_tokens_per_s": rows * a.new_tokens / r,
         "step_s": s, "rollout_peak_gib": rollout_peak, "step_peak_gib": update_peak,
+        "lora_r": a.lora_r, "trained_parameters": sum(p.numel() for p in trained), "peak_rss_gib": peak_rss,
     }
     print(f"device {result['device']} ({a.precision}, {a.attn}, {result['threads']} threads), model {params} "
           f"parameters, {a.batch} prompts x {a.num_generations} generations, prompt {len(ids)} tokens "
