@@ -5,7 +5,8 @@
 //! Activations count what the backward pass keeps per token: in a decoder layer the norms'
 //! inputs and outputs, the projections' inputs and outputs, the attention probabilities and
 //! the MLP's three intermediate products; in a vision block the same with the block's own
-//! widths, attention within one image.
+//! widths, attention within one image (Qwen2-VL, and Qwen2.5-VL's full-attention blocks) or
+//! within one window (Qwen2.5-VL's other blocks).
 
 use grpo::learner::MemoryOptions;
 use qwen2vl::Qwen2VLConfig;
@@ -138,17 +139,32 @@ pub fn account(
         layer_bytes * layers
     };
     let (e, mlp) = (v.embed_dim as f64, v.mlp_dim() as f64);
+    // Qwen2-VL's MLP keeps fc1's output and its GELU; Qwen2.5-VL's gated one the gate, the up
+    // projection and their product.
+    let mlp_products = match v.window_tokens() {
+        None => 2.0,
+        Some(_) => 3.0,
+    };
     let patches = (patch_rows * shape.patches) as f64;
-    let block_bytes = b
-        * patches
-        * (6.0 * e + 3.0 * e + 2.0 * mlp + 2.0 * v.num_heads as f64 * shape.patches as f64);
-    let depth = v.depth as f64;
+    // Keys per patch: the whole image, or in Qwen2.5-VL's windowed blocks one window of
+    // (window_tokens x merge)² patches (fewer at the image's edges: an upper bound).
+    let window_keys = v
+        .window_tokens()
+        .map(|w| (w * v.spatial_merge_size).pow(2).min(shape.patches));
+    let block_bytes = |i: usize| {
+        let keys = match window_keys {
+            Some(k) if !v.full_attention(i) => k,
+            _ => shape.patches,
+        } as f64;
+        b * patches * (6.0 * e + 3.0 * e + mlp_products * mlp + 2.0 * v.num_heads as f64 * keys)
+    };
+    let blocks = (0..v.depth).map(block_bytes);
     let vision = if !training.vision_trains {
         0.0
     } else if memory.recompute.vision {
-        b * patches * e * depth + block_bytes
+        b * patches * e * v.depth as f64 + blocks.fold(0.0, f64::max)
     } else {
-        block_bytes * depth
+        blocks.sum()
     };
     // Logits, their log-softmax and its gradient, for the tokens of one head chunk.
     let head_tokens = match memory.head_chunk {
@@ -281,6 +297,40 @@ mod tests {
         assert!(!lora.lines.iter().any(|l| l.what == "reference model"));
         assert!((line(&lora, "policy weights") - 4.114).abs() < 0.001);
         assert!((line(&lora, "AdamW moments (f32)") - 0.0688).abs() < 0.001);
+    }
+
+    /// Qwen2.5-VL-3B's vision tower at Med-R1's shapes (2 shared prompts x 784 patches, bf16):
+    /// per patch, a windowed block keeps 9 x 1280 (norms, projections) plus 3 x 3420 (gated
+    /// MLP) plus 2 x 16 heads x 64 keys (one 112-pixel window: 4 x 4 merged tokens) values, a
+    /// full-attention block (7, 15, 23, 31) the same with all 784 keys.
+    #[test]
+    fn qwen25vl_vision_attends_within_windows_but_in_its_full_blocks() {
+        let config = Qwen2VLConfig::from_json_str(
+            include_str!("../tests/fixtures/qwen2_5_vl_3b_instruct_config.json"),
+            "3b",
+        )
+        .unwrap();
+        let training = Training {
+            trained: 1,
+            lora: true,
+            reference: true,
+            vision_trains: true,
+            bytes: 2,
+        };
+        let plain = account(&config, med_r1(), training, MemoryOptions::default());
+        let per_patch = |keys: f64| 9.0 * 1280.0 + 3.0 * 3420.0 + 2.0 * 16.0 * keys;
+        let patches = 2.0 * 784.0;
+        let gib = (1u64 << 30) as f64;
+        let expected = 2.0 * patches * (28.0 * per_patch(64.0) + 4.0 * per_patch(784.0)) / gib;
+        let got = line(&plain, "vision activations (one scoring pass)");
+        assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+        // Recomputed: every block's input, and the largest block (a full-attention one).
+        let mut memory = MemoryOptions::default();
+        memory.recompute.vision = true;
+        let recomputed = account(&config, med_r1(), training, memory);
+        let expected = 2.0 * patches * (32.0 * 1280.0 + per_patch(784.0)) / gib;
+        let got = line(&recomputed, "vision activations (one scoring pass)");
+        assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
     }
 
     /// Each option shrinks its own line and no other; the logits of 8 x 16 tokens over the

@@ -775,7 +775,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 6, "{n} configs");
+        assert!(n >= 7, "{n} configs");
     }
 
     #[test]
@@ -789,6 +789,21 @@ mod tests {
         plain.grpo.learning_rate = lora.grpo.learning_rate;
         plain.lora = lora.lora.clone();
         assert_eq!(plain, lora);
+    }
+
+    /// Med-R1's README trains Qwen2.5-VL-3B with the arguments of the 2B no-think recipe; only
+    /// the model and the evaluation script's scoring differ.
+    #[test]
+    fn the_qwen25vl_recipe_is_the_no_think_recipe_on_another_model() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let q25 = RunConfig::load(Some(&dir.join("med-r1-qwen25vl-3b-nothink.toml")), &[]).unwrap();
+        let mut plain = RunConfig::load(Some(&dir.join("med-r1-2b-nothink.toml")), &[]).unwrap();
+        assert!(q25.model.checkpoint.contains("Qwen2.5-VL-3B-Instruct"));
+        assert_eq!(q25.eval.scoring, Scoring::MedR1Hybrid);
+        plain.name = q25.name.clone();
+        plain.model.checkpoint = q25.model.checkpoint.clone();
+        plain.eval.scoring = q25.eval.scoring;
+        assert_eq!(plain, q25);
     }
 
     #[test]

@@ -79,6 +79,8 @@ impl BackendTask for Task {
                 "tokenizer.json",
                 "tokenizer_config.json",
                 "preprocessor_config.json",
+                "chat_template.json",
+                "chat_template.jinja",
             ] {
                 let from = a.model.join(f);
                 if from.is_file() {

@@ -599,10 +599,15 @@ fn checkpoint_labels(dirs: &[PathBuf]) -> Vec<String> {
     }
 }
 
-/// `tokenizer.json` and `preprocessor_config.json` next to a saved checkpoint, so that
-/// `medr1 generate --model DIR` and transformers process inputs as training did.
+/// `tokenizer.json`, `preprocessor_config.json` and `chat_template.jinja` next to a saved
+/// checkpoint, so that `medr1 generate --model DIR` and transformers' processor build inputs as
+/// training did (the template is the one medr1 renders; a run refuses a checkpoint with another).
 fn write_processor_files(dir: &Path, cfg: &RunConfig) -> anyhow::Result<()> {
     guard::write_atomic(&dir.join("tokenizer.json"), &tok_json(cfg)?)?;
+    guard::write_atomic(
+        &dir.join("chat_template.jinja"),
+        qwen2vl::processor::QWEN_VL_CHAT_TEMPLATE,
+    )?;
     let from_checkpoint = Path::new(&cfg.model.checkpoint).join("preprocessor_config.json");
     let pp = if !cfg.model.checkpoint.is_empty() && from_checkpoint.is_file() {
         let mut v: serde_json::Value =

@@ -83,13 +83,22 @@ pub fn processor(cfg: &RunConfig) -> anyhow::Result<Processor> {
     processor_with(cfg, tokenizer(cfg)?)
 }
 
-/// The run's image settings around `tokenizer`.
+/// The run's image settings around `tokenizer`: the checkpoint's `preprocessor_config.json`
+/// (Qwen2-VL's values without one) with `model.min_pixels` / `model.max_pixels` over it, as
+/// Med-R1's trainer sets them on the loaded processor (`grpo_trainer.py`). A checkpoint's chat
+/// template must be the one medr1 renders.
 pub fn processor_with(cfg: &RunConfig, tokenizer: TextTokenizer) -> anyhow::Result<Processor> {
-    let image = ImageProcessorConfig {
-        min_pixels: cfg.model.min_pixels,
-        max_pixels: cfg.model.max_pixels,
-        ..Default::default()
-    };
+    let mut image = ImageProcessorConfig::default();
+    if !cfg.model.checkpoint.is_empty() {
+        let dir = Path::new(&cfg.model.checkpoint);
+        qwen2vl::processor::check_chat_template(dir)?;
+        let file = dir.join("preprocessor_config.json");
+        if file.is_file() {
+            image = ImageProcessorConfig::from_file(&file)?;
+        }
+    }
+    image.min_pixels = cfg.model.min_pixels;
+    image.max_pixels = cfg.model.max_pixels;
     Ok(Processor::new(tokenizer, image)?)
 }
 

@@ -47,22 +47,27 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
-fn generate_reproduces_the_reference_greedy_tokens() {
-    let dir = tiny_checkpoint("generate");
+/// `medr1 generate` on the checkpoint `dir`: the fixture's first image, "Describe this image.",
+/// and `extra` arguments.
+fn describe_image(dir: &Path, extra: &[&str]) -> (bool, String, String) {
     let image = fixture_dir().join("images/image_A_56x84.png");
-    let (ok, _, err) = medr1(&[
+    let mut args = vec![
         "generate",
         "--model",
-        s(&dir),
+        s(dir),
         "--image",
         s(&image),
         "--prompt",
         "Describe this image.",
-        "--max-new-tokens",
-        "8",
-        "--show-ids",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    medr1(&args)
+}
+
+#[test]
+fn generate_reproduces_the_reference_greedy_tokens() {
+    let dir = tiny_checkpoint("generate");
+    let (ok, _, err) = describe_image(&dir, &["--max-new-tokens", "8", "--show-ids"]);
     assert!(ok, "{err}");
     let want = Fixture::open(&fixture_dir())
         .unwrap()
@@ -70,6 +75,33 @@ fn generate_reproduces_the_reference_greedy_tokens() {
         .unwrap()
         .remove(0);
     assert!(err.contains(&format!("ids: {want:?}")), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A checkpoint whose processor template is not the Qwen2-VL / Qwen2.5-VL one medr1 renders is
+/// refused by generation and by training, naming the file, before any work.
+#[test]
+fn a_checkpoint_with_another_chat_template_is_refused() {
+    let dir = tiny_checkpoint("template");
+    let other = qwen2vl::processor::QWEN_VL_CHAT_TEMPLATE
+        .replace("You are a helpful assistant.", "You are a radiologist.");
+    std::fs::write(dir.join("chat_template.jinja"), other).unwrap();
+    let (ok, _, err) = describe_image(&dir, &[]);
+    assert!(
+        !ok && err.contains("chat_template.jinja") && err.contains("radiologist"),
+        "{err}"
+    );
+    let runs = dir.join("runs");
+    let (ok, _, err) = medr1(&[
+        "train",
+        "--set",
+        &format!("runs_dir=\"{}\"", runs.display()),
+        "--set",
+        &format!("model.checkpoint=\"{}\"", dir.display()),
+        "--set",
+        "grpo.steps=1",
+    ]);
+    assert!(!ok && err.contains("chat_template.jinja"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -428,6 +428,10 @@ fn a_run_starts_from_a_peft_adapter_and_refuses_a_missing_one() {
 fn a_qwen25vl_lora_run_trains_and_writes_a_qwen25vl_checkpoint() {
     let ckpt =
         crate::cli::tiny_checkpoint_of(&crate::common::qwen25vl_fixture_dir(), "q25-lora-run");
+    // Shipped as the Hub's Qwen2.5-VL-Instruct repositories ship it: the legacy JSON file.
+    let template = qwen2vl::processor::QWEN_VL_CHAT_TEMPLATE;
+    let legacy = serde_json::json!({ "chat_template": template }).to_string();
+    std::fs::write(ckpt.join("chat_template.json"), legacy).unwrap();
     let (runs, _) = lora_run(
         &ckpt,
         "q25-lora",
@@ -440,6 +444,8 @@ fn a_qwen25vl_lora_run_trains_and_writes_a_qwen25vl_checkpoint() {
     assert!(config.contains("\"qwen2_5_vl\""), "{config}");
     let adapter_config = std::fs::read_to_string(fin.join("adapter/adapter_config.json")).unwrap();
     assert!(adapter_config.contains("gate_proj"), "{adapter_config}");
+    let saved = std::fs::read_to_string(fin.join("chat_template.jinja")).unwrap();
+    assert_eq!(saved, template);
     sft_plus_adapter_is_the_final_model(&runs);
     let _ = std::fs::remove_dir_all(&runs);
     let _ = std::fs::remove_dir_all(&ckpt);

@@ -49,6 +49,51 @@ impl ImageProcessorConfig {
             file: path.display().to_string(),
             message: format!("invalid JSON: {e}"),
         })?;
+        let bad = |message: String| ProcessorError::Config {
+            file: path.display().to_string(),
+            message,
+        };
+        // Qwen2.5-VL names no processor of its own: transformers maps `qwen2_5_vl` to
+        // Qwen2VLImageProcessor (`image_processing_auto.py`), and its published file names that
+        // class; `Qwen2_5_VLImageProcessor` is the name some forks saved.
+        if let Some(kind) = v.get("image_processor_type").and_then(Value::as_str) {
+            const KNOWN: [&str; 4] = [
+                "Qwen2VLImageProcessor",
+                "Qwen2VLImageProcessorFast",
+                "Qwen2VLImageProcessorPil",
+                "Qwen2_5_VLImageProcessor",
+            ];
+            if !KNOWN.contains(&kind) {
+                return Err(bad(format!(
+                    "`image_processor_type` is {kind:?}; medr1 runs Qwen2-VL's image processor \
+                     ({})",
+                    KNOWN.join(", ")
+                )));
+            }
+        }
+        // Steps medr1 always takes: a file that turns one off, or changes its constant, asks
+        // for preprocessing medr1 does not do.
+        for key in ["do_resize", "do_rescale", "do_normalize", "do_convert_rgb"] {
+            if v.get(key).and_then(Value::as_bool) == Some(false) {
+                return Err(bad(format!(
+                    "`{key}` is false; medr1 always takes this step"
+                )));
+            }
+        }
+        if let Some(f) = v.get("rescale_factor").and_then(Value::as_f64) {
+            if (f - 1.0 / 255.0).abs() > 1e-12 {
+                return Err(bad(format!(
+                    "`rescale_factor` is {f}; medr1 rescales by 1/255 only"
+                )));
+            }
+        }
+        if let Some(r) = v.get("resample").and_then(Value::as_u64) {
+            if r != 3 {
+                return Err(bad(format!(
+                    "`resample` is {r}; medr1 resizes with Pillow's bicubic filter (3) only"
+                )));
+            }
+        }
         let c = Self::from_json(&v);
         for (key, n) in [
             ("patch_size", c.patch_size),
@@ -327,7 +372,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_zero_size_in_the_config_file_is_an_error_naming_file_and_key() {
+    fn a_bad_config_file_is_an_error_naming_file_and_key() {
         let dir = std::env::temp_dir().join(format!("qwen2vl-pp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("preprocessor_config.json");
@@ -346,6 +391,61 @@ mod tests {
         assert!(e.contains("min_pixels"), "{e}");
         std::fs::write(&path, r#"{"patch_size": 14}"#).unwrap();
         assert!(ImageProcessorConfig::from_file(&path).is_ok());
+        for (text, key) in [
+            (
+                r#"{"image_processor_type": "CLIPImageProcessor"}"#,
+                "image_processor_type",
+            ),
+            (r#"{"do_normalize": false}"#, "do_normalize"),
+            (r#"{"rescale_factor": 1.0}"#, "rescale_factor"),
+            (r#"{"resample": 2}"#, "resample"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = ImageProcessorConfig::from_file(&path)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("preprocessor_config.json") && e.contains(key),
+                "{e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Qwen2.5-VL-3B-Instruct's `preprocessor_config.json` as published (the Hub's file, and
+    /// the processor transformers prints for it): Qwen2-VL's class and values.
+    #[test]
+    fn qwen25vls_published_processor_file_gives_its_values() {
+        let dir = std::env::temp_dir().join(format!("qwen2vl-pp25-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("preprocessor_config.json");
+        let published = r#"{
+  "min_pixels": 3136,
+  "max_pixels": 12845056,
+  "patch_size": 14,
+  "temporal_patch_size": 2,
+  "merge_size": 2,
+  "image_mean": [0.48145466, 0.4578275, 0.40821073],
+  "image_std": [0.26862954, 0.26130258, 0.27577711],
+  "image_processor_type": "Qwen2VLImageProcessor",
+  "processor_class": "Qwen2_5_VLProcessor"
+}"#;
+        std::fs::write(&path, published).unwrap();
+        let c = ImageProcessorConfig::from_file(&path).unwrap();
+        assert_eq!(c, ImageProcessorConfig::default());
+        // Values other than the defaults are read, including `size`'s spelling.
+        std::fs::write(
+            &path,
+            r#"{"image_processor_type": "Qwen2_5_VLImageProcessor", "patch_size": 16,
+                "size": {"shortest_edge": 6272, "longest_edge": 401408}, "resample": 3,
+                "rescale_factor": 0.00392156862745098, "do_normalize": true}"#,
+        )
+        .unwrap();
+        let c = ImageProcessorConfig::from_file(&path).unwrap();
+        assert_eq!(
+            (c.patch_size, c.min_pixels, c.max_pixels),
+            (16, 6272, 401_408)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

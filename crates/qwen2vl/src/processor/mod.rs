@@ -5,6 +5,7 @@ mod byte_tokenizer;
 mod chat;
 mod image;
 mod resize;
+mod template;
 mod tokenizer;
 
 pub use self::image::{
@@ -14,6 +15,7 @@ pub use self::image::{
 pub use byte_tokenizer::{byte_tokenizer_json, BYTE_SPECIAL_BASE, QWEN_SPECIAL_TOKENS};
 pub use chat::{render_chat, Content, ContentItem, Message, DEFAULT_SYSTEM};
 pub use resize::{pil_bicubic_resize, Rgb8};
+pub use template::{check_chat_template, checkpoint_chat_template, QWEN_VL_CHAT_TEMPLATE};
 pub use tokenizer::TextTokenizer;
 
 use std::path::{Path, PathBuf};
@@ -62,8 +64,10 @@ impl Processor {
         })
     }
 
-    /// `tokenizer.json` and (when present) `preprocessor_config.json` of a checkpoint directory.
+    /// `tokenizer.json` and (when present) `preprocessor_config.json` of a checkpoint
+    /// directory; its chat template, when it ships one, must be the one medr1 renders.
     pub fn from_dir(dir: &Path) -> Result<Self, ProcessorError> {
+        check_chat_template(dir)?;
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let pp = dir.join("preprocessor_config.json");
         let image = if pp.is_file() {
