@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use grpo::eval::Scoring;
 use grpo::schedule::Decay;
-use grpo::{LossType, ScaleRewards};
+use grpo::{ImportanceSampling, KlEstimator, LossType, ScaleRewards};
 use serde::{Deserialize, Serialize};
 
 /// The embedded default (`configs/tiny.toml`).
@@ -159,6 +159,16 @@ pub struct GrpoSection {
     pub loss_type: LossType,
     /// group | batch | none
     pub scale_rewards: ScaleRewards,
+    /// token | sequence (GSPO)
+    pub importance_sampling_level: ImportanceSampling,
+    /// Two-sided clipping: the unclipped ratio capped at this (above 1); absent: off.
+    pub delta: Option<f32>,
+    /// k3 (TRL's) | low_var_kl | k1 | k2 | abs
+    pub kl_estimator: KlEstimator,
+    /// Entropy bonus weight (0: off).
+    pub entropy_coef: f32,
+    /// Policy term on the tokens at or above this entropy quantile only (1: every token).
+    pub top_entropy_quantile: f32,
     pub mask_truncated_completions: bool,
     pub num_iterations: usize,
     /// Prompt and completion widths padded to multiples of this so steps share shapes (and
@@ -170,6 +180,8 @@ pub struct GrpoSection {
     pub share_prompt: bool,
     pub learning_rate: f64,
     pub warmup_steps: usize,
+    /// Warmup as a fraction of the run's steps (rounded up), when `warmup_steps` is 0.
+    pub warmup_ratio: f64,
     /// constant | linear | cosine
     pub decay: Decay,
     pub weight_decay: f32,
@@ -398,12 +410,18 @@ impl Default for GrpoSection {
             epsilon_high: 0.2,
             loss_type: LossType::Grpo,
             scale_rewards: ScaleRewards::Group,
+            importance_sampling_level: ImportanceSampling::Token,
+            delta: None,
+            kl_estimator: KlEstimator::K3,
+            entropy_coef: 0.0,
+            top_entropy_quantile: 1.0,
             mask_truncated_completions: false,
             num_iterations: 1,
             shape_bucket: 0,
             share_prompt: true,
             learning_rate: 1e-6,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             decay: Decay::Linear,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
@@ -663,6 +681,44 @@ impl RunConfig {
         real("grpo.beta", g.beta as f64, 0.0, false, inf)?;
         real("grpo.epsilon", g.epsilon as f64, 0.0, false, inf)?;
         real("grpo.epsilon_high", g.epsilon_high as f64, 0.0, false, inf)?;
+        if let Some(delta) = g.delta {
+            real("grpo.delta", delta as f64, 1.0, true, inf)?;
+        }
+        real("grpo.entropy_coef", g.entropy_coef as f64, -inf, false, inf)?;
+        real(
+            "grpo.top_entropy_quantile",
+            g.top_entropy_quantile as f64,
+            0.0,
+            true,
+            1.0,
+        )?;
+        real("grpo.warmup_ratio", g.warmup_ratio, 0.0, false, 1.0)?;
+        let mem = &self.memory;
+        if g.entropy_coef != 0.0 && mem.lm_head_chunk > 0 {
+            bail!(
+                "grpo.entropy_coef = {} needs the entropies' gradient, which memory.lm_head_chunk = {} \
+                 does not keep: set one of the two to 0",
+                g.entropy_coef,
+                mem.lm_head_chunk
+            );
+        }
+        let rows = g.prompts_per_step * g.num_generations;
+        if g.top_entropy_quantile < 1.0 && mem.score_micro_batch > 0 && mem.score_micro_batch < rows
+        {
+            bail!(
+                "grpo.top_entropy_quantile = {} is taken over a whole rollout, which \
+                 memory.score_micro_batch = {} scores in parts: set it to 0",
+                g.top_entropy_quantile,
+                mem.score_micro_batch
+            );
+        }
+        if g.warmup_ratio > 0.0 && g.warmup_steps > 0 {
+            bail!(
+                "grpo.warmup_steps = {} and grpo.warmup_ratio = {}: set one of the two",
+                g.warmup_steps,
+                g.warmup_ratio
+            );
+        }
         real("grpo.learning_rate", g.learning_rate, 0.0, true, inf)?;
         real("grpo.weight_decay", g.weight_decay as f64, 0.0, false, inf)?;
         real("grpo.max_grad_norm", g.max_grad_norm as f64, 0.0, true, inf)?;
@@ -687,6 +743,16 @@ impl GrpoSection {
     /// Whether the run takes any GRPO step.
     pub fn trains(&self) -> bool {
         self.steps > 0 || self.epochs > 0.0
+    }
+
+    /// Warmup steps of a run of `total_steps`: `warmup_steps`, or `warmup_ratio` of the run
+    /// rounded up (the HF Trainer's `get_warmup_steps`).
+    pub fn warmup(&self, total_steps: usize) -> usize {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * total_steps as f64).ceil() as usize
+        }
     }
 
     /// Optimizer steps over `records` training records: `steps`, or `epochs` passes counted
@@ -804,6 +870,68 @@ mod tests {
         plain.model.checkpoint = q25.model.checkpoint.clone();
         plain.eval.scoring = q25.eval.scoring;
         assert_eq!(plain, q25);
+    }
+
+    #[test]
+    fn the_loss_menu_is_read_and_checked_naming_the_key() {
+        let cfg = RunConfig::load(
+            None,
+            &[
+                "grpo.importance_sampling_level=\"sequence\"".into(),
+                "grpo.delta=1.5".into(),
+                "grpo.kl_estimator=\"mse\"".into(),
+                "grpo.entropy_coef=0.01".into(),
+                "grpo.top_entropy_quantile=0.2".into(),
+            ],
+        )
+        .unwrap();
+        let g = &cfg.grpo;
+        assert_eq!(g.importance_sampling_level, ImportanceSampling::Sequence);
+        assert_eq!((g.delta, g.kl_estimator), (Some(1.5), KlEstimator::K2));
+        assert_eq!((g.entropy_coef, g.top_entropy_quantile), (0.01, 0.2));
+        let again = RunConfig::from_toml(&cfg.to_toml(), "resolved", &[]).unwrap();
+        assert_eq!(cfg, again);
+        for (bad, key) in [
+            ("grpo.delta=1.0", "grpo.delta"),
+            ("grpo.top_entropy_quantile=0.0", "grpo.top_entropy_quantile"),
+            ("grpo.kl_estimator=\"k4\"", "kl_estimator"),
+            ("grpo.warmup_ratio=1.5", "grpo.warmup_ratio"),
+        ] {
+            let e = format!("{:#}", RunConfig::load(None, &[bad.into()]).unwrap_err());
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        for (a, b) in [
+            ("grpo.entropy_coef=0.1", "memory.lm_head_chunk=64"),
+            (
+                "grpo.top_entropy_quantile=0.5",
+                "memory.score_micro_batch=8",
+            ),
+        ] {
+            let e = RunConfig::load(None, &[a.into(), b.into()]).unwrap_err();
+            let e = format!("{e:#}");
+            let key = |s: &str| s.split('=').next().unwrap().to_string();
+            assert!(e.contains(&key(a)) && e.contains(&key(b)), "{e}");
+        }
+    }
+
+    /// `warmup_ratio` as the HF Trainer's `get_warmup_steps` reads it: ceil(ratio x steps),
+    /// and never together with `warmup_steps`.
+    #[test]
+    fn warmup_ratio_gives_steps_rounded_up() {
+        let cfg = RunConfig::load(None, &["grpo.warmup_ratio=0.1".into()]).unwrap();
+        assert_eq!(cfg.grpo.warmup(25), 3);
+        assert_eq!(cfg.grpo.warmup(100), 10);
+        let steps = RunConfig::load(None, &["grpo.warmup_steps=4".into()]).unwrap();
+        assert_eq!(steps.grpo.warmup(100), 4);
+        let both = RunConfig::load(
+            None,
+            &["grpo.warmup_steps=4".into(), "grpo.warmup_ratio=0.1".into()],
+        )
+        .unwrap_err();
+        assert!(
+            format!("{both:#}").contains("set one of the two"),
+            "{both:#}"
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use grpo::learner::{
-    policy_gradients, policy_loss, rollout, GrpoConfig, MemoryOptions, PromptInput, StepMetrics,
+    policy_gradients, policy_loss, rollout, GrpoConfig, MemoryOptions, PromptInput, Rollout,
+    StepMetrics,
 };
 use grpo::loss::LossConfig;
 use grpo::WeightedRewards;
@@ -105,6 +106,42 @@ fn prompts(fx: &Fixture) -> Vec<PromptInput> {
         .collect()
 }
 
+/// The fixture's model as the policy, its two prompts, and the end token its greedy
+/// completion emits.
+fn fixture_policy() -> (Qwen2VL<Ad>, Vec<PromptInput>, u32) {
+    let (policy, _) =
+        load_model::<Ad>(&fixture_dir().join("hf_model"), &Default::default()).unwrap();
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let eos = fx.id_rows("single.gen.new_tokens").unwrap().remove(0)[3];
+    (policy, prompts(&fx), eos)
+}
+
+/// One reward: the completion's share of alphanumeric characters.
+fn alphanumeric() -> WeightedRewards {
+    WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    }
+}
+
+/// A rollout of `prompts` on `policy` rewarded by [`alphanumeric`].
+fn roll_out(
+    policy: &Qwen2VL<Ad>,
+    prompts: &[PromptInput],
+    cfg: &GrpoConfig,
+    seed: u64,
+) -> Rollout<Flex> {
+    rollout(
+        &policy.valid(),
+        prompts,
+        &byte_tokenizer(),
+        &alphanumeric(),
+        cfg,
+        seed,
+        &Default::default(),
+    )
+    .unwrap()
+}
+
 /// Gradients and metrics of one step of `policy` with `memory`, and the sampling policy's
 /// log-probs of the rollout.
 fn step(
@@ -128,20 +165,8 @@ fn step(
         memory,
         ..Default::default()
     };
-    let rewards = WeightedRewards {
-        rewards: vec![(Box::new(Alphanumeric), 1.0)],
-    };
     let reference = policy.valid().without_adapters();
-    let roll = rollout(
-        &policy.valid(),
-        prompts,
-        &byte_tokenizer(),
-        &rewards,
-        &cfg,
-        5,
-        &Default::default(),
-    )
-    .unwrap();
+    let roll = roll_out(policy, prompts, &cfg, 5);
     // Only the completions' own tokens: slots past a completion are masked everywhere.
     let old = roll.old_logprobs.clone().unwrap();
     let width = roll.batch.width;
@@ -220,11 +245,7 @@ fn memory_options_match(policy: &Qwen2VL<Ad>, what: &str) {
 /// The plain step's gradient is the gradient of [`policy_loss`], the loss's definition.
 #[test]
 fn the_step_takes_the_gradient_of_the_policy_loss() {
-    let device = Default::default();
-    let (policy, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
-    let fx = Fixture::open(&fixture_dir()).unwrap();
-    let prompts = prompts(&fx);
-    let eos = fx.id_rows("single.gen.new_tokens").unwrap().remove(0)[3];
+    let (policy, prompts, eos) = fixture_policy();
     let (_, _, metrics, grads) = step(&policy, &prompts, eos, true, MemoryOptions::default());
     let cfg = GrpoConfig {
         num_generations: 4,
@@ -238,19 +259,7 @@ fn the_step_takes_the_gradient_of_the_policy_loss() {
         pad_token_id: PAD,
         ..Default::default()
     };
-    let rewards = WeightedRewards {
-        rewards: vec![(Box::new(Alphanumeric), 1.0)],
-    };
-    let roll = rollout(
-        &policy.valid(),
-        &prompts,
-        &byte_tokenizer(),
-        &rewards,
-        &cfg,
-        5,
-        &device,
-    )
-    .unwrap();
+    let roll = roll_out(&policy, &prompts, &cfg, 5);
     let (loss, whole) = policy_loss(&policy, Some(&policy.valid()), &roll, &cfg).unwrap();
     let whole_grads = GradientsParams::from_grads(loss.backward(), &policy);
     assert_same_metrics("policy_loss", &metrics, &whole);
@@ -328,9 +337,7 @@ fn a_micro_batch_that_splits_a_group_is_refused() {
         },
         ..Default::default()
     };
-    let rewards = WeightedRewards {
-        rewards: vec![(Box::new(Alphanumeric), 1.0)],
-    };
+    let rewards = alphanumeric();
     let err = rollout(
         &policy.valid(),
         &prompts(&fx),
@@ -372,9 +379,7 @@ fn checkpointing_with_lora_dropout_is_refused() {
         },
         ..Default::default()
     };
-    let rewards = WeightedRewards {
-        rewards: vec![(Box::new(Alphanumeric), 1.0)],
-    };
+    let rewards = alphanumeric();
     let roll = rollout(
         &policy.valid(),
         &prompts(&fx),
@@ -403,4 +408,169 @@ fn memory_options_are_exact_on_qwen25vl() {
         r".*(visual\.blocks\.2\.mlp\.gate_proj|language_model\..*v_proj)",
     );
     memory_options_match(&lora, "Qwen2.5-VL, LoRA on the last vision block's gate");
+}
+
+/// Every loss option of the menu (GSPO's sequence-level ratios, two-sided clipping, each KL
+/// estimator, the entropy bonus, the high-entropy selection, dapo over a step's tokens) steps
+/// along the gradient of its [`policy_loss`], the loss's definition, also with activation
+/// checkpointing (the entropy bonus's gradient through recomputed blocks) and, where allowed,
+/// in micro-batches. The sampling policy's log-probs are moved off the policy's so that ratios,
+/// clipping and the cap are active.
+#[test]
+fn every_loss_option_steps_along_the_gradient_of_its_policy_loss() {
+    use grpo::loss::{ImportanceSampling, KlEstimator, LossType};
+    let device = Default::default();
+    let (policy, prompts, eos) = fixture_policy();
+    let base = LossConfig {
+        beta: 0.04,
+        ..Default::default()
+    };
+    let options = [
+        LossConfig {
+            importance_sampling_level: ImportanceSampling::Sequence,
+            ..base
+        },
+        LossConfig {
+            delta: Some(1.3),
+            ..base
+        },
+        LossConfig {
+            kl_estimator: KlEstimator::K1,
+            ..base
+        },
+        LossConfig {
+            kl_estimator: KlEstimator::K2,
+            loss_type: LossType::Bnpo,
+            ..base
+        },
+        LossConfig {
+            kl_estimator: KlEstimator::LowVarKl,
+            ..base
+        },
+        LossConfig {
+            kl_estimator: KlEstimator::Abs,
+            ..base
+        },
+        LossConfig {
+            entropy_coef: 0.05,
+            ..base
+        },
+        LossConfig {
+            top_entropy_quantile: 0.4,
+            entropy_coef: 0.05,
+            loss_type: LossType::DrGrpo,
+            ..base
+        },
+        LossConfig {
+            importance_sampling_level: ImportanceSampling::Sequence,
+            top_entropy_quantile: 0.5,
+            delta: Some(1.3),
+            ..base
+        },
+        LossConfig {
+            loss_type: LossType::Dapo,
+            entropy_coef: 0.05,
+            ..base
+        },
+    ];
+    // Another model, so that the log-ratio to the reference is not 0 (where `abs` has no
+    // derivative and rounding would pick its sign).
+    let reference = Qwen2VL::<Flex>::random(&policy.config, &device);
+    for loss in options {
+        let cfg = GrpoConfig {
+            num_generations: 4,
+            max_completion_length: 6,
+            loss,
+            num_iterations: 2,
+            eos_token_ids: vec![eos],
+            pad_token_id: PAD,
+            ..Default::default()
+        };
+        let mut roll = roll_out(&policy, &prompts, &cfg, 5);
+        let old = roll.old_logprobs.take().unwrap();
+        let [r, w] = old.dims();
+        let shift: Vec<f32> = (0..r * w).map(|i| [0.4, -0.3, 0.1][i % 3] as f32).collect();
+        roll.old_logprobs =
+            Some(old + Tensor::from_data(burn::tensor::TensorData::new(shift, [r, w]), &device));
+        if loss.loss_type == LossType::Dapo {
+            // One of two accumulated rollouts: the step's tokens are more than its own.
+            roll.step_tokens = Some(roll.masks.iter().flatten().filter(|&&m| m).count() + 7);
+        }
+        let (whole, metrics) = policy_loss(&policy, Some(&reference), &roll, &cfg).unwrap();
+        let want = collect(
+            &policy,
+            &GradientsParams::from_grads(whole.backward(), &policy),
+        );
+        let micro_batch = if loss.top_entropy_quantile < 1.0 {
+            0
+        } else {
+            4
+        };
+        for memory in [
+            MemoryOptions::default(),
+            MemoryOptions {
+                micro_batch,
+                recompute: Recompute {
+                    decoder: true,
+                    vision: true,
+                },
+                ..Default::default()
+            },
+        ] {
+            let case = format!("{loss:?}, {memory:?}");
+            let cfg = GrpoConfig {
+                memory,
+                ..cfg.clone()
+            };
+            let (grads, got) = policy_gradients(&policy, Some(&reference), &roll, &cfg, 1).unwrap();
+            assert_same_metrics(&case, &got, &metrics);
+            let n = assert_same_gradients(&case, &collect(&policy, &grads), &want);
+            assert!(n > 50, "{case}: only {n} parameters had gradients");
+        }
+    }
+}
+
+/// Options that cannot hold together are refused before any work, naming both.
+#[test]
+fn loss_options_that_need_what_a_memory_option_removes_are_refused() {
+    let (policy, prompts, _) = fixture_policy();
+    for (loss, memory, names) in [
+        (
+            LossConfig {
+                entropy_coef: 0.1,
+                ..Default::default()
+            },
+            MemoryOptions {
+                head_chunk: 2,
+                ..Default::default()
+            },
+            ["entropy_coef", "head_chunk"],
+        ),
+        (
+            LossConfig {
+                top_entropy_quantile: 0.5,
+                ..Default::default()
+            },
+            MemoryOptions {
+                micro_batch: 4,
+                ..Default::default()
+            },
+            ["top_entropy_quantile", "micro_batch"],
+        ),
+    ] {
+        let cfg = GrpoConfig {
+            num_generations: 4,
+            max_completion_length: 4,
+            loss,
+            memory,
+            eos_token_ids: vec![PAD],
+            pad_token_id: PAD,
+            ..Default::default()
+        };
+        let roll = roll_out(&policy, &prompts, &cfg, 1);
+        let e = policy_gradients(&policy, None, &roll, &cfg, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(names.iter().all(|n| e.contains(n)), "{e}");
+    }
 }

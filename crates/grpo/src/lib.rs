@@ -16,6 +16,9 @@ pub mod sft;
 pub mod stream;
 
 pub use advantages::{group_advantages, zero_std_fraction, ScaleRewards};
-pub use loss::{aggregate, per_token_loss, LossConfig, LossType};
+pub use loss::{
+    aggregate, entropy_weight, high_entropy_mask, kl_estimate, per_token_loss, ImportanceSampling,
+    KlEstimator, LossConfig, LossInputs, LossType,
+};
 pub use mask::completion_mask;
 pub use rewards::{AccuracyReward, FormatReward, LetterAccuracyReward, Reward, WeightedRewards};

@@ -23,7 +23,10 @@ use qwen2vl::processor::{ProcessedImage, TextTokenizer};
 use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
 
 use crate::advantages::{group_advantages, zero_std_fraction, ScaleRewards};
-use crate::loss::{aggregate, masked_mean, per_token_loss, row_weights, LossConfig, PerToken};
+use crate::loss::{
+    aggregate, entropy_weight, high_entropy_mask, masked_mean, per_token_loss, row_weights,
+    LossConfig, LossInputs, LossType, PerToken,
+};
 use crate::mask::batch_mask;
 use crate::rewards::WeightedRewards;
 
@@ -135,6 +138,10 @@ pub struct Rollout<B: Backend> {
     /// Log-probs of the completions under the sampling policy, `[rows, batch width]`, kept
     /// when `num_iterations > 1`.
     pub old_logprobs: Option<Tensor<B, 2>>,
+    /// The counted completion tokens of every rollout of the optimizer step this one belongs
+    /// to, when the step accumulates several ([`share_step_statistics`]): `dapo`'s normalizer.
+    /// `None`: this rollout's own.
+    pub step_tokens: Option<usize>,
 }
 
 /// A rollout's scoring inputs, built once when it is made and read by every pass over it
@@ -348,6 +355,7 @@ pub fn rollout<B: Backend>(
         per_reward: scores.per_reward,
         advantages,
         batch: step,
+        step_tokens: None,
     })
 }
 
@@ -439,17 +447,26 @@ pub fn policy_loss<B: AutodiffBackend>(
     cfg: &GrpoConfig,
 ) -> Result<(Tensor<B, 1>, StepMetrics), Qwen2VLError> {
     let batch = &roll.batch;
+    let entropy_grad = cfg.loss.entropy_coef != 0.0;
     let mut logps = Vec::new();
     let mut entropies = Vec::new();
     for part in &batch.parts {
         // The rollout's tensors, read by the policy through the autodiff wrapper (no copy).
         let images = part.images.clone().map(Images::into_autodiff);
-        let (logp, entropy) = part.tokens.score(policy, images.as_ref(), true)?;
+        let hidden = part.tokens.hidden(policy, images.as_ref())?;
+        let (logp, entropy) = if entropy_grad {
+            part.tokens.score_hidden_entropy_grad(policy, hidden)
+        } else {
+            let (logp, entropy) = part.tokens.score_hidden(policy, hidden, true);
+            (logp, entropy.expect("asked for"))
+        };
         logps.push(logp);
-        entropies.push(entropy.expect("asked for").inner());
+        entropies.push(entropy);
     }
     let logp = join_rows(logps, batch.width);
+    let entropy = join_rows(entropies, batch.width);
     let mask = batch.mask();
+    let entropy_mask = entropy_selection(&cfg.loss, &entropy.clone().inner(), &mask);
     let ref_logp = match (reference, cfg.loss.beta != 0.0) {
         (Some(r), true) => Some(batch.score(r, 0)?),
         _ => None,
@@ -458,15 +475,30 @@ pub fn policy_loss<B: AutodiffBackend>(
         Some(v) => Tensor::from_inner(v.clone()),
         None => logp.clone().detach(),
     };
-    let adv = Tensor::from_inner(batch.advantages());
-    let pt = per_token_loss(logp, old, ref_logp.map(Tensor::from_inner), adv, &cfg.loss);
-    let loss = aggregate(
+    let pt = per_token_loss(
+        LossInputs {
+            logp,
+            old_logp: old,
+            ref_logp: ref_logp.map(Tensor::from_inner),
+            advantages: Tensor::from_inner(batch.advantages()),
+            mask: Tensor::from_inner(mask.clone()),
+            entropy_mask: entropy_mask.clone().map(Tensor::from_inner),
+        },
+        &cfg.loss,
+    );
+    let mut loss = aggregate(
         pt.loss.clone(),
         Tensor::from_inner(mask.clone()),
         &cfg.loss,
         cfg.max_completion_length,
-        None,
+        roll.step_tokens.map(|n| n as f32),
     );
+    if entropy_grad {
+        let counted = counted_tokens(&mask, entropy_mask.as_ref());
+        let w = entropy_weight(&cfg.loss, counted, 1, roll.step_tokens.map(|n| n as f32));
+        let effective = Tensor::from_inner(effective_mask(&mask, entropy_mask.as_ref()));
+        loss = loss - (entropy.clone() * effective).sum() * w;
+    }
     let detached = PerToken {
         loss: pt.loss.detach().inner(),
         kl: pt.kl.map(|k| k.detach().inner()),
@@ -477,10 +509,54 @@ pub fn policy_loss<B: AutodiffBackend>(
         cfg,
         loss.clone().detach().inner(),
         &detached,
-        Some(batch.join(entropies)),
+        Some(entropy.detach().inner()),
         mask,
     );
     Ok((loss, metrics))
+}
+
+/// `top_entropy_quantile`'s mask over a rollout's `[rows, width]` entropies ([`high_entropy_mask`]);
+/// `None` when every token keeps its policy term.
+fn entropy_selection<K: Backend>(
+    cfg: &LossConfig,
+    entropy: &Tensor<K, 2>,
+    mask: &Tensor<K, 2>,
+) -> Option<Tensor<K, 2>> {
+    if cfg.top_entropy_quantile >= 1.0 {
+        return None;
+    }
+    let dims = entropy.dims();
+    let values = |t: &Tensor<K, 2>| -> Vec<f32> {
+        t.clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 values")
+    };
+    let selected = high_entropy_mask(&values(entropy), &values(mask), cfg.top_entropy_quantile);
+    Some(Tensor::from_data(
+        TensorData::new(selected, dims),
+        &entropy.device(),
+    ))
+}
+
+/// The tokens whose entropy counts: the mask, narrowed by the entropy selection if any.
+fn effective_mask<K: Backend>(
+    mask: &Tensor<K, 2>,
+    selection: Option<&Tensor<K, 2>>,
+) -> Tensor<K, 2> {
+    match selection {
+        Some(m) => mask.clone() * m.clone(),
+        None => mask.clone(),
+    }
+}
+
+fn counted_tokens<K: Backend>(mask: &Tensor<K, 2>, selection: Option<&Tensor<K, 2>>) -> usize {
+    effective_mask(mask, selection)
+        .sum()
+        .into_scalar()
+        .elem::<f32>()
+        .round() as usize
 }
 
 /// What a step measured from its per-token terms (values), the loss and the entropies.
@@ -550,20 +626,18 @@ pub fn policy_gradients<B: AutodiffBackend>(
 ) -> Result<(GradientsParams, StepMetrics), Qwen2VLError> {
     let batch = &roll.batch;
     let chunk = cfg.memory.head_chunk;
-    if cfg.memory.recompute.any() && policy.adapter_dropout() > 0.0 {
-        return Err(Qwen2VLError::Input(format!(
-            "activation checkpointing recomputes blocks, which would draw new dropout masks for \
-             the LoRA adapters (dropout {}): turn one of the two off",
-            policy.adapter_dropout()
-        )));
-    }
-    let weights = row_weights(
-        &completion_lens(roll),
-        &cfg.loss,
-        cfg.max_completion_length,
-        None,
-    );
-    let scale = 1.0 / accumulation.max(1) as f32;
+    check_options(cfg, policy, batch.parts.len())?;
+    let entropy_grad = cfg.loss.entropy_coef != 0.0;
+    let step_tokens = roll.step_tokens.map(|n| n as f32);
+    let lens = completion_lens(roll);
+    let weights = row_weights(&lens, &cfg.loss, cfg.max_completion_length, step_tokens);
+    // TRL divides every loss type by the accumulation count but `dapo`, whose normalizer is
+    // already the whole step's token count.
+    let scale = match (cfg.loss.loss_type, step_tokens) {
+        (LossType::Dapo, Some(_)) => 1.0,
+        _ => 1.0 / accumulation.max(1) as f32,
+    };
+    let all_counted = lens.iter().sum::<usize>();
     let mut accumulator = GradientsAccumulator::new();
     let mut only = None;
     let (mut logps, mut refs, mut entropies) = (vec![], vec![], vec![]);
@@ -585,28 +659,56 @@ pub fn policy_gradients<B: AutodiffBackend>(
             _ => None,
         };
         let old = roll.old_logprobs.as_ref().map(|o| part.of(o));
-        let loss_of = |logp: Tensor<B, 2>| {
+        let loss_of = |logp: Tensor<B, 2>, entropy: Tensor<B, 2>| {
             let old = match &old {
                 Some(o) => Tensor::from_inner(o.clone()),
                 None => logp.clone().detach(),
             };
+            // One part when an entropy quantile is asked for (`check_options`): its
+            // entropies are the whole rollout's.
+            let selection = entropy_selection(&cfg.loss, &entropy.clone().inner(), &part.mask);
             let pt = per_token_loss(
-                logp,
-                old,
-                ref_logp.clone().map(Tensor::from_inner),
-                Tensor::from_inner(part.advantages.clone()),
+                LossInputs {
+                    logp,
+                    old_logp: old,
+                    ref_logp: ref_logp.clone().map(Tensor::from_inner),
+                    advantages: Tensor::from_inner(part.advantages.clone()),
+                    mask: Tensor::from_inner(part.mask.clone()),
+                    entropy_mask: selection.clone().map(Tensor::from_inner),
+                },
                 &cfg.loss,
             );
-            (pt.loss * Tensor::from_inner(w.clone())).sum()
+            let mut loss = (pt.loss * Tensor::from_inner(w.clone())).sum();
+            if entropy_grad {
+                let counted = match &selection {
+                    Some(sel) => counted_tokens(&part.mask, Some(sel)),
+                    None => all_counted,
+                };
+                let ew = entropy_weight(&cfg.loss, counted, accumulation, step_tokens);
+                let effective = effective_mask(&part.mask, selection.as_ref());
+                loss = loss - (entropy * Tensor::from_inner(effective)).sum() * ew;
+            }
+            loss
         };
         let images = part.images.clone().map(Images::into_autodiff);
         let recompute = cfg.memory.recompute;
         let (grads, logp, entropy) = if chunk == 0 && !recompute.any() {
-            let (logp, entropy) = part.tokens.score(policy, images.as_ref(), true)?;
-            let grads = GradientsParams::from_grads(loss_of(logp.clone()).backward(), policy);
-            (grads, logp.detach().inner(), entropy.map(|e| e.inner()))
+            let hidden = part.tokens.hidden(policy, images.as_ref())?;
+            let (logp, entropy) = scores(&part.tokens, policy, hidden, entropy_grad);
+            let values = entropy.clone().detach().inner();
+            let grads =
+                GradientsParams::from_grads(loss_of(logp.clone(), entropy).backward(), policy);
+            (grads, logp.detach().inner(), values)
         } else {
-            split_gradients(policy, part, images.as_ref(), chunk, recompute, loss_of)?
+            split_gradients(
+                policy,
+                part,
+                images.as_ref(),
+                chunk,
+                recompute,
+                entropy_grad,
+                loss_of,
+            )?
         };
         if batch.parts.len() == 1 {
             only = Some(grads);
@@ -614,28 +716,90 @@ pub fn policy_gradients<B: AutodiffBackend>(
             accumulator.accumulate(policy, grads);
         }
         logps.push(logp);
-        entropies.extend(entropy);
+        entropies.push(entropy);
         refs.extend(ref_logp);
     }
     let grads = only.unwrap_or_else(|| accumulator.grads());
     // What the step measured, on the whole rollout's values.
     let logp = batch.join(logps);
     let mask = batch.mask();
+    let entropy = batch.join(entropies);
+    let selection = entropy_selection(&cfg.loss, &entropy, &mask);
     let ref_logp = (!refs.is_empty()).then(|| batch.join(refs));
     let old = match roll.old_logprobs.clone() {
         Some(o) => o,
         None => logp.clone(),
     };
-    let pt = per_token_loss(logp, old, ref_logp, batch.advantages(), &cfg.loss);
-    let loss = aggregate(
+    let pt = per_token_loss(
+        LossInputs {
+            logp,
+            old_logp: old,
+            ref_logp,
+            advantages: batch.advantages(),
+            mask: mask.clone(),
+            entropy_mask: selection.clone(),
+        },
+        &cfg.loss,
+    );
+    let mut loss = aggregate(
         pt.loss.clone(),
         mask.clone(),
         &cfg.loss,
         cfg.max_completion_length,
-        None,
+        step_tokens,
     );
-    let entropy = (!entropies.is_empty()).then(|| batch.join(entropies));
-    Ok((grads, measure(roll, cfg, loss, &pt, entropy, mask)))
+    if entropy_grad {
+        let counted = counted_tokens(&mask, selection.as_ref());
+        let ew = entropy_weight(&cfg.loss, counted, 1, step_tokens);
+        loss = loss - (entropy.clone() * effective_mask(&mask, selection.as_ref())).sum() * ew;
+    }
+    Ok((grads, measure(roll, cfg, loss, &pt, Some(entropy), mask)))
+}
+
+/// Log-probs and entropies from the final hidden states, the entropies in the graph when an
+/// entropy bonus takes their gradient.
+fn scores<B: Backend>(
+    tokens: &ScoringBatch,
+    policy: &Qwen2VL<B>,
+    hidden: Tensor<B, 3>,
+    entropy_grad: bool,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    if entropy_grad {
+        tokens.score_hidden_entropy_grad(policy, hidden)
+    } else {
+        let (logp, entropy) = tokens.score_hidden(policy, hidden, true);
+        (logp, entropy.expect("asked for"))
+    }
+}
+
+/// Settings that cannot be honoured together, refused before any work.
+fn check_options<B: Backend>(
+    cfg: &GrpoConfig,
+    policy: &Qwen2VL<B>,
+    parts: usize,
+) -> Result<(), Qwen2VLError> {
+    if cfg.memory.recompute.any() && policy.adapter_dropout() > 0.0 {
+        return Err(Qwen2VLError::Input(format!(
+            "activation checkpointing recomputes blocks, which would draw new dropout masks for \
+             the LoRA adapters (dropout {}): turn one of the two off",
+            policy.adapter_dropout()
+        )));
+    }
+    if cfg.loss.entropy_coef != 0.0 && cfg.memory.head_chunk > 0 {
+        return Err(Qwen2VLError::Input(
+            "entropy_coef takes the gradient of the entropies, which a chunked LM head \
+             (memory head_chunk) computes as values only: turn one of the two off"
+                .into(),
+        ));
+    }
+    if cfg.loss.top_entropy_quantile < 1.0 && parts > 1 {
+        return Err(Qwen2VLError::Input(
+            "top_entropy_quantile takes its quantile over the whole rollout's entropies, \
+             which memory micro_batch scores in several passes: turn one of the two off"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// One part's gradients taken in two halves: the trunk (the model up to its final hidden
@@ -650,12 +814,13 @@ fn split_gradients<B: AutodiffBackend>(
     images: Option<&Images<B>>,
     chunk: usize,
     recompute: Recompute,
-    loss_of: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 1>,
+    entropy_grad: bool,
+    loss_of: impl FnOnce(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 1>,
 ) -> Result<
     (
         GradientsParams,
         Tensor<B::InnerBackend, 2>,
-        Option<Tensor<B::InnerBackend, 2>>,
+        Tensor<B::InnerBackend, 2>,
     ),
     Qwen2VLError,
 > {
@@ -672,14 +837,15 @@ fn split_gradients<B: AutodiffBackend>(
     let mut accumulator = GradientsAccumulator::new();
     let (dh, logp, entropy) = if chunk == 0 {
         let leaf = Tensor::<B, 3>::from_inner(values).require_grad();
-        let (logp, entropy) = tokens.score_hidden(policy, leaf.clone(), true);
+        let (logp, entropy) = scores(tokens, policy, leaf.clone(), entropy_grad);
         let logp_values = logp.clone().detach().inner();
-        let grads = loss_of(logp).backward();
+        let entropy_values = entropy.clone().detach().inner();
+        let grads = loss_of(logp, entropy).backward();
         let dh = leaf
             .grad(&grads)
             .expect("the loss depends on the hidden states");
         accumulator.accumulate(policy, GradientsParams::from_grads(grads, policy));
-        (dh, logp_values, entropy.map(|e| e.inner()))
+        (dh, logp_values, entropy_values)
     } else {
         let (head, head_id) = policy.head_weight();
         let head_trains = match &head {
@@ -690,8 +856,10 @@ fn split_gradients<B: AutodiffBackend>(
         let targets = tokens.targets(&h.device());
         let (logp, entropy) = chunked_scores(&head, h.clone(), targets.clone(), true, chunk);
         let logp = logp.reshape([r, t]);
+        let entropy = entropy.expect("asked for").reshape([r, t]);
         let leaf = Tensor::<B, 2>::from_inner(logp.clone()).require_grad();
-        let of_logp = loss_of(leaf.clone()).backward();
+        // The entropies as values: an entropy bonus is refused with a chunked head.
+        let of_logp = loss_of(leaf.clone(), Tensor::from_inner(entropy.clone())).backward();
         let g = leaf
             .grad(&of_logp)
             .expect("the loss depends on the log-probs");
@@ -701,11 +869,7 @@ fn split_gradients<B: AutodiffBackend>(
             grads.register(head_id, dw);
             accumulator.accumulate(policy, grads);
         }
-        (
-            dh.reshape([r, t, d]),
-            logp,
-            entropy.map(|e| e.reshape([r, t])),
-        )
+        (dh.reshape([r, t, d]), logp, entropy)
     };
     match (graph, tape) {
         (Some(hidden), _) => {

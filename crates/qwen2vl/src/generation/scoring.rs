@@ -299,7 +299,22 @@ impl ScoringBatch {
         let targets = self
             .targets(&hidden.device())
             .reshape([self.rows, self.width, 1]);
-        target_scores(model, hidden, targets, with_entropy)
+        let entropy = with_entropy.then_some(EntropyOf::Values);
+        target_scores(model, hidden, targets, entropy)
+    }
+
+    /// [`Self::score_hidden`] with the entropies kept in the graph, so that a loss can take
+    /// their gradient (an entropy bonus).
+    pub fn score_hidden_entropy_grad<B: Backend>(
+        &self,
+        model: &Qwen2VL<B>,
+        hidden: Tensor<B, 3>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let targets = self
+            .targets(&hidden.device())
+            .reshape([self.rows, self.width, 1]);
+        let (logp, entropy) = target_scores(model, hidden, targets, Some(EntropyOf::Graph));
+        (logp, entropy.expect("asked for"))
     }
 
     /// [`Self::score`] with the LM head run `head_chunk` completion tokens at a time
@@ -357,18 +372,28 @@ impl ScoringBatch {
     }
 }
 
+/// Whether entropies are taken as values or kept in the autodiff graph.
+#[derive(Debug, Clone, Copy)]
+enum EntropyOf {
+    Values,
+    Graph,
+}
+
 /// Log-probs of `targets` (`[rows, slots, 1]`) from the hidden states that predict them
-/// (`[rows, slots, hidden]`), and the entropies when asked (detached).
+/// (`[rows, slots, hidden]`), and the entropies when asked.
 fn target_scores<B: Backend>(
     model: &Qwen2VL<B>,
     hidden: Tensor<B, 3>,
     targets: Tensor<B, 3, Int>,
-    with_entropy: bool,
+    entropy: Option<EntropyOf>,
 ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
     let [n, tc, _] = hidden.dims();
     let logp = log_softmax(model.logits(hidden), 2);
-    let entropy = with_entropy.then(|| {
-        let lp = logp.clone().detach();
+    let entropy = entropy.map(|of| {
+        let lp = match of {
+            EntropyOf::Values => logp.clone().detach(),
+            EntropyOf::Graph => logp.clone(),
+        };
         lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc])
     });
     (logp.gather(2, targets).reshape([n, tc]), entropy)
