@@ -24,7 +24,7 @@ pub enum LossType {
 }
 
 /// Where the importance ratio is taken (TRL's `importance_sampling_level`,
-/// `grpo_trainer.py` `_compute_loss`: `log_importance_weights`).
+/// `trl/trainer/grpo_trainer.py:3055` at v1.9.0-26, `_compute_loss`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ImportanceSampling {
@@ -38,7 +38,7 @@ pub enum ImportanceSampling {
 
 /// The per-token estimator of KL(policy || reference) added to the loss, `d = ref - logp`
 /// (verl's `kl_penalty`, `verl/trainer/ppo/core_algos.py`; Schulman, "Approximating KL
-/// divergence", 2020). TRL uses `k3` only.
+/// divergence", 2020). TRL uses `k3` only (`grpo_trainer.py:3072`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum KlEstimator {
@@ -82,12 +82,13 @@ pub struct LossConfig {
     pub epsilon_high: f32,
     pub loss_type: LossType,
     pub importance_sampling_level: ImportanceSampling,
-    /// Two-sided clipping (TRL's `delta`, `_compute_loss`): the unclipped ratio is capped at
-    /// `delta` too, so a negative advantage cannot push a large ratio without bound
+    /// Two-sided clipping (TRL's `delta`, `grpo_trainer.py:3086`): the unclipped ratio is
+    /// capped at `delta` too, so a negative advantage cannot push a large ratio without bound
     /// (INTELLECT-2, arXiv 2505.07291). `None`: one-sided, as PPO.
     pub delta: Option<f32>,
     pub kl_estimator: KlEstimator,
-    /// Weight of the entropy bonus (TRL's `entropy_coef`): the loss minus `entropy_coef` x the
+    /// Weight of the entropy bonus (TRL's `entropy_coef`, `grpo_trainer.py:3155`): the loss
+    /// minus `entropy_coef` x the
     /// mean entropy of the policy's next-token distributions over the counted tokens.
     pub entropy_coef: f32,
     /// Only tokens whose entropy is at or above this quantile of the batch's entropies carry
@@ -191,7 +192,8 @@ pub fn per_token_loss<B: Backend>(x: LossInputs<B>, cfg: &LossConfig) -> PerToke
 }
 // ANCHOR_END: per_token_loss
 
-/// `top_entropy_quantile`'s selection (TRL's `get_high_entropy_mask`): 1 on the counted tokens
+/// `top_entropy_quantile`'s selection (TRL's `get_high_entropy_mask`,
+/// `grpo_trainer.py:1396`): 1 on the counted tokens
 /// whose entropy is at least the `1 - top_entropy_quantile` quantile of all counted tokens'
 /// entropies (linear interpolation between order statistics, as `torch.quantile`), 0
 /// elsewhere. `entropies` and `mask` are row-major `[rows, width]` values.
@@ -219,7 +221,7 @@ pub fn high_entropy_mask(entropies: &[f32], mask: &[f32], top_entropy_quantile: 
 }
 
 /// The weight of each counted token's entropy in the loss when `entropy_coef` is set (TRL's
-/// `_compute_loss`): the bonus is `-entropy_coef` x the mean entropy over the `counted`
+/// `_compute_loss`, `grpo_trainer.py:3155-3176`): the bonus is `-entropy_coef` x the mean entropy over the `counted`
 /// tokens of the micro-batch divided by the accumulation count, or for `dapo` the entropy sum
 /// over the whole accumulated step's `active_tokens` (its policy term's normalizer).
 pub fn entropy_weight(
