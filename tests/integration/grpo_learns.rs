@@ -47,12 +47,24 @@ pub(crate) fn record() -> VqaRecord {
 }
 
 /// A random model with the tiny fixture's architecture, seeded.
+/// Runs `draw` alone on the backend's random generator, seeded first when `seed` is given.
+/// The generator is global to the test process: two tests drawing at once would interleave
+/// their draws, and a seeded one would get other values than its seed says. Every draw from
+/// it in these tests (random models, LoRA's initial adapters) goes through here.
+pub(crate) fn drawing<T>(seed: Option<u64>, draw: impl FnOnce() -> T) -> T {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(seed) = seed {
+        Ad::seed(&Default::default(), seed);
+    }
+    draw()
+}
+
 pub(crate) fn tiny_random_model(seed: u64, device: &burn::tensor::Device<Ad>) -> Qwen2VL<Ad> {
-    // The backend's random generator is global: two tests seeding and drawing at once would
-    // interleave their draws and get other models than their seeds say.
-    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    Ad::seed(device, seed);
+    drawing(Some(seed), || random_of_tiny_config(device))
+}
+
+fn random_of_tiny_config(device: &burn::tensor::Device<Ad>) -> Qwen2VL<Ad> {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/qwen2vl-tiny-seed0/hf_model/config.json"

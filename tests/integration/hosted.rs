@@ -8,7 +8,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use grpo::eval::EvalConfig;
 use grpo::host::{complete_checkpoints, launch, HeldOut, HostCtx, HostOptions, OptimizerOptions};
-use grpo::learner::GrpoConfig;
+use grpo::learner::{policy_gradients, rollout, share_step_statistics, GrpoConfig};
 use grpo::loss::LossConfig;
 use grpo::schedule::LrSchedule;
 use grpo::WeightedRewards;
@@ -52,34 +52,28 @@ fn run_model(
     lora: Option<&qwen2vl::LoraConfig>,
     qwen25: bool,
 ) -> qwen2vl::Qwen2VL<Inner> {
+    run_configured(dir, total_steps, resume, lora, qwen25, |_| {})
+}
+
+/// [`run_model`] with the learner's settings changed by `adjust`.
+fn run_configured(
+    dir: &Path,
+    total_steps: usize,
+    resume: bool,
+    lora: Option<&qwen2vl::LoraConfig>,
+    qwen25: bool,
+    adjust: impl Fn(&mut GrpoConfig),
+) -> qwen2vl::Qwen2VL<Inner> {
     let device = Default::default();
     let mut policy = initial_model(qwen25);
     if let Some(l) = lora {
-        policy = policy.with_lora(l).unwrap();
+        policy = crate::grpo_learns::drawing(Some(12), || policy.with_lora(l).unwrap());
     }
     let reference = policy.valid().without_adapters();
     let tokenizer = byte_tokenizer();
-    let prompts: Vec<_> = ["Say a word.", "Name a thing.", "Write code.", "Count."]
-        .iter()
-        .map(|q| text_prompt(&tokenizer, q))
-        .collect();
-    let cfg = GrpoConfig {
-        num_generations: 4,
-        sampling: Sampling {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-        },
-        max_completion_length: 6,
-        loss: LossConfig {
-            beta: 0.04,
-            ..Default::default()
-        },
-        eos_token_ids: vec![258],
-        pad_token_id: 256,
-        num_iterations: 2,
-        ..Default::default()
-    };
+    let prompts = run_prompts(&tokenizer);
+    let mut cfg = run_config();
+    adjust(&mut cfg);
     let rewards = WeightedRewards {
         rewards: vec![(Box::new(Alphanumeric), 1.0)],
     };
@@ -111,6 +105,35 @@ fn run_model(
         scoring: Default::default(),
     };
     launch(policy, ctx, HeldOut::none(), eval, &opts).unwrap().0
+}
+
+/// The runs' learner settings.
+fn run_config() -> GrpoConfig {
+    GrpoConfig {
+        num_generations: 4,
+        sampling: Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        max_completion_length: 6,
+        loss: LossConfig {
+            beta: 0.04,
+            ..Default::default()
+        },
+        eos_token_ids: vec![258],
+        pad_token_id: 256,
+        num_iterations: 2,
+        ..Default::default()
+    }
+}
+
+/// The runs' four text prompts.
+fn run_prompts(tokenizer: &qwen2vl::processor::TextTokenizer) -> Vec<grpo::learner::PromptInput> {
+    ["Say a word.", "Name a thing.", "Write code.", "Count."]
+        .iter()
+        .map(|q| text_prompt(tokenizer, q))
+        .collect()
 }
 
 fn fresh_dir(name: &str) -> PathBuf {
@@ -193,14 +216,19 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
     );
 }
 
-/// The same on Qwen2.5-VL (its vision tower's norms and gated MLP in the checkpoint record).
-#[test]
-fn a_resumed_qwen25vl_run_matches_an_uninterrupted_one() {
-    let whole = fresh_dir("q25-whole");
-    let parts = fresh_dir("q25-parts");
-    let a = run_model(&whole, 4, false, None, true);
-    run_model(&parts, 2, false, None, true);
-    let b = run_model(&parts, 4, true, None, true);
+/// A 4-step run and one stopped at step 2 and resumed to 4 (`name` their directories, the
+/// settings changed by `adjust`): their metrics and final weights are held equal; the whole
+/// run's metrics and model are returned.
+fn resumed_matches_whole(
+    name: &str,
+    qwen25: bool,
+    adjust: impl Fn(&mut GrpoConfig) + Copy,
+) -> (Vec<serde_json::Value>, qwen2vl::Qwen2VL<Inner>) {
+    let whole = fresh_dir(&format!("{name}-whole"));
+    let parts = fresh_dir(&format!("{name}-parts"));
+    let a = run_configured(&whole, 4, false, None, qwen25, adjust);
+    run_configured(&parts, 2, false, None, qwen25, adjust);
+    let b = run_configured(&parts, 4, true, None, qwen25, adjust);
     let (la, lb) = (lines(&whole), lines(&parts));
     assert_eq!(la.len(), 4);
     for (x, y) in la.iter().zip(&lb) {
@@ -209,14 +237,76 @@ fn a_resumed_qwen25vl_run_matches_an_uninterrupted_one() {
         }
     }
     assert_eq!(flat(&a), flat(&b), "final weights differ");
+    let _ = (
+        std::fs::remove_dir_all(whole),
+        std::fs::remove_dir_all(parts),
+    );
+    (la, a)
+}
+
+/// With step-wide statistics (`dapo` over the step's tokens, `scale_rewards = "batch"` over
+/// its rewards: the step's two accumulated rollouts made together by its first micro-batch,
+/// reused by the second and by the cycle's second update), a resumed run ends where an
+/// uninterrupted one does.
+#[test]
+fn a_resumed_run_with_step_statistics_matches_an_uninterrupted_one() {
+    let adjust = |cfg: &mut GrpoConfig| {
+        cfg.loss.loss_type = grpo::loss::LossType::Dapo;
+        cfg.scale_rewards = grpo::advantages::ScaleRewards::Batch;
+    };
+    let (la, _) = resumed_matches_whole("stats", false, adjust);
+    // The first step as the hosted run took it: its two micro-batches' rollouts (the plan's
+    // prompts and seeds) with their statistics shared, each micro-batch's loss its share.
+    let plan = grpo::host::plan(4, 1, 2, 2, 4, 5);
+    let policy = initial_model(false);
+    let mut cfg = run_config();
+    adjust(&mut cfg);
+    let tokenizer = byte_tokenizer();
+    let prompts = run_prompts(&tokenizer);
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let mut rolls: Vec<_> = plan[..2]
+        .iter()
+        .map(|m| {
+            let ps: Vec<_> = m.prompts.iter().map(|&i| prompts[i].clone()).collect();
+            let model = policy.valid();
+            rollout(
+                &model,
+                &ps,
+                &tokenizer,
+                &rewards,
+                &cfg,
+                m.seed,
+                &Default::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    share_step_statistics(&mut rolls, &cfg);
+    let reference = policy.valid();
+    let mut accumulator = burn::optim::GradientsAccumulator::new();
+    for r in &rolls {
+        let (g, _) = policy_gradients(&policy, Some(&reference), r, &cfg, 2).unwrap();
+        accumulator.accumulate(&policy, g);
+    }
+    let mut grads = accumulator.grads();
+    let norm = grpo::learner::clip_global_norm(&policy, &mut grads, f32::MAX) as f64;
+    let logged = la[0]["grad_norm"].as_f64().unwrap();
+    assert!(
+        (logged - norm).abs() < 1e-5 * norm,
+        "logged {logged} vs {norm}"
+    );
+}
+
+/// The same on Qwen2.5-VL (its vision tower's norms and gated MLP in the checkpoint record).
+#[test]
+fn a_resumed_qwen25vl_run_matches_an_uninterrupted_one() {
+    let (_, a) = resumed_matches_whole("q25", true, |_| {});
     assert_ne!(
         flat(&a),
         flat(&initial_model(true).valid()),
         "training changed nothing"
-    );
-    let _ = (
-        std::fs::remove_dir_all(whole),
-        std::fs::remove_dir_all(parts),
     );
 }
 

@@ -164,7 +164,7 @@ fn a_fresh_adapter_changes_nothing_and_only_adapters_get_gradients() {
         target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "qkv".into()]),
         ..LoraConfig::default()
     };
-    let model = plain.with_lora(&cfg).unwrap();
+    let model = crate::grpo_learns::drawing(None, || plain.with_lora(&cfg).unwrap());
     let adapter_ids: Vec<ParamId> = model
         .projections()
         .iter()
@@ -234,8 +234,7 @@ fn bad_adapters_and_settings_get_errors_naming_what_to_fix() {
         target_modules: TargetModules::Names(vec!["to_q".into()]),
         ..LoraConfig::default()
     };
-    let e = base::<Flex>(&device)
-        .with_lora(&none)
+    let e = crate::grpo_learns::drawing(None, || base::<Flex>(&device).with_lora(&none))
         .unwrap_err()
         .to_string();
     assert!(e.contains("match no linear layer"), "{e}");
@@ -243,8 +242,7 @@ fn bad_adapters_and_settings_get_errors_naming_what_to_fix() {
         target_modules: TargetModules::Names(vec!["lm_head".into()]),
         ..LoraConfig::default()
     };
-    let e = base::<Flex>(&device)
-        .with_lora(&head)
+    let e = crate::grpo_learns::drawing(None, || base::<Flex>(&device).with_lora(&head))
         .unwrap_err()
         .to_string();
     assert!(e.contains("lm_head"), "{e}");

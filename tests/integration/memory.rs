@@ -4,7 +4,7 @@
 //! LoRA policy (frozen head).
 
 use crate::common::{fixture_dir, qwen25vl_fixture_dir, Flex};
-use crate::grpo_learns::{byte_tokenizer, record, Alphanumeric};
+use crate::grpo_learns::{byte_tokenizer, drawing, record, Alphanumeric};
 use crate::shared::processed_images;
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
@@ -287,17 +287,17 @@ fn micro_batches_and_a_chunked_head_are_exact_with_a_separate_or_frozen_head() {
     let (tied, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
     let mut config = tied.config.clone();
     config.tie_word_embeddings = false;
-    let separate = Qwen2VL::<Ad>::random(&config, &device);
+    let separate = drawing(None, || Qwen2VL::<Ad>::random(&config, &device));
     assert!(separate.lm_head.is_some());
     memory_options_match(&separate, "separate head");
-    let lora = tied
-        .clone()
-        .with_lora(&LoraConfig {
+    let lora = drawing(None, || {
+        tied.clone().with_lora(&LoraConfig {
             r: 2,
             alpha: 4.0,
             ..LoraConfig::default()
         })
-        .unwrap();
+    })
+    .unwrap();
     memory_options_match(&lora, "LoRA policy");
     // Adapters on the second vision block and the decoder: the patch embedding and the first
     // block are frozen with nothing before them that trains (checkpointing stops there), the
@@ -311,14 +311,15 @@ fn micro_batches_and_a_chunked_head_are_exact_with_a_separate_or_frozen_head() {
 
 /// Rank-2 adapters on the projections whose PEFT names match `pattern`.
 fn with_lora_on(model: Qwen2VL<Ad>, pattern: &str) -> Qwen2VL<Ad> {
-    model
-        .with_lora(&LoraConfig {
+    drawing(None, || {
+        model.with_lora(&LoraConfig {
             r: 2,
             alpha: 4.0,
             target_modules: TargetModules::Pattern(pattern.into()),
             ..LoraConfig::default()
         })
-        .unwrap()
+    })
+    .unwrap()
 }
 
 /// With the prompt shared per group, a micro-batch must hold whole groups.
@@ -357,14 +358,15 @@ fn a_micro_batch_that_splits_a_group_is_refused() {
 fn checkpointing_with_lora_dropout_is_refused() {
     let device = Default::default();
     let (policy, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
-    let policy = policy
-        .with_lora(&LoraConfig {
+    let policy = drawing(None, || {
+        policy.with_lora(&LoraConfig {
             r: 2,
             alpha: 4.0,
             dropout: 0.1,
             ..LoraConfig::default()
         })
-        .unwrap();
+    })
+    .unwrap();
     let fx = Fixture::open(&fixture_dir()).unwrap();
     let cfg = GrpoConfig {
         num_generations: 2,
@@ -475,7 +477,7 @@ fn every_loss_option_steps_along_the_gradient_of_its_policy_loss() {
     ];
     // Another model, so that the log-ratio to the reference is not 0 (where `abs` has no
     // derivative and rounding would pick its sign).
-    let reference = Qwen2VL::<Flex>::random(&policy.config, &device);
+    let reference = crate::grpo_learns::tiny_random_model(3, &device).valid();
     for loss in options {
         let cfg = GrpoConfig {
             num_generations: 4,
@@ -572,5 +574,83 @@ fn loss_options_that_need_what_a_memory_option_removes_are_refused() {
             .unwrap_err()
             .to_string();
         assert!(names.iter().all(|n| e.contains(n)), "{e}");
+    }
+}
+
+/// `loss_type = "dapo"` and `scale_rewards = "batch"` follow TRL under gradient accumulation:
+/// two accumulated rollouts with their step's statistics shared ([`share_step_statistics`])
+/// give the gradient of the two as one batch, as TRL generates and normalises them; without
+/// the shared statistics (each rollout on its own, as before) they do not.
+#[test]
+fn dapo_and_batch_scaling_follow_trl_under_accumulation() {
+    use grpo::advantages::{group_advantages, ScaleRewards};
+    use grpo::learner::share_step_statistics;
+    use grpo::loss::LossType;
+    let (policy, prompts, eos) = fixture_policy();
+    let reference = policy.valid();
+    let sum = |a: Vec<(String, Option<Vec<f32>>)>, b: Vec<(String, Option<Vec<f32>>)>| {
+        a.into_iter()
+            .zip(b)
+            .map(|((shape, x), (_, y))| {
+                let z = match (x, y) {
+                    (Some(x), Some(y)) => Some(x.iter().zip(&y).map(|(u, v)| u + v).collect()),
+                    (x, y) => x.or(y),
+                };
+                (shape, z)
+            })
+            .collect::<Vec<_>>()
+    };
+    for (loss_type, scale_rewards) in [
+        (LossType::Dapo, ScaleRewards::Group),
+        (LossType::Grpo, ScaleRewards::Batch),
+        (LossType::Dapo, ScaleRewards::Batch),
+    ] {
+        let case = format!("{loss_type:?}, {scale_rewards:?}");
+        let cfg = GrpoConfig {
+            num_generations: 4,
+            max_completion_length: 6,
+            loss: LossConfig {
+                beta: 0.04,
+                loss_type,
+                ..Default::default()
+            },
+            scale_rewards,
+            eos_token_ids: vec![eos],
+            pad_token_id: PAD,
+            ..Default::default()
+        };
+        let first = roll_out(&policy, &prompts[..1], &cfg, 5);
+        let second = roll_out(&policy, &prompts[1..], &cfg, 6);
+        // TRL's single batch: both groups, advantages and normaliser over all of them.
+        let mut whole = Rollout::merge(vec![first.clone(), second.clone()]);
+        whole.set_advantages(group_advantages(&whole.rewards, 4, scale_rewards));
+        let (grads, _) = policy_gradients(&policy, Some(&reference), &whole, &cfg, 1).unwrap();
+        let want = collect(&policy, &grads);
+        let accumulated = |rolls: &[Rollout<Flex>]| {
+            let g: Vec<_> = rolls
+                .iter()
+                .map(|r| {
+                    let (g, _) = policy_gradients(&policy, Some(&reference), r, &cfg, 2).unwrap();
+                    collect(&policy, &g)
+                })
+                .collect();
+            sum(g[0].clone(), g[1].clone())
+        };
+        let alone = accumulated(&[first.clone(), second.clone()]);
+        let mut step = [first, second];
+        share_step_statistics(&mut step, &cfg);
+        let n = assert_same_gradients(&case, &accumulated(&step), &want);
+        assert!(n > 50, "{case}: only {n} parameters had gradients");
+        let differs = alone
+            .iter()
+            .zip(&want)
+            .any(|((_, x), (_, y))| match (x, y) {
+                (Some(x), Some(y)) => x.iter().zip(y).any(|(u, v)| (u - v).abs() > 1e-4),
+                _ => false,
+            });
+        assert!(
+            differs,
+            "{case}: per-rollout statistics should differ from TRL's"
+        );
     }
 }

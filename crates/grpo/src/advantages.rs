@@ -56,6 +56,26 @@ pub fn group_advantages(rewards: &[f32], group_size: usize, scale: ScaleRewards)
         .collect()
 }
 
+/// `scale_rewards = "batch"` over the rollouts of one step: each group's mean subtracted, the
+/// standard deviation of every reward of the step divided by; the result per rollout, as
+/// [`group_advantages`] gives it for all the rewards in one batch.
+pub fn step_advantages(rollouts: &[&[f32]], group_size: usize) -> Vec<Vec<f32>> {
+    let all: Vec<f32> = rollouts.iter().flat_map(|r| r.iter().copied()).collect();
+    let std = std_unbiased(&all);
+    rollouts
+        .iter()
+        .map(|rewards| {
+            rewards
+                .chunks(group_size)
+                .flat_map(|g| {
+                    let mean = g.iter().sum::<f32>() / g.len() as f32;
+                    g.iter().map(move |&r| (r - mean) / (std + STD_EPS))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Fraction of groups whose rewards are all equal (they carry no learning signal).
 pub fn zero_std_fraction(rewards: &[f32], group_size: usize) -> f32 {
     let groups: Vec<&[f32]> = rewards.chunks(group_size).collect();
@@ -101,5 +121,16 @@ mod tests {
             vec![0.5, -0.5, 0.0, 0.0]
         );
         assert_eq!(zero_std_fraction(&r, 2), 0.5);
+    }
+
+    #[test]
+    fn a_steps_batch_scaling_spans_its_rollouts() {
+        // Two rollouts [1, 0] and [2, 2]: the step's std is the batch's above.
+        let split = step_advantages(&[&[1.0, 0.0], &[2.0, 2.0]], 2);
+        let whole = group_advantages(&[1.0, 0.0, 2.0, 2.0], 2, ScaleRewards::Batch);
+        assert_eq!(split.concat(), whole);
+        // Each rollout's own std would differ: [1, 0] alone has std 0.7071.
+        let alone = group_advantages(&[1.0, 0.0], 2, ScaleRewards::Batch);
+        assert!((alone[0] - split[0][0]).abs() > 0.1);
     }
 }

@@ -34,8 +34,12 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::Qwen2VL;
 
+use crate::advantages::ScaleRewards;
 use crate::eval::{evaluate, EvalConfig};
-use crate::learner::{policy_gradients, rollout, GrpoConfig, PromptInput, Rollout};
+use crate::learner::{
+    policy_gradients, rollout, share_step_statistics, GrpoConfig, PromptInput, Rollout,
+};
+use crate::loss::LossType;
 use crate::rewards::WeightedRewards;
 use crate::stream::{PromptSource, StreamOptions};
 
@@ -63,6 +67,8 @@ pub struct HostCtx<B: AutodiffBackend> {
     cache: Mutex<HashMap<usize, Rollout<B::InnerBackend>>>,
     /// The plan's prompts, prepared ahead (set when the run is launched).
     feed: Mutex<Option<PlanFeed>>,
+    /// The run's plan (set when the run is launched): the rollouts a step makes together.
+    plan: Mutex<Vec<MicroBatch>>,
 }
 
 impl<B: AutodiffBackend> HostCtx<B> {
@@ -88,6 +94,7 @@ impl<B: AutodiffBackend> HostCtx<B> {
             accumulation: accumulation.max(1),
             cache: Mutex::new(HashMap::new()),
             feed: Mutex::new(None),
+            plan: Mutex::new(Vec::new()),
         }
     }
 
@@ -130,6 +137,78 @@ impl<B: AutodiffBackend> HostCtx<B> {
             .collect();
         *self.feed.lock().expect("prompt feed") =
             Some(PlanFeed::new(self.prompts.clone(), groups, self.stream));
+        *self.plan.lock().expect("plan") = plan.to_vec();
+    }
+
+    /// Whether the rollouts of an optimizer step share statistics (TRL generates them
+    /// together): a step-wide reward std or `dapo`'s step-wide token count, with accumulation.
+    fn step_statistics(&self) -> bool {
+        self.accumulation > 1
+            && (self.cfg.scale_rewards == ScaleRewards::Batch
+                || self.cfg.loss.loss_type == LossType::Dapo)
+    }
+
+    /// Rolls out `micro`'s plan entry, or with step statistics every rollout of its cycle (the
+    /// generating entries of its step), sharing their statistics; returns `micro`'s rollout and
+    /// keeps them for the other entries (and for reuse while `num_iterations > 1`).
+    fn roll_out(
+        &self,
+        model: &Qwen2VL<B::InnerBackend>,
+        micro: &MicroBatch,
+    ) -> Rollout<B::InnerBackend> {
+        let one = |m: &MicroBatch| {
+            let prompts = self
+                .prompts_of(m)
+                .unwrap_or_else(|e| panic!("step {}: {e}", m.step + 1));
+            rollout(
+                model,
+                &prompts,
+                &self.tokenizer,
+                &self.rewards,
+                &self.cfg,
+                m.seed,
+                &self.device,
+            )
+            .unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", m.step))
+        };
+        let acc = self.accumulation;
+        let reuse = self.cfg.num_iterations > 1;
+        if !self.step_statistics() {
+            let r = one(micro);
+            if reuse {
+                let mut cache = self.cache.lock().expect("rollout cache");
+                cache.retain(|&k, _| k + acc > micro.rollout);
+                cache.insert(micro.rollout, r.clone());
+            }
+            return r;
+        }
+        let cycle = micro.rollout / acc;
+        let entries: Vec<MicroBatch> = {
+            let plan = self.plan.lock().expect("plan");
+            let found: Vec<MicroBatch> = plan
+                .iter()
+                .filter(|m| m.generate && m.rollout / acc == cycle)
+                .cloned()
+                .collect();
+            if found.is_empty() {
+                // No plan (a step driven by hand): this entry alone.
+                vec![micro.clone()]
+            } else {
+                found
+            }
+        };
+        let mut rolls: Vec<Rollout<B::InnerBackend>> = entries.iter().map(one).collect();
+        share_step_statistics(&mut rolls, &self.cfg);
+        let mut cache = self.cache.lock().expect("rollout cache");
+        cache.retain(|&k, _| k / acc == cycle);
+        let mut mine = None;
+        for (m, r) in entries.iter().zip(rolls) {
+            if m.rollout == micro.rollout {
+                mine = Some(r.clone());
+            }
+            cache.insert(m.rollout, r);
+        }
+        mine.expect("the step's entries include this one")
     }
 }
 
@@ -259,8 +338,8 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
     fn step(&self, batch: GrpoBatch<B>) -> TrainOutput<StepRecord> {
         let ctx = &batch.ctx;
         let micro = &batch.micro;
-        let reuse = ctx.cfg.num_iterations > 1;
-        let cached = if micro.generate {
+        // A reused rollout, or one its step's first entry made with the others of the step.
+        let cached = if micro.generate && !ctx.step_statistics() {
             None
         } else {
             ctx.cache
@@ -272,27 +351,7 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
         let t_roll = std::time::Instant::now();
         let roll = match cached {
             Some(r) => r,
-            None => {
-                let prompts = ctx
-                    .prompts_of(micro)
-                    .unwrap_or_else(|e| panic!("step {}: {e}", micro.step + 1));
-                let r = rollout(
-                    &self.valid_model(),
-                    &prompts,
-                    &ctx.tokenizer,
-                    &ctx.rewards,
-                    &ctx.cfg,
-                    micro.seed,
-                    &ctx.device,
-                )
-                .unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", micro.step));
-                if reuse {
-                    let mut cache = ctx.cache.lock().expect("rollout cache");
-                    cache.retain(|&k, _| k + ctx.accumulation > micro.rollout);
-                    cache.insert(micro.rollout, r.clone());
-                }
-                r
-            }
+            None => ctx.roll_out(&self.valid_model(), micro),
         };
         let rollout_seconds = t_roll.elapsed().as_secs_f64();
         // Gradients of `self.policy`: GrpoPolicy's only parameters are the policy's, with the
@@ -306,7 +365,13 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
         )
         .unwrap_or_else(|e| panic!("loss of step {} failed: {e}", micro.step));
         let mut item = StepRecord::from(&metrics);
-        item.set("loss", metrics.loss as f64 / ctx.accumulation as f64);
+        // The micro-batch's share of the step's loss: `dapo` over the step's tokens is one
+        // already.
+        let share = match (ctx.cfg.loss.loss_type, roll.step_tokens) {
+            (LossType::Dapo, Some(_)) => 1.0,
+            _ => ctx.accumulation as f64,
+        };
+        item.set("loss", metrics.loss as f64 / share);
         item.set("rollout_seconds", rollout_seconds);
         TrainOutput { grads, item }
     }

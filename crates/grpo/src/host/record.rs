@@ -45,7 +45,7 @@ impl StepRecord {
             } else if key.ends_with("_max") {
                 vals.iter().copied().fold(f64::NEG_INFINITY, f64::max)
             } else if key == "completion_tokens" || key == "loss" || key == "rollout_seconds" {
-                // Each micro-batch's loss is already divided by the accumulation count.
+                // Each micro-batch's loss is already its share of the step's.
                 vals.iter().sum()
             } else {
                 vals.iter().sum::<f64>() / vals.len().max(1) as f64

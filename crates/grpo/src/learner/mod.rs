@@ -359,6 +359,100 @@ pub fn rollout<B: Backend>(
     })
 }
 
+impl<B: Backend> Rollout<B> {
+    /// Replaces the advantages, in the rollout's completion order, in every scoring part.
+    pub fn set_advantages(&mut self, advantages: Vec<f32>) {
+        assert_eq!(
+            advantages.len(),
+            self.completions.len(),
+            "one per completion"
+        );
+        for part in &mut self.batch.parts {
+            let device = part.advantages.device();
+            let rows = part.rows.clone();
+            let values = advantages[rows.clone()].to_vec();
+            part.advantages = Tensor::from_data(TensorData::new(values, [rows.len()]), &device);
+        }
+        self.advantages = advantages;
+    }
+
+    /// The completion tokens that count.
+    pub fn counted_tokens(&self) -> usize {
+        self.masks.iter().flatten().filter(|&&m| m).count()
+    }
+
+    /// Rollouts as one, in order (their parts kept as scoring parts, rows renumbered), so that
+    /// a step over it is the step over all of them as one batch; each keeps its own rewards
+    /// and advantages (set them anew for the merged batch's statistics).
+    pub fn merge(rolls: Vec<Rollout<B>>) -> Rollout<B> {
+        let width = rolls.iter().map(|r| r.batch.width).max().unwrap_or(1);
+        let mut out = Rollout {
+            prompt_of: Vec::new(),
+            completions: Vec::new(),
+            texts: Vec::new(),
+            masks: Vec::new(),
+            rewards: Vec::new(),
+            per_reward: Vec::new(),
+            advantages: Vec::new(),
+            batch: StepBatch {
+                parts: Vec::new(),
+                width,
+            },
+            old_logprobs: None,
+            step_tokens: None,
+        };
+        let mut olds = Vec::new();
+        let (mut rows, mut prompts) = (0, 0);
+        for r in rolls {
+            out.prompt_of
+                .extend(r.prompt_of.iter().map(|&p| p + prompts));
+            prompts += r.prompt_of.iter().max().map_or(0, |&p| p + 1);
+            out.completions.extend(r.completions);
+            out.texts.extend(r.texts);
+            out.masks.extend(r.masks);
+            out.rewards.extend(r.rewards);
+            if out.per_reward.is_empty() {
+                out.per_reward = r.per_reward;
+            } else {
+                for ((_, all), (_, v)) in out.per_reward.iter_mut().zip(r.per_reward) {
+                    all.extend(v);
+                }
+            }
+            out.advantages.extend(r.advantages);
+            olds.extend(r.old_logprobs);
+            let n = r.prompt_of.len();
+            for mut part in r.batch.parts {
+                part.rows = part.rows.start + rows..part.rows.end + rows;
+                out.batch.parts.push(part);
+            }
+            rows += n;
+        }
+        if !olds.is_empty() {
+            out.old_logprobs = Some(join_rows(olds, width));
+        }
+        out
+    }
+}
+
+/// TRL's statistics over the rollouts of one optimizer step, which TRL generates together
+/// (`steps_per_generation` = the accumulation count): with `scale_rewards = batch` the
+/// advantages divide by the standard deviation of all their rewards
+/// (`trl/trainer/grpo_trainer.py:2694` at v1.9.0-26), and `dapo`'s normalizer is all their
+/// counted tokens (`num_items_in_batch`, `grpo_trainer.py:2427`). One rollout: nothing changes.
+pub fn share_step_statistics<B: Backend>(rolls: &mut [Rollout<B>], cfg: &GrpoConfig) {
+    let tokens: usize = rolls.iter().map(Rollout::counted_tokens).sum();
+    if cfg.scale_rewards == ScaleRewards::Batch {
+        let rewards: Vec<&[f32]> = rolls.iter().map(|r| r.rewards.as_slice()).collect();
+        let advantages = crate::advantages::step_advantages(&rewards, cfg.num_generations);
+        for (roll, adv) in rolls.iter_mut().zip(advantages) {
+            roll.set_advantages(adv);
+        }
+    }
+    for roll in rolls.iter_mut() {
+        roll.step_tokens = Some(tokens);
+    }
+}
+
 /// The scoring parts of a rollout: completion rows `micro_batch` at a time (whole groups when
 /// the prompt rows are shared, `group` > 1), each with its prompt rows, their images (narrowed
 /// from the rollout's, no new upload), its mask and advantages.
