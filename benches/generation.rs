@@ -29,8 +29,7 @@ fn bench(c: &mut Criterion) {
                 max_new_tokens: NEW_TOKENS,
                 sampling: Sampling {
                     temperature,
-                    top_k: 0,
-                    top_p: 1.0,
+                    ..Sampling::GREEDY
                 },
                 // No stop token: every row decodes all NEW_TOKENS steps.
                 eos_token_ids: Vec::new(),

@@ -151,6 +151,10 @@ pub struct GrpoSection {
     pub temperature: f32,
     pub top_k: usize,
     pub top_p: f32,
+    /// Sampling: tokens less likely than this times the most likely are dropped (0: off).
+    pub min_p: f32,
+    /// Sampling: tokens already in the prompt or the completion penalized (1: off).
+    pub repetition_penalty: f32,
     pub max_completion_length: usize,
     pub beta: f32,
     pub epsilon: f32,
@@ -404,6 +408,8 @@ impl Default for GrpoSection {
             temperature: 1.0,
             top_k: 50,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             max_completion_length: 256,
             beta: 0.04,
             epsilon: 0.2,
@@ -678,6 +684,14 @@ impl RunConfig {
         at_least("grpo.max_bad_steps", g.max_bad_steps, 1)?;
         real("grpo.temperature", g.temperature as f64, 0.0, true, inf)?;
         real("grpo.top_p", g.top_p as f64, 0.0, true, 1.0)?;
+        real("grpo.min_p", g.min_p as f64, 0.0, false, 1.0)?;
+        real(
+            "grpo.repetition_penalty",
+            g.repetition_penalty as f64,
+            0.0,
+            true,
+            inf,
+        )?;
         real("grpo.beta", g.beta as f64, 0.0, false, inf)?;
         real("grpo.epsilon", g.epsilon as f64, 0.0, false, inf)?;
         real("grpo.epsilon_high", g.epsilon_high as f64, 0.0, false, inf)?;
@@ -896,6 +910,8 @@ mod tests {
             ("grpo.top_entropy_quantile=0.0", "grpo.top_entropy_quantile"),
             ("grpo.kl_estimator=\"k4\"", "kl_estimator"),
             ("grpo.warmup_ratio=1.5", "grpo.warmup_ratio"),
+            ("grpo.min_p=1.5", "grpo.min_p"),
+            ("grpo.repetition_penalty=0.0", "grpo.repetition_penalty"),
         ] {
             let e = format!("{:#}", RunConfig::load(None, &[bad.into()]).unwrap_err());
             assert!(e.contains(key), "{bad}: {e}");

@@ -210,6 +210,8 @@ impl BackendTask for Task {
                 temperature: 1.0,
                 top_k: 0,
                 top_p: 1.0,
+                min_p: 0.0,
+                repetition_penalty: 1.0,
             },
             max_completion_length: a.new_tokens,
             loss: LossConfig::default(),

@@ -35,6 +35,12 @@ pub struct GenerateArgs {
     /// 0 keeps every token.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Drop tokens less likely than this times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalize tokens already in the prompt or the output (1: off; transformers' meaning).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also print the generated token ids (to stderr).
@@ -107,6 +113,8 @@ impl BackendTask for Task {
                 temperature: a.temperature,
                 top_k: a.top_k,
                 top_p: a.top_p,
+                min_p: a.min_p,
+                repetition_penalty: a.repetition_penalty,
             },
             pad_token_id: model.config.bos_token_id.unwrap_or(0),
             eos_token_ids: eos.clone(),
@@ -136,6 +144,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let top_p_ok = args.top_p > 0.0 && args.top_p <= 1.0;
     if !(temperature_ok && top_p_ok) {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    if !(0.0..=1.0).contains(&args.min_p) {
+        bail!("--min-p must be in [0, 1], not {}", args.min_p);
+    }
+    if !(args.repetition_penalty.is_finite() && args.repetition_penalty > 0.0) {
+        bail!(
+            "--repetition-penalty must be above 0, not {}",
+            args.repetition_penalty
+        );
     }
     let text = dispatch(args.device, Task(args))??;
     println!("{text}");

@@ -162,6 +162,8 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
             temperature: g.temperature,
             top_k: g.top_k,
             top_p: g.top_p,
+            min_p: g.min_p,
+            repetition_penalty: g.repetition_penalty,
         },
         max_completion_length: g.max_completion_length,
         loss: LossConfig {

@@ -107,6 +107,8 @@ fn seeded_sampling_reproduces() {
             temperature: 1.0,
             top_k: 50,
             top_p: 0.95,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         },
         eos_token_ids: vec![],
         pad_token_id: 256,
@@ -219,4 +221,65 @@ fn shape_buckets_change_no_result() {
     for (a, b) in flat(ent.unwrap()).iter().zip(&flat(ent64.unwrap())) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
+}
+
+/// The repetition penalty in greedy generation, checked step by step against the raw logits:
+/// each chosen token is the argmax of the logits with every token the row holds (its prompt's,
+/// padding aside, and those it generated) penalized as transformers does, placeholders
+/// banned; in a left-padded batch and with groups of samples per prompt alike.
+#[test]
+fn the_repetition_penalty_covers_the_prompt_and_what_was_generated() {
+    use qwen2vl::generation::generate_grouped;
+    let (model, fx) = model();
+    let device = Default::default();
+    let (rows, images) = case::<Flex>(&fx, &["single", "multi"], &device);
+    let penalty = 4.0;
+    let cfg = GenerationConfig {
+        sampling: Sampling {
+            repetition_penalty: penalty,
+            ..Sampling::GREEDY
+        },
+        ..greedy(10, vec![])
+    };
+    let batch = TokenBatch::left_padded(&rows, 256);
+    let plain = generate(&model, &batch, Some(&images), &greedy(10, vec![]), false).unwrap();
+    let g = generate_grouped(&model, &batch, Some(&images), 2, &cfg, true).unwrap();
+    let banned = [model.config.image_token_id, model.config.video_token_id];
+    for (r, tokens) in g.tokens.iter().enumerate() {
+        let prompt = &rows[r / 2];
+        let mut held: std::collections::BTreeSet<u32> = prompt.iter().copied().collect();
+        let step_logits = &g.step_logits.as_ref().unwrap()[r];
+        for (step, &tok) in tokens.iter().enumerate() {
+            let scores: Vec<f32> = step_logits[step]
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if banned.contains(&(i as u32)) {
+                        f32::NEG_INFINITY
+                    } else if held.contains(&(i as u32)) {
+                        if v < 0.0 {
+                            v * penalty
+                        } else {
+                            v / penalty
+                        }
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let best = scores
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, &v)| if v > scores[b] { i } else { b });
+            assert_eq!(tok as usize, best, "row {r} step {step}");
+            held.insert(tok);
+        }
+        assert_eq!(tokens.len(), 10);
+    }
+    // Both samples of a prompt agree (greedy), and the penalty changed something.
+    assert_eq!(g.tokens[0], g.tokens[1]);
+    assert!(
+        g.tokens[0] != plain.tokens[0] || g.tokens[2] != plain.tokens[1],
+        "the penalty changed nothing"
+    );
 }

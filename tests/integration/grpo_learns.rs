@@ -105,6 +105,8 @@ fn grpo_raises_the_mean_reward_of_a_tiny_model() {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         },
         max_completion_length: 8,
         loss: LossConfig {

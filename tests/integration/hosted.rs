@@ -115,6 +115,8 @@ fn run_config() -> GrpoConfig {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         },
         max_completion_length: 6,
         loss: LossConfig {

@@ -108,6 +108,8 @@ fn grouped_generation_matches<B: Backend>(device: B::Device) -> Vec<Vec<Vec<u32>
             temperature: 1.0,
             top_k: 50,
             top_p: 0.95,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         },
         eos_token_ids: vec![],
         seed: 11,

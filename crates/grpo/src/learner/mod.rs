@@ -95,6 +95,8 @@ impl Default for GrpoConfig {
                 temperature: 1.0,
                 top_k: 50,
                 top_p: 1.0,
+                min_p: 0.0,
+                repetition_penalty: 1.0,
             },
             max_completion_length: 256,
             loss: LossConfig::default(),

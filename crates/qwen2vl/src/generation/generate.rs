@@ -178,6 +178,22 @@ pub fn generate_grouped<B: Backend>(
     // Image/video placeholders are never generated: a completion holding one could not be
     // scored again (it would need an image).
     let banned = [model.config.image_token_id, model.config.video_token_id];
+    // The tokens each row holds, for the repetition penalty: its prompt's (padding aside, as
+    // transformers' `prompt_ignore_length`), then each token it generates.
+    let vocab = model.config.text.vocab_size;
+    let mut seen = cfg.sampling.penalizes().then(|| {
+        let mut held = vec![false; b * vocab];
+        for r in 0..b {
+            let row = of_prompt(r);
+            let ids = &prompts.ids[row * l..(row + 1) * l];
+            for (&id, &v) in ids.iter().zip(&prompt_valid[row]) {
+                if v && (id as usize) < vocab {
+                    held[r * vocab + id as usize] = true;
+                }
+            }
+        }
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(held, [b, vocab]), &device)
+    });
     for step in 0..cfg.max_new_tokens {
         let active: Vec<bool> = out.finished.iter().map(|&f| !f).collect();
         if let Some(keep) = out.step_logits.as_mut() {
@@ -187,7 +203,25 @@ pub fn generate_grouped<B: Backend>(
                 }
             }
         }
-        let picked = pick(last, &banned, &cfg.sampling, &active, &mut rng);
+        let picked = pick(
+            last,
+            &banned,
+            seen.as_ref(),
+            &cfg.sampling,
+            &active,
+            &mut rng,
+        );
+        if let Some(held) = seen.take() {
+            let ids: Vec<i64> = picked.tokens.iter().map(|&t| t as i64).collect();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, 1]), &device);
+            let now = Tensor::<B, 2>::zeros([b, vocab], &device).scatter(
+                1,
+                ids,
+                Tensor::ones([b, 1], &device),
+                burn::tensor::IndexingUpdateOp::Add,
+            );
+            seen = Some(held.bool_or(now.greater_elem(0.0)));
+        }
         let mut fed = Vec::with_capacity(b);
         for (r, &is_active) in active.iter().enumerate() {
             if !is_active {

@@ -10,7 +10,7 @@
 //!
 //! Image and video placeholders are never chosen; their log-probs stay those of the model.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 
 use super::sampling::{Rng, Sampling};
 
@@ -22,11 +22,14 @@ pub struct Picked {
 }
 
 /// Picks the next token of every row of `logits` (`[rows, vocab]`), never one of `banned`.
-/// `active[r]` false: the row is finished; it draws nothing from `rng` and its pick is
-/// meaningless. `rng` is drawn once per active row in row order.
+/// `seen` (`[rows, vocab]`, true where the row already holds the token) is where the
+/// repetition penalty applies, when the sampling asks for one. `active[r]` false: the row is
+/// finished; it draws nothing from `rng` and its pick is meaningless. `rng` is drawn once per
+/// active row in row order.
 pub fn pick<B: Backend>(
     logits: Tensor<B, 2>,
     banned: &[u32],
+    seen: Option<&Tensor<B, 2, Bool>>,
     sampling: &Sampling,
     active: &[bool],
     rng: &mut Rng,
@@ -34,8 +37,20 @@ pub fn pick<B: Backend>(
     let [rows, vocab] = logits.dims();
     let device = logits.device();
     let lse = log_sum_exp(logits.clone());
+    let scores = match seen {
+        Some(seen) if sampling.penalizes() => {
+            let p = sampling.repetition_penalty;
+            let negative = logits.clone().lower_elem(0.0);
+            let penalized = logits
+                .clone()
+                .div_scalar(p)
+                .mask_where(negative, logits.clone().mul_scalar(p));
+            logits.clone().mask_where(seen.clone(), penalized)
+        }
+        _ => logits.clone(),
+    };
     let allowed = if banned.is_empty() {
-        logits.clone()
+        scores
     } else {
         let mut ban = vec![0.0f32; vocab];
         for &id in banned {
@@ -44,7 +59,7 @@ pub fn pick<B: Backend>(
             }
         }
         let ban = Tensor::<B, 2>::from_data(TensorData::new(ban, [1, vocab]), &device);
-        logits.clone() + ban
+        scores + ban
     };
     let chosen: Tensor<B, 2, Int> = if sampling.is_greedy() {
         allowed.argmax(1)
@@ -55,7 +70,19 @@ pub fn pick<B: Backend>(
             .map(|&a| if a { rng.next_f64() as f32 } else { 0.5 })
             .collect();
         let u = Tensor::<B, 2>::from_data(TensorData::new(u, [rows, 1]), &device);
-        let probs = burn::tensor::activation::softmax(allowed.div_scalar(sampling.temperature), 1);
+        let mut probs =
+            burn::tensor::activation::softmax(allowed.div_scalar(sampling.temperature), 1);
+        if sampling.min_p > 0.0 {
+            // The tokens below min_p times the row's most likely count for nothing (the total
+            // below renormalises).
+            let floor = probs
+                .clone()
+                .max_dim(1)
+                .mul_scalar(sampling.min_p)
+                .expand([rows, vocab]);
+            let below = probs.clone().lower(floor);
+            probs = probs.mask_fill(below, 0.0);
+        }
         let cdf = probs.cumsum(1);
         let total = cdf.clone().narrow(1, vocab - 1, 1);
         let below = cdf.lower(u.mul(total)).int().sum_dim(1);
@@ -115,6 +142,14 @@ pub fn sample_sorted(sorted: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
+    if s.min_p > 0.0 {
+        // Sorted: the first is the most likely; at least it is kept.
+        let floor = s.min_p as f64 * probs[0];
+        keep = probs.iter().take_while(|&&p| p >= floor).count().max(1);
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
     let mut u = rng.next_f64();
     for (i, p) in probs.iter().enumerate() {
         if u < *p {
@@ -148,17 +183,37 @@ mod tests {
     /// Token 3 is banned in every test.
     const BANNED: [u32; 1] = [3];
 
-    /// The exact probabilities of each token under `s`, token 3 banned: temperature, then the
-    /// top-k, then the smallest top-p prefix, renormalised.
+    /// Tokens the rows have already seen, for the repetition penalty.
+    const SEEN: [usize; 2] = [1, 4];
+
+    /// The logits after the repetition penalty on [`SEEN`], when `s` asks for one.
+    fn penalized(s: &Sampling) -> Vec<f32> {
+        let mut l = LOGITS.to_vec();
+        if s.repetition_penalty != 1.0 {
+            for i in SEEN {
+                l[i] = if l[i] < 0.0 {
+                    l[i] * s.repetition_penalty
+                } else {
+                    l[i] / s.repetition_penalty
+                };
+            }
+        }
+        l
+    }
+
+    /// The exact probabilities of each token under `s`, token 3 banned: the repetition
+    /// penalty, temperature, then the top-k, then the smallest top-p prefix, then the tokens
+    /// at least min-p times the most likely, renormalised.
     fn exact(s: &Sampling) -> Vec<f64> {
-        let mut order: Vec<usize> = (0..LOGITS.len()).filter(|&i| i != 3).collect();
-        order.sort_by(|&a, &b| LOGITS[b].total_cmp(&LOGITS[a]));
+        let logits = penalized(s);
+        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| i != 3).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         if s.top_k > 0 {
             order.truncate(s.top_k);
         }
         let w: Vec<f64> = order
             .iter()
-            .map(|&i| (LOGITS[i] as f64 / s.temperature as f64).exp())
+            .map(|&i| (logits[i] as f64 / s.temperature as f64).exp())
             .collect();
         let total: f64 = w.iter().sum();
         let mut keep = order.len();
@@ -170,6 +225,11 @@ mod tests {
                 break;
             }
         }
+        // min-p compares against the most likely token: w[0], whatever the normalisation.
+        keep = w[..keep]
+            .iter()
+            .take_while(|&&x| x >= s.min_p as f64 * w[0])
+            .count();
         let total: f64 = w[..keep].iter().sum();
         let mut p = vec![0.0; LOGITS.len()];
         for (j, &i) in order[..keep].iter().enumerate() {
@@ -185,6 +245,16 @@ mod tests {
         let mut rng = Rng::new(42);
         let mut counts = vec![0; LOGITS.len()];
         let full: Vec<f32> = (0..rows).flat_map(|_| LOGITS).collect();
+        let mut held = vec![false; rows * LOGITS.len()];
+        for r in 0..rows {
+            for i in SEEN {
+                held[r * LOGITS.len() + i] = true;
+            }
+        }
+        let seen = Tensor::<Flex, 2, Bool>::from_data(
+            TensorData::new(held, [rows, LOGITS.len()]),
+            &device,
+        );
         let lse = {
             let m = LOGITS.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
             LOGITS
@@ -199,10 +269,10 @@ mod tests {
                 TensorData::new(full.clone(), [rows, LOGITS.len()]),
                 &device,
             );
-            let p = pick(logits, &BANNED, s, &vec![true; rows], &mut rng);
+            let p = pick(logits, &BANNED, Some(&seen), s, &vec![true; rows], &mut rng);
             for (t, lp) in p.tokens.iter().zip(&p.logprobs) {
                 counts[*t as usize] += 1;
-                // The log-prob is the model's, untempered and unbanned.
+                // The log-prob is the model's, untempered, unbanned and unpenalized.
                 let want = LOGITS[*t as usize] as f64 - lse;
                 assert!((*lp as f64 - want).abs() < 1e-5, "{lp} vs {want}");
             }
@@ -232,17 +302,23 @@ mod tests {
         // 99.9% quantiles of chi-square with 1..=5 degrees of freedom.
         let critical = [0.0, 10.83, 13.82, 16.27, 18.47, 20.52];
         let cases = [
-            (1.0, 0, 1.0),  // inverse CDF over the vocabulary
-            (0.7, 0, 1.0),  // tempered
-            (1.0, 3, 1.0),  // top-k
-            (1.3, 0, 0.8),  // top-p
-            (1.0, 4, 0.75), // both
+            (1.0, 0, 1.0, 0.0, 1.0),  // inverse CDF over the vocabulary
+            (0.7, 0, 1.0, 0.0, 1.0),  // tempered
+            (1.0, 3, 1.0, 0.0, 1.0),  // top-k
+            (1.3, 0, 0.8, 0.0, 1.0),  // top-p
+            (1.0, 4, 0.75, 0.0, 1.0), // both
+            (1.0, 0, 1.0, 0.3, 1.0),  // min-p on the device's inverse CDF
+            (1.2, 5, 0.9, 0.2, 1.0),  // min-p after top-k and top-p
+            (1.0, 0, 1.0, 0.0, 1.8),  // repetition penalty: token 1 drops below 6
+            (0.8, 4, 1.0, 0.1, 1.5),  // all of them
         ];
-        for (temperature, top_k, top_p) in cases {
+        for (temperature, top_k, top_p, min_p, repetition_penalty) in cases {
             let s = Sampling {
                 temperature,
                 top_k,
                 top_p,
+                min_p,
+                repetition_penalty,
             };
             let counts = counts(&s, 20_000);
             let (chi, df) = chi_square(&counts, &exact(&s));
@@ -264,6 +340,7 @@ mod tests {
         let p = pick(
             logits.clone(),
             &[],
+            None,
             &Sampling::GREEDY,
             &[true, true],
             &mut rng,
@@ -273,6 +350,7 @@ mod tests {
         let p = pick(
             logits.clone(),
             &[1],
+            None,
             &Sampling::GREEDY,
             &[true, true],
             &mut rng,
@@ -283,15 +361,18 @@ mod tests {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         };
         let one = pick(
             logits.clone().narrow(0, 1, 1),
             &[],
+            None,
             &s,
             &[true],
             &mut Rng::new(9),
         );
-        let two = pick(logits, &[], &s, &[false, true], &mut Rng::new(9));
+        let two = pick(logits, &[], None, &s, &[false, true], &mut Rng::new(9));
         assert_eq!(one.tokens[0], two.tokens[1]);
     }
 }

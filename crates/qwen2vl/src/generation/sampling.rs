@@ -1,5 +1,6 @@
-//! Choosing the next token from logits: greedy, or temperature -> top-k -> top-p
-//! (the order of transformers' logits warpers), from a seeded generator so that a run
+//! Choosing the next token from logits: the repetition penalty, then greedy, or temperature
+//! -> top-k -> top-p -> min-p (the order of transformers' logits processors and warpers,
+//! `generation/utils.py` `_get_logits_processor`), from a seeded generator so that a run
 //! reproduces.
 
 /// How the next token is chosen.
@@ -11,6 +12,14 @@ pub struct Sampling {
     pub top_k: usize,
     /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; 1 keeps all.
     pub top_p: f32,
+    /// Drop the tokens less likely than `min_p` times the most likely one, after temperature,
+    /// top-k and top-p (transformers' `MinPLogitsWarper`); 0 keeps all.
+    pub min_p: f32,
+    /// Every token already in the row (its prompt's tokens, padding aside, and what it has
+    /// generated) has its logit divided by this when positive and multiplied when negative,
+    /// before anything else, greedy included (transformers' `RepetitionPenaltyLogitsProcessor`);
+    /// 1 changes nothing.
+    pub repetition_penalty: f32,
 }
 
 impl Sampling {
@@ -18,7 +27,14 @@ impl Sampling {
         temperature: 0.0,
         top_k: 0,
         top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
     };
+
+    /// Whether a repetition penalty applies.
+    pub fn penalizes(&self) -> bool {
+        self.repetition_penalty != 1.0
+    }
 
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0 || self.top_k == 1
@@ -96,6 +112,8 @@ mod tests {
             temperature: 1e-4,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         };
         let mut rng = Rng::new(7);
         for _ in 0..100 {
@@ -111,11 +129,15 @@ mod tests {
             temperature: 1.0,
             top_k: 2,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         };
         let p = Sampling {
             temperature: 1.0,
             top_k: 0,
             top_p: 0.5,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         };
         for _ in 0..200 {
             assert!(sample(&logits, &k2, &mut rng) < 2);
@@ -157,6 +179,8 @@ mod tests {
                 temperature: 0.9,
                 top_k: k,
                 top_p: 1.0,
+                min_p: 0.0,
+                repetition_penalty: 1.0,
             };
             let (mut a, mut b) = (Rng::new(k as u64), Rng::new(k as u64));
             for _ in 0..300 {
@@ -175,6 +199,8 @@ mod tests {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         };
         let mut rng = Rng::new(42);
         let n = 20_000;

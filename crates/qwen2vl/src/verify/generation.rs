@@ -62,6 +62,8 @@ impl Checker<'_> {
             temperature: 1e-4,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
         };
         cfg.seed = 1234;
         let s = generate(model, &batch, imgs.as_ref(), &cfg, false)?;
