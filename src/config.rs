@@ -174,6 +174,11 @@ pub struct GrpoSection {
     /// Policy term on the tokens at or above this entropy quantile only (1: every token).
     pub top_entropy_quantile: f32,
     pub mask_truncated_completions: bool,
+    /// DAPO's dynamic sampling: groups whose rewards are all equal are replaced by groups of
+    /// prompts drawn anew (verl's `filter_groups`).
+    pub filter_groups: bool,
+    /// Rounds of rollouts a micro-batch may take to fill its groups (0: no limit).
+    pub max_num_gen_batches: usize,
     pub num_iterations: usize,
     /// Prompt and completion widths padded to multiples of this so steps share shapes (and
     /// compiled kernels on GPU backends); 0: 64 on cuda and wgpu, exact (1) on flex.
@@ -422,6 +427,8 @@ impl Default for GrpoSection {
             entropy_coef: 0.0,
             top_entropy_quantile: 1.0,
             mask_truncated_completions: false,
+            filter_groups: false,
+            max_num_gen_batches: 10,
             num_iterations: 1,
             shape_bucket: 0,
             share_prompt: true,
@@ -714,6 +721,15 @@ impl RunConfig {
                  does not keep: set one of the two to 0",
                 g.entropy_coef,
                 mem.lm_head_chunk
+            );
+        }
+        if g.filter_groups && g.top_entropy_quantile < 1.0 && g.prompts_per_step > 1 {
+            bail!(
+                "grpo.filter_groups scores each group in its own pass, and \
+                 grpo.top_entropy_quantile = {} needs the whole rollout in one: with \
+                 grpo.prompts_per_step = {} turn one of the two off",
+                g.top_entropy_quantile,
+                g.prompts_per_step
             );
         }
         let rows = g.prompts_per_step * g.num_generations;

@@ -185,6 +185,8 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
         shape_bucket: shape_bucket(cfg),
         share_prompt: g.share_prompt,
         memory: cfg.memory.options(),
+        filter_groups: g.filter_groups,
+        max_num_gen_batches: g.max_num_gen_batches,
     }
 }
 

@@ -173,3 +173,48 @@ fn a_run_can_start_from_random_weights_of_a_given_config() {
     assert!(run.join("final/tokenizer.json").is_file());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The shipped DAPO and GSPO recipes run as shipped (shortened): their steps train and log
+/// what is particular to them.
+#[test]
+fn the_dapo_and_gspo_configs_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    for (file, name) in [("dapo.toml", "tiny-dapo"), ("gspo.toml", "tiny-gspo")] {
+        let runs = std::env::temp_dir().join(format!("medr1-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&runs);
+        let config = root.join(file);
+        let runs_set = format!("runs_dir=\"{}\"", runs.display());
+        let (ok, err) = medr1(&[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--set",
+            &runs_set,
+            "--set",
+            "sft.steps=4",
+            "--set",
+            "grpo.steps=4",
+            "--set",
+            "eval.before=false",
+            "--set",
+            "eval.after=false",
+            "--set",
+            "eval.every=0",
+        ]);
+        assert!(ok, "{file}: {err}");
+        let rows: Vec<Value> = std::fs::read_to_string(runs.join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let grpo: Vec<&Value> = rows.iter().filter(|r| r.get("kl").is_some()).collect();
+        assert_eq!(grpo.len(), 4, "{file}: {rows:?}");
+        for r in &grpo {
+            assert!(r["loss"].as_f64().unwrap().is_finite(), "{file}: {r}");
+            if name == "tiny-dapo" {
+                assert!(r.get("resampled_groups").is_some(), "{file}: {r}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&runs);
+    }
+}

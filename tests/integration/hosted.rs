@@ -74,8 +74,15 @@ fn run_configured(
     let prompts = run_prompts(&tokenizer);
     let mut cfg = run_config();
     adjust(&mut cfg);
-    let rewards = WeightedRewards {
-        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    // With dynamic sampling, one prompt whose groups never spread, to be replaced.
+    let rewards = if cfg.filter_groups {
+        WeightedRewards {
+            rewards: vec![(Box::new(FlatOnCount), 1.0)],
+        }
+    } else {
+        WeightedRewards {
+            rewards: vec![(Box::new(Alphanumeric), 1.0)],
+        }
     };
     let ctx = HostCtx::new(prompts, tokenizer, rewards, cfg, Some(reference), device, 2);
     let opts = HostOptions {
@@ -105,6 +112,22 @@ fn run_configured(
         scoring: Default::default(),
     };
     launch(policy, ctx, HeldOut::none(), eval, &opts).unwrap().0
+}
+
+/// [`Alphanumeric`], but the same reward for every completion of the "Count." prompt.
+struct FlatOnCount;
+
+impl grpo::Reward for FlatOnCount {
+    fn name(&self) -> &str {
+        "flat_on_count"
+    }
+    fn score(&self, prompt: &str, completion: &str, record: &medvqa::VqaRecord) -> f32 {
+        if prompt.contains("Count.") {
+            0.25
+        } else {
+            Alphanumeric.score(prompt, completion, record)
+        }
+    }
 }
 
 /// The runs' learner settings.
@@ -299,6 +322,32 @@ fn a_resumed_run_with_step_statistics_matches_an_uninterrupted_one() {
         (logged - norm).abs() < 1e-5 * norm,
         "logged {logged} vs {norm}"
     );
+}
+
+/// DAPO's dynamic sampling in a hosted run: the groups of the prompt whose rewards never
+/// spread are replaced by groups of prompts drawn anew, so no step trains on a flat group;
+/// the draws are a function of the step, so a resumed run ends where an uninterrupted one does.
+#[test]
+fn dynamic_sampling_replaces_flat_groups_and_resumes_exactly() {
+    let (lines, _) = resumed_matches_whole("filter", false, |cfg| {
+        cfg.filter_groups = true;
+        cfg.max_num_gen_batches = 20;
+    });
+    // Two cycles of two rollouts of one prompt: the four prompts once each, "Count." among
+    // them, whose flat group was replaced (counted on the step that rolled it out).
+    let resampled: Vec<f64> = lines
+        .iter()
+        .map(|l| {
+            l.get("resampled_groups")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0)
+        })
+        .collect();
+    assert_eq!(resampled.iter().sum::<f64>(), 1.0, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["zero_std_groups"].as_f64(), Some(0.0), "{l}");
+        assert_ne!(l["unfilled_groups"].as_f64(), Some(1.0), "{l}");
+    }
 }
 
 /// The same on Qwen2.5-VL (its vision tower's norms and gated MLP in the checkpoint record).

@@ -72,6 +72,74 @@ pub struct HostCtx<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> HostCtx<B> {
+    /// DAPO's dynamic sampling for plan entry `m`: each prompt's group rolled out on its own;
+    /// groups whose rewards are all equal are set aside and prompts drawn anew (a seeded
+    /// uniform draw from the training set, a function of the entry's seed and the round, so
+    /// that a resumed run draws the same) are rolled out in their place, round after round,
+    /// up to `max_num_gen_batches` rounds; short of groups then, the set-aside ones fill in.
+    fn filtered_rollout(
+        &self,
+        model: &Qwen2VL<B::InnerBackend>,
+        prompts: Vec<PromptInput>,
+        m: &MicroBatch,
+    ) -> Result<Rollout<B::InnerBackend>, qwen2vl::Qwen2VLError> {
+        let cfg = &self.cfg;
+        let want = prompts.len();
+        let (mut kept, mut flat) = (Vec::new(), Vec::new());
+        let mut pending = prompts;
+        let mut round = 0u64;
+        let mut resampled = 0;
+        loop {
+            for (i, p) in pending.iter().enumerate() {
+                if kept.len() == want {
+                    break;
+                }
+                let seed = mix(m.seed, (round << 32) + i as u64);
+                let r = rollout(
+                    model,
+                    std::slice::from_ref(p),
+                    &self.tokenizer,
+                    &self.rewards,
+                    cfg,
+                    seed,
+                    &self.device,
+                )?;
+                if r.rewards.iter().all(|&x| x == r.rewards[0]) {
+                    flat.push(r);
+                } else {
+                    kept.push(r);
+                }
+            }
+            round += 1;
+            let rounds_left =
+                cfg.max_num_gen_batches == 0 || round < cfg.max_num_gen_batches as u64;
+            if kept.len() == want || !rounds_left {
+                break;
+            }
+            let need = want - kept.len();
+            let mut rng = medvqa::rng::Rng::new(mix(m.seed, 0xD1CE_0000 + round));
+            pending = (0..need)
+                .map(|_| self.prompts.prepare(rng.below(self.prompts.len())))
+                .collect::<Result<_, _>>()
+                .map_err(|e| qwen2vl::Qwen2VLError::Input(e.to_string()))?;
+            resampled += need;
+        }
+        let unfilled = want - kept.len();
+        kept.extend(flat.into_iter().take(unfilled));
+        let mut roll = Rollout::merge(kept);
+        if cfg.scale_rewards == ScaleRewards::Batch {
+            let adv = crate::advantages::group_advantages(
+                &roll.rewards,
+                cfg.num_generations,
+                ScaleRewards::Batch,
+            );
+            roll.set_advantages(adv);
+        }
+        roll.resampled_groups = resampled;
+        roll.unfilled_groups = unfilled;
+        Ok(roll)
+    }
+
     /// `prompts`: a [`PromptSource`] (`RecordPrompts` streams from disk; a
     /// `Vec<PromptInput>` holds prepared prompts).
     pub fn new<S: PromptSource + 'static>(
@@ -160,16 +228,20 @@ impl<B: AutodiffBackend> HostCtx<B> {
             let prompts = self
                 .prompts_of(m)
                 .unwrap_or_else(|e| panic!("step {}: {e}", m.step + 1));
-            rollout(
-                model,
-                &prompts,
-                &self.tokenizer,
-                &self.rewards,
-                &self.cfg,
-                m.seed,
-                &self.device,
-            )
-            .unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", m.step))
+            let roll = if self.cfg.filter_groups {
+                self.filtered_rollout(model, prompts, m)
+            } else {
+                rollout(
+                    model,
+                    &prompts,
+                    &self.tokenizer,
+                    &self.rewards,
+                    &self.cfg,
+                    m.seed,
+                    &self.device,
+                )
+            };
+            roll.unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", m.step))
         };
         let acc = self.accumulation;
         let reuse = self.cfg.num_iterations > 1;
@@ -372,6 +444,12 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
             _ => ctx.accumulation as f64,
         };
         item.set("loss", metrics.loss as f64 / share);
+        // Counted once, on the step that made the rollout (0 on its reuses).
+        if ctx.cfg.filter_groups {
+            let made = |n: usize| if micro.generate { n as f64 } else { 0.0 };
+            item.set("resampled_groups", made(roll.resampled_groups));
+            item.set("unfilled_groups", made(roll.unfilled_groups));
+        }
         item.set("rollout_seconds", rollout_seconds);
         TrainOutput { grads, item }
     }

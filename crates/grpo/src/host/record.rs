@@ -44,7 +44,15 @@ impl StepRecord {
                 vals.iter().copied().fold(f64::INFINITY, f64::min)
             } else if key.ends_with("_max") {
                 vals.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-            } else if key == "completion_tokens" || key == "loss" || key == "rollout_seconds" {
+            } else if [
+                "completion_tokens",
+                "loss",
+                "rollout_seconds",
+                "resampled_groups",
+                "unfilled_groups",
+            ]
+            .contains(&key.as_str())
+            {
                 // Each micro-batch's loss is already its share of the step's.
                 vals.iter().sum()
             } else {

@@ -65,6 +65,14 @@ pub struct GrpoConfig {
     pub share_prompt: bool,
     /// How the scoring passes bound their memory; the default changes nothing.
     pub memory: MemoryOptions,
+    /// DAPO's dynamic sampling (verl's `algorithm.filter_groups`): a hosted step drops the
+    /// groups whose rewards are all equal (no learning signal) and rolls out prompts drawn
+    /// anew in their place, each group on its own.
+    pub filter_groups: bool,
+    /// Rounds of rollouts a step may take to fill its groups when `filter_groups` is on
+    /// (verl's `max_num_gen_batches`, the first included; 0: no limit). When they run out the
+    /// step keeps groups without spread to stay whole (verl stops with an error instead).
+    pub max_num_gen_batches: usize,
 }
 
 /// Memory options of the scoring passes (policy, reference, sampling policy), each exact: the
@@ -108,6 +116,8 @@ impl Default for GrpoConfig {
             shape_bucket: 1,
             share_prompt: true,
             memory: MemoryOptions::default(),
+            filter_groups: false,
+            max_num_gen_batches: 10,
         }
     }
 }
@@ -144,6 +154,10 @@ pub struct Rollout<B: Backend> {
     /// to, when the step accumulates several ([`share_step_statistics`]): `dapo`'s normalizer.
     /// `None`: this rollout's own.
     pub step_tokens: Option<usize>,
+    /// Groups rolled out in place of groups without spread (`filter_groups`), and groups
+    /// without spread it still holds when the rounds ran out.
+    pub resampled_groups: usize,
+    pub unfilled_groups: usize,
 }
 
 /// A rollout's scoring inputs, built once when it is made and read by every pass over it
@@ -358,6 +372,8 @@ pub fn rollout<B: Backend>(
         advantages,
         batch: step,
         step_tokens: None,
+        resampled_groups: 0,
+        unfilled_groups: 0,
     })
 }
 
@@ -402,6 +418,8 @@ impl<B: Backend> Rollout<B> {
             },
             old_logprobs: None,
             step_tokens: None,
+            resampled_groups: 0,
+            unfilled_groups: 0,
         };
         let mut olds = Vec::new();
         let (mut rows, mut prompts) = (0, 0);
@@ -421,6 +439,8 @@ impl<B: Backend> Rollout<B> {
                 }
             }
             out.advantages.extend(r.advantages);
+            out.resampled_groups += r.resampled_groups;
+            out.unfilled_groups += r.unfilled_groups;
             olds.extend(r.old_logprobs);
             let n = r.prompt_of.len();
             for mut part in r.batch.parts {
