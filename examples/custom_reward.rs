@@ -113,6 +113,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dashboard: false,
         interrupter: None,
         max_bad_steps: 3,
+        tensorboard: None,
+        completions: None,
     };
     let eval = EvalConfig {
         batch_size: 2,

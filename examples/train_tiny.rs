@@ -152,6 +152,8 @@ fn main() -> Result<(), Error> {
         dashboard: false,
         interrupter: None,
         max_bad_steps: 3,
+        tensorboard: None,
+        completions: None,
     };
     let (trained, _) = launch(model, ctx, HeldOut::none(), eval.clone(), &opts)?;
     let after = evaluate(&trained, &test, &tok, &eval, &Default::default())?;

@@ -33,6 +33,28 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     pub lora: LoraSection,
     pub memory: MemorySection,
+    pub logging: LoggingSection,
+}
+
+/// What a run writes for the researcher watching it, besides metrics.jsonl and train.log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    /// TensorBoard event files under `<run>/tensorboard/`: every step's metrics (`train`),
+    /// and the evaluations' accuracies by modality and question type (`eval`).
+    pub tensorboard: bool,
+    /// Every this many GRPO steps, the step's sampled completions (prompt, completion, each
+    /// reward, advantage) to `completions.jsonl` and to TensorBoard as text (0: never).
+    pub completions_every: usize,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self {
+            tensorboard: true,
+            completions_every: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -316,6 +338,7 @@ impl Default for RunConfig {
             checkpoint: CheckpointSection::default(),
             lora: LoraSection::default(),
             memory: MemorySection::default(),
+            logging: LoggingSection::default(),
         }
     }
 }

@@ -29,6 +29,8 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
 pub const TRAIN_OUTPUTS: &[&str] = &[
     "metrics.jsonl",
     "train.log",
+    "completions.jsonl",
+    "tensorboard",
     "grpo",
     "eval_before.json",
     "eval_after.json",

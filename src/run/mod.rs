@@ -23,7 +23,7 @@ use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use grpo::eval::{comparison_csv, comparison_markdown, evaluate_source, EvalConfig, EvalReport};
-use grpo::host::{launch, HeldOut, HostCtx, HostOptions, OptimizerOptions};
+use grpo::host::{launch, CompletionLog, HeldOut, HostCtx, HostOptions, OptimizerOptions};
 use grpo::learner::GrpoConfig;
 use grpo::loss::LossConfig;
 use grpo::schedule::LrSchedule;
@@ -99,6 +99,38 @@ fn write_eval(dir: &Path, stem: &str, report: &EvalReport, label: &str) -> anyho
     guard::write_atomic(&dir.join(format!("{stem}.md")), &report.to_markdown(label))?;
     guard::write_atomic(&dir.join(format!("{stem}.csv")), &report.to_csv())?;
     Ok(())
+}
+
+/// An evaluation's accuracies as TensorBoard scalars at GRPO step `step` (0: before GRPO),
+/// in `<run>/tensorboard/eval`: overall, by modality and by question type.
+fn eval_events(
+    cfg: &RunConfig,
+    dir: &Path,
+    step: usize,
+    report: &EvalReport,
+) -> anyhow::Result<()> {
+    if !cfg.logging.tensorboard {
+        return Ok(());
+    }
+    let events = dir.join("tensorboard").join("eval");
+    let mut w = grpo::host::tensorboard::EventWriter::create(&events)
+        .with_context(|| format!("cannot write TensorBoard events in {}", events.display()))?;
+    let mut values = vec![
+        ("eval/accuracy".to_string(), report.overall.accuracy()),
+        (
+            "eval/unparsable".to_string(),
+            report.overall.unparsable as f64 / report.overall.total.max(1) as f64,
+        ),
+    ];
+    for (m, t) in &report.by_modality {
+        values.push((format!("eval/modality/{m}"), t.accuracy()));
+    }
+    for (q, t) in &report.by_question_type {
+        values.push((format!("eval/question_type/{q}"), t.accuracy()));
+    }
+    let values: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    w.scalars(step as u64, &values)
+        .with_context(|| format!("cannot write TensorBoard events in {}", events.display()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -453,6 +485,12 @@ fn execute<B: Backend>(
     let resume = matches!(job, Job::Train { resume: true, .. });
     let (policy, lora) = model::with_lora(policy, &cfg.lora)?;
 
+    if !resume {
+        // A fresh run starts fresh TensorBoard events and completions (before the evaluation
+        // that writes the first of them).
+        let _ = std::fs::remove_dir_all(dir.join("tensorboard"));
+        let _ = std::fs::remove_file(dir.join("completions.jsonl"));
+    }
     let before = if cfg.eval.before && has_eval {
         let path = dir.join("eval_before.json");
         if resume && path.is_file() {
@@ -461,6 +499,7 @@ fn execute<B: Backend>(
         } else {
             let r = eval_with(&policy.valid(), "before GRPO")?;
             write_eval(&dir, "eval_before", &r, "before GRPO")?;
+            eval_events(cfg, &dir, 0, &r)?;
             Some(r)
         }
     } else {
@@ -508,6 +547,11 @@ fn execute<B: Backend>(
         dashboard: true,
         interrupter: Some(interrupt.interrupter()),
         max_bad_steps: cfg.grpo.max_bad_steps,
+        tensorboard: cfg.logging.tensorboard.then(|| dir.join("tensorboard")),
+        completions: Some(CompletionLog {
+            path: dir.join("completions.jsonl"),
+            every: cfg.logging.completions_every,
+        }),
     };
     if !resume {
         // A fresh run starts fresh logs.
@@ -540,6 +584,7 @@ fn execute<B: Backend>(
     let after = if cfg.eval.after && has_eval {
         let r = eval_with(&trained, "after GRPO")?;
         write_eval(&dir, "eval_after", &r, "after GRPO")?;
+        eval_events(cfg, &dir, cfg.grpo.steps, &r)?;
         Some(r)
     } else {
         None

@@ -54,9 +54,37 @@ fn shortened_tiny_demo_learns_and_writes_its_run_directory() {
         "final/tokenizer.json",
         "final/preprocessor_config.json",
         "grpo/checkpoint/state-40.json",
+        "completions.jsonl",
     ] {
         assert!(dir.join(f).is_file(), "{f} missing; stderr:\n{err}");
     }
+    // Completions of every 10th step: 4 prompts x 8 samples each, with their rewards.
+    let samples: Vec<Value> = std::fs::read_to_string(dir.join("completions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 4 * 32);
+    for s in &samples {
+        assert_eq!(s["step"].as_u64().unwrap() % 10, 0, "{s}");
+        for key in ["prompt", "completion", "reward", "advantage"] {
+            assert!(s.get(key).is_some(), "{key} missing: {s}");
+        }
+        assert!(s["rewards"].get("accuracy").is_some(), "{s}");
+    }
+    // TensorBoard: one event file of the steps, two of the evaluations (before, after).
+    let files = |d: &str| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.join("tensorboard").join(d))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let train = files("train");
+    assert_eq!(train.len(), 1);
+    let records = grpo::host::tensorboard::read_records(&train[0]).unwrap();
+    // The file version, 40 steps' scalars, 4 logged steps' completions.
+    assert_eq!(records.len(), 1 + 40 + 4);
+    assert_eq!(files("eval").len(), 2);
     let rows: Vec<Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()

@@ -102,6 +102,11 @@ fn run_configured(
         dashboard: false,
         interrupter: None,
         max_bad_steps: 3,
+        tensorboard: Some(dir.join("tensorboard")),
+        completions: Some(grpo::host::CompletionLog {
+            path: dir.join("completions.jsonl"),
+            every: 1,
+        }),
     };
     let eval = EvalConfig {
         batch_size: 2,
@@ -262,6 +267,26 @@ fn resumed_matches_whole(
         }
     }
     assert_eq!(flat(&a), flat(&b), "final weights differ");
+    // The sampled completions too: the resumed run's file holds what the whole run's does
+    // (its first launch's lines past the checkpoint, if any, dropped).
+    let completions = |d: &Path| std::fs::read_to_string(d.join("completions.jsonl")).unwrap();
+    assert_eq!(completions(&whole), completions(&parts));
+    assert_eq!(completions(&whole).lines().count(), 4 * 2 * 4 / 2);
+    // Two launches, two event files; the second opens by announcing the restart at step 3.
+    let mut events: Vec<_> = std::fs::read_dir(parts.join("tensorboard/train"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    events.sort();
+    assert_eq!(events.len(), 2, "{events:?}");
+    let records: Vec<Vec<Vec<u8>>> = events
+        .iter()
+        .map(|p| grpo::host::tensorboard::read_records(p).unwrap())
+        .collect();
+    let start = &records[1][1];
+    assert!(start.ends_with(&[0x3A, 2, 0x08, 1]), "{start:?}");
+    // File version, then per step its scalars and (every step here) its completions' text.
+    assert_eq!(records[0].len(), 1 + 2 * 2);
     let _ = (
         std::fs::remove_dir_all(whole),
         std::fs::remove_dir_all(parts),

@@ -24,6 +24,7 @@ use super::store::{
     AtomicRecorder, RunState, SaveOnly, WriteLog,
 };
 use super::strategy::{Fatal, GrpoStrategy};
+use super::tensorboard::EventWriter;
 use super::{plan, EvalBatcher, GrpoBatcher, GrpoPolicy, HostCtx};
 use crate::eval::EvalConfig;
 use crate::learner::PromptInput;
@@ -131,6 +132,19 @@ pub struct HostOptions {
     /// Steps in a row with a non-finite loss, gradient norm or reward that stop the run (each
     /// is skipped, weights untouched).
     pub max_bad_steps: usize,
+    /// TensorBoard event files of every step's metrics (under `<dir>/train`); `None`: none.
+    pub tensorboard: Option<PathBuf>,
+    /// Sampled completions (prompt, completion, rewards, advantage) of every `every`-th
+    /// step, one JSON object per completion, and as text to TensorBoard; `None`: none.
+    pub completions: Option<CompletionLog>,
+}
+
+/// Where and how often a run writes the completions it sampled.
+#[derive(Debug, Clone)]
+pub struct CompletionLog {
+    pub path: PathBuf,
+    /// Every this many optimizer steps (0: never).
+    pub every: usize,
 }
 
 /// burn-train's metric logger, replaced: its file logger writes the same numbers as
@@ -254,6 +268,25 @@ pub fn launch<B: AutodiffBackend>(
         .collect();
     ctx.set_plan(&micro);
     let ctx = Arc::new(ctx);
+    // One event file per launch; a resumed run first tells TensorBoard to drop what the
+    // stopped one logged past its checkpoint.
+    let resumed_at = resume_state.as_ref().map_or(0, |s| s.step);
+    let board = match &opts.tensorboard {
+        Some(dir) => {
+            let train_dir = dir.join("train");
+            let io = |source| HostError::Io {
+                path: train_dir.clone(),
+                source,
+            };
+            let mut w = EventWriter::create(&train_dir).map_err(io)?;
+            if resumed_at > 0 {
+                w.restart(resumed_at as u64 + 1).map_err(io)?;
+            }
+            Some(w)
+        }
+        None => None,
+    };
+    let board = Arc::new(std::sync::Mutex::new(board));
     let train = DataLoaderBuilder::new(GrpoBatcher { ctx: ctx.clone() })
         .batch_size(1)
         .build(InMemDataset::new(micro));
@@ -289,6 +322,7 @@ pub fn launch<B: AutodiffBackend>(
         max_bad_steps: opts.max_bad_steps,
         fatal: fatal.clone(),
         writes: writes.clone(),
+        board: board.clone(),
     };
     let mut training = SupervisedTraining::new(&opts.dir, train, valid)
         .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)))
@@ -327,6 +361,17 @@ pub fn launch<B: AutodiffBackend>(
         path: opts.metrics_jsonl.clone(),
         source,
     })?;
+    if let Some(c) = &opts.completions {
+        truncate_metrics(&c.path, start).map_err(|source| HostError::Io {
+            path: c.path.clone(),
+            source,
+        })?;
+        ctx.log_completions(c, board.clone())
+            .map_err(|source| HostError::Io {
+                path: c.path.clone(),
+                source,
+            })?;
+    }
     if start > 0 {
         training = training.checkpoint(start);
     }

@@ -13,10 +13,13 @@ mod launch;
 mod record;
 mod store;
 mod strategy;
+pub mod tensorboard;
+
+use tensorboard::EventWriter;
 
 pub use feed::PlanFeed;
 pub use health::{CollapseWatch, Health, Verdict};
-pub use launch::{launch, HeldOut, HostError, HostOptions, OptimizerOptions};
+pub use launch::{launch, CompletionLog, HeldOut, HostError, HostOptions, OptimizerOptions};
 pub use record::{StepRecord, StepScalar};
 pub use store::{
     check_checkpoint, complete_checkpoints, latest_state, resume_point, AtomicRecorder, FileDigest,
@@ -69,6 +72,71 @@ pub struct HostCtx<B: AutodiffBackend> {
     feed: Mutex<Option<PlanFeed>>,
     /// The run's plan (set when the run is launched): the rollouts a step makes together.
     plan: Mutex<Vec<MicroBatch>>,
+    /// Where sampled completions go (set when the run is launched).
+    samples: Mutex<Option<Samples>>,
+}
+
+/// The completions log of a run: JSONL lines and TensorBoard text, every `every` steps.
+struct Samples {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    every: usize,
+    board: Arc<Mutex<Option<EventWriter>>>,
+    /// Writes that failed (the first is said at once).
+    lost: usize,
+}
+
+impl Samples {
+    /// The completions of `roll`, micro-batch `part` of optimizer step `step` (1-based).
+    fn write<K: Backend>(&mut self, step: usize, part: usize, roll: &Rollout<K>) {
+        use std::io::Write;
+        let mut lines = String::new();
+        let mut table =
+            String::from("| prompt | completion | reward | advantage |\n|---|---|---|---|\n");
+        let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
+        for (i, completion) in roll.texts.iter().enumerate() {
+            let rewards: serde_json::Map<String, serde_json::Value> = roll
+                .per_reward
+                .iter()
+                .map(|(name, v)| (name.clone(), serde_json::json!(v[i])))
+                .collect();
+            let line = serde_json::json!({
+                "step": step,
+                "micro_batch": part,
+                "prompt": roll.prompts[i],
+                "completion": completion,
+                "rewards": rewards,
+                "reward": roll.rewards[i],
+                "advantage": roll.advantages[i],
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+            table.push_str(&format!(
+                "| {} | {} | {:.3} | {:.3} |\n",
+                cell(&roll.prompts[i]),
+                cell(completion),
+                roll.rewards[i],
+                roll.advantages[i]
+            ));
+        }
+        let written = self
+            .file
+            .write_all(lines.as_bytes())
+            .and_then(|_| self.file.flush());
+        let shown = match self.board.lock().expect("event file").as_mut() {
+            Some(w) => w.text(step as u64, &format!("completions/{part}"), &table),
+            None => Ok(()),
+        };
+        if let Err(e) = written.and(shown) {
+            self.lost += 1;
+            if self.lost == 1 {
+                eprintln!(
+                    "warning: sampled completions could not be written to {}: {e}",
+                    self.path.display()
+                );
+            }
+        }
+    }
 }
 
 impl<B: AutodiffBackend> HostCtx<B> {
@@ -163,6 +231,7 @@ impl<B: AutodiffBackend> HostCtx<B> {
             cache: Mutex::new(HashMap::new()),
             feed: Mutex::new(None),
             plan: Mutex::new(Vec::new()),
+            samples: Mutex::new(None),
         }
     }
 
@@ -206,6 +275,30 @@ impl<B: AutodiffBackend> HostCtx<B> {
         *self.feed.lock().expect("prompt feed") =
             Some(PlanFeed::new(self.prompts.clone(), groups, self.stream));
         *self.plan.lock().expect("plan") = plan.to_vec();
+    }
+
+    /// Writes the sampled completions of every `log.every`-th step to `log.path` (appended) and
+    /// as text to `board`'s event file.
+    fn log_completions(
+        &self,
+        log: &CompletionLog,
+        board: Arc<Mutex<Option<EventWriter>>>,
+    ) -> std::io::Result<()> {
+        if log.every == 0 {
+            return Ok(());
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log.path)?;
+        *self.samples.lock().expect("samples") = Some(Samples {
+            file,
+            path: log.path.clone(),
+            every: log.every,
+            board,
+            lost: 0,
+        });
+        Ok(())
     }
 
     /// Whether the rollouts of an optimizer step share statistics (TRL generates them
@@ -444,6 +537,15 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
             _ => ctx.accumulation as f64,
         };
         item.set("loss", metrics.loss as f64 / share);
+        // The completions of a logged step, once (on the step that made them).
+        if micro.generate {
+            if let Some(samples) = ctx.samples.lock().expect("samples").as_mut() {
+                if (micro.step + 1).is_multiple_of(samples.every) {
+                    let part = micro.index % ctx.accumulation;
+                    samples.write(micro.step + 1, part, &roll);
+                }
+            }
+        }
         // Counted once, on the step that made the rollout (0 on its reuses).
         if ctx.cfg.filter_groups {
             let made = |n: usize| if micro.generate { n as f64 } else { 0.0 };

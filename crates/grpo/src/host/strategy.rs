@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use super::health::{CollapseWatch, Health, Verdict};
 use super::record::StepRecord;
 use super::store::{remove_checkpoint, write_state, KeepLast, RunState, WriteLog};
+use super::tensorboard::EventWriter;
 use super::GrpoPolicy;
 use crate::learner::{clip_global_norm, weights_finite};
 
@@ -47,6 +48,9 @@ pub struct GrpoStrategy {
     pub fatal: Arc<Mutex<Option<Fatal>>>,
     /// Where the checkpoint recorder reports the files it finished.
     pub writes: WriteLog,
+    /// The run's TensorBoard event file, when it writes one (shared with the train step,
+    /// which adds the sampled completions).
+    pub board: Arc<Mutex<Option<EventWriter>>>,
 }
 
 /// Why a hosted run stopped on its own.
@@ -63,10 +67,13 @@ type Lc<B, LR, O> = LearningComponentsMarker<B, LR, GrpoPolicy<B>, O>;
 struct Logs {
     jsonl: File,
     log: File,
+    board: Arc<Mutex<Option<EventWriter>>>,
     echo: bool,
-    /// Lines that could not be written, per file (each first failure is said at once).
+    /// Lines (or events) that could not be written, per file (each first failure is said at
+    /// once).
     lost_json: usize,
     lost_log: usize,
+    lost_events: usize,
 }
 
 impl Logs {
@@ -75,13 +82,45 @@ impl Logs {
         Ok(Self {
             jsonl: append(&s.metrics_jsonl)?,
             log: append(&s.log_file)?,
+            board: s.board.clone(),
             echo: s.progress_lines,
             lost_json: 0,
             lost_log: 0,
+            lost_events: 0,
         })
     }
 
+    /// The record's values as TensorBoard scalars at its step: `train/<key>`, held-out
+    /// evaluations (`valid_*`) as `eval/<key>`.
+    fn events(&mut self, rec: &StepRecord) {
+        let mut board = self.board.lock().expect("event file");
+        let Some(w) = board.as_mut() else {
+            return;
+        };
+        let step = rec.get("step").unwrap_or(0.0) as u64;
+        let tags: Vec<(String, f64)> = rec
+            .values
+            .iter()
+            .filter(|(k, _)| k != "step")
+            .map(|(k, v)| match k.strip_prefix("valid_") {
+                Some(k) => (format!("eval/{k}"), *v),
+                None => (format!("train/{k}"), *v),
+            })
+            .collect();
+        let values: Vec<(&str, f64)> = tags.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        if let Err(e) = w.scalars(step, &values) {
+            self.lost_events += 1;
+            if self.lost_events == 1 {
+                eprintln!(
+                    "warning: a TensorBoard event could not be written to {}: {e}",
+                    w.path().display()
+                );
+            }
+        }
+    }
+
     fn json(&mut self, rec: &StepRecord) {
+        self.events(rec);
         let written = writeln!(self.jsonl, "{}", rec.to_json()).and_then(|_| self.jsonl.flush());
         if let Err(e) = written {
             self.lost_json += 1;
@@ -109,6 +148,7 @@ impl Logs {
         for (lost, file) in [
             (self.lost_json, "metrics.jsonl"),
             (self.lost_log, "train.log"),
+            (self.lost_events, "the TensorBoard event file"),
         ] {
             if lost > 0 {
                 eprintln!("warning: {lost} line(s) of {file} could not be written");

@@ -139,6 +139,8 @@ impl GrpoConfig {
 pub struct Rollout<B: Backend> {
     /// Prompt index of each completion (completions come group after group).
     pub prompt_of: Vec<usize>,
+    /// The prompt text of each completion.
+    pub prompts: Vec<String>,
     pub completions: Vec<Vec<u32>>,
     pub texts: Vec<String>,
     /// The completion tokens that count, as wide as the longest completion.
@@ -364,6 +366,7 @@ pub fn rollout<B: Backend>(
     Ok(Rollout {
         old_logprobs,
         prompt_of: (0..repeated.len()).map(|i| i / g).collect(),
+        prompts: prompt_texts,
         masks,
         completions: out.tokens,
         texts,
@@ -406,6 +409,7 @@ impl<B: Backend> Rollout<B> {
         let width = rolls.iter().map(|r| r.batch.width).max().unwrap_or(1);
         let mut out = Rollout {
             prompt_of: Vec::new(),
+            prompts: Vec::new(),
             completions: Vec::new(),
             texts: Vec::new(),
             masks: Vec::new(),
@@ -427,6 +431,7 @@ impl<B: Backend> Rollout<B> {
             out.prompt_of
                 .extend(r.prompt_of.iter().map(|&p| p + prompts));
             prompts += r.prompt_of.iter().max().map_or(0, |&p| p + 1);
+            out.prompts.extend(r.prompts);
             out.completions.extend(r.completions);
             out.texts.extend(r.texts);
             out.masks.extend(r.masks);
