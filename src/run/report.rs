@@ -74,7 +74,8 @@ pub fn write(
     }
     let panels = [
         Panel {
-            title: format!("mean reward (moving avg {window})"),
+            title: format!("mean reward (moving average of {window} steps)"),
+            y_label: "reward".into(),
             series: vec![
                 ("total".into(), smooth(&reward, window)),
                 ("format".into(), smooth(&fmt, window)),
@@ -82,18 +83,23 @@ pub fn write(
         },
         Panel {
             title: "accuracy".into(),
+            y_label: "accuracy".into(),
             series: acc_series,
         },
         Panel {
-            title: "kl".into(),
+            title: "KL to the reference".into(),
+            y_label: "kl".into(),
             series: vec![("kl".into(), kl.clone())],
         },
         Panel {
             title: "completion length".into(),
+            y_label: "tokens".into(),
             series: vec![("mean".into(), len.clone())],
         },
     ];
-    render(&panels).save(dir.join("curves.png"))?;
+    render(&panels)
+        .map_err(|e| anyhow::anyhow!("drawing curves.png: {e}"))?
+        .save(dir.join("curves.png"))?;
 
     let tenth = (reward.len() / 10).max(1);
     let first = |v: &[(f64, f64)]| mean(&v[..tenth.min(v.len())]);
