@@ -201,6 +201,11 @@ pub struct GrpoSection {
     pub filter_groups: bool,
     /// Rounds of rollouts a micro-batch may take to fill its groups (0: no limit).
     pub max_num_gen_batches: usize,
+    /// KL as a reward penalty: each completion's reward minus this times its summed KL to the
+    /// reference (verl's `use_kl_in_reward`); 0: off.
+    pub kl_in_reward: f32,
+    /// Its estimator (verl's `kl_penalty`): k1 (verl's default), k2, k3, low_var_kl, abs.
+    pub kl_in_reward_estimator: KlEstimator,
     pub num_iterations: usize,
     /// Prompt and completion widths padded to multiples of this so steps share shapes (and
     /// compiled kernels on GPU backends); 0: 64 on cuda and wgpu, exact (1) on flex.
@@ -452,6 +457,8 @@ impl Default for GrpoSection {
             mask_truncated_completions: false,
             filter_groups: false,
             max_num_gen_batches: 10,
+            kl_in_reward: 0.0,
+            kl_in_reward_estimator: KlEstimator::K1,
             num_iterations: 1,
             shape_bucket: 0,
             share_prompt: true,
@@ -729,6 +736,7 @@ impl RunConfig {
             real("grpo.delta", delta as f64, 1.0, true, inf)?;
         }
         real("grpo.entropy_coef", g.entropy_coef as f64, -inf, false, inf)?;
+        real("grpo.kl_in_reward", g.kl_in_reward as f64, 0.0, false, inf)?;
         real(
             "grpo.top_entropy_quantile",
             g.top_entropy_quantile as f64,

@@ -219,6 +219,8 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
         memory: cfg.memory.options(),
         filter_groups: g.filter_groups,
         max_num_gen_batches: g.max_num_gen_batches,
+        kl_in_reward: g.kl_in_reward,
+        kl_in_reward_estimator: g.kl_in_reward_estimator,
     }
 }
 
@@ -511,7 +513,8 @@ fn execute<B: Backend>(
 
     let gcfg = grpo_config(cfg, &eos, pad);
     // With LoRA the reference is the frozen base itself (adapters bypassed, weights shared).
-    let reference = (gcfg.loss.beta != 0.0).then(|| policy.valid().without_adapters());
+    let reference = (gcfg.loss.beta != 0.0 || gcfg.kl_in_reward != 0.0)
+        .then(|| policy.valid().without_adapters());
     let ctx = HostCtx::<A<B>>::new(
         train_prompts,
         model::tokenizer(cfg)?,

@@ -375,6 +375,20 @@ fn dynamic_sampling_replaces_flat_groups_and_resumes_exactly() {
     }
 }
 
+/// KL as a reward penalty in a hosted run: logged as its own reward, and a resumed run ends
+/// where an uninterrupted one does.
+#[test]
+fn a_kl_reward_penalty_run_logs_it_and_resumes_exactly() {
+    let (lines, _) = resumed_matches_whole("klr", false, |cfg| cfg.kl_in_reward = 0.5);
+    let penalties: Vec<f64> = lines
+        .iter()
+        .map(|l| l["reward/kl_penalty"].as_f64().unwrap())
+        .collect();
+    // Step 1 samples from the reference itself (KL 0); later rollouts have moved away.
+    assert_eq!(penalties[0], 0.0);
+    assert!(penalties[2] < 0.0, "{penalties:?}");
+}
+
 /// The same on Qwen2.5-VL (its vision tower's norms and gated MLP in the checkpoint record).
 #[test]
 fn a_resumed_qwen25vl_run_matches_an_uninterrupted_one() {

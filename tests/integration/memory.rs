@@ -654,3 +654,68 @@ fn dapo_and_batch_scaling_follow_trl_under_accumulation() {
         );
     }
 }
+
+/// KL as a reward penalty, by an independent computation: each completion scored alone under
+/// the sampling policy and under the reference (`completion_logprobs`), its k1 estimate
+/// summed over its counted tokens, times the coefficient, off its reward; the advantages are
+/// the group's anew.
+#[test]
+fn the_kl_reward_penalty_takes_each_completions_summed_kl() {
+    use grpo::advantages::group_advantages;
+    use grpo::learner::penalize_kl_in_reward;
+    use qwen2vl::generation::completion_logprobs;
+    let (policy, prompts, eos) = fixture_policy();
+    let device = Default::default();
+    let cfg = GrpoConfig {
+        num_generations: 4,
+        max_completion_length: 6,
+        eos_token_ids: vec![eos],
+        pad_token_id: PAD,
+        kl_in_reward: 0.3,
+        ..Default::default()
+    };
+    let reference = crate::grpo_learns::tiny_random_model(3, &device).valid();
+    let sampler = policy.valid();
+    let plain = roll_out(&policy, &prompts, &cfg, 5);
+    let mut roll = plain.clone();
+    penalize_kl_in_reward(&mut roll, &sampler, &reference, &cfg).unwrap();
+    let mut want = plain.rewards.clone();
+    for (i, completion) in plain.completions.iter().enumerate() {
+        let p = &prompts[plain.prompt_of[i]];
+        let images = qwen2vl::Images::from_processed(p.images.iter(), &device).unwrap();
+        let lp = |m: &Qwen2VL<Flex>| -> Vec<f32> {
+            completion_logprobs(
+                m,
+                std::slice::from_ref(&p.ids),
+                std::slice::from_ref(completion),
+                images.as_ref(),
+                PAD,
+            )
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap()
+        };
+        let (old, refs) = (lp(&sampler), lp(&reference));
+        let kl: f32 = plain.masks[i]
+            .iter()
+            .enumerate()
+            .filter(|(_, &m)| m)
+            .map(|(t, _)| old[t] - refs[t])
+            .sum();
+        want[i] -= 0.3 * kl;
+    }
+    for (got, want) in roll.rewards.iter().zip(&want) {
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+    assert!(roll
+        .rewards
+        .iter()
+        .zip(&plain.rewards)
+        .any(|(a, b)| (a - b).abs() > 1e-3));
+    assert_eq!(
+        roll.advantages,
+        group_advantages(&roll.rewards, 4, cfg.scale_rewards)
+    );
+    assert!(roll.per_reward.iter().any(|(name, _)| name == "kl_penalty"));
+}

@@ -40,7 +40,8 @@ use qwen2vl::Qwen2VL;
 use crate::advantages::ScaleRewards;
 use crate::eval::{evaluate, EvalConfig};
 use crate::learner::{
-    policy_gradients, rollout, share_step_statistics, GrpoConfig, PromptInput, Rollout,
+    penalize_kl_in_reward, policy_gradients, rollout, share_step_statistics, GrpoConfig,
+    PromptInput, Rollout,
 };
 use crate::loss::LossType;
 use crate::rewards::WeightedRewards;
@@ -334,7 +335,17 @@ impl<B: AutodiffBackend> HostCtx<B> {
                     &self.device,
                 )
             };
-            roll.unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", m.step))
+            let mut roll =
+                roll.unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", m.step));
+            if self.cfg.kl_in_reward != 0.0 {
+                let reference = self
+                    .reference
+                    .as_ref()
+                    .expect("kl_in_reward is set: the run holds a reference");
+                penalize_kl_in_reward(&mut roll, model, reference, &self.cfg)
+                    .unwrap_or_else(|e| panic!("KL penalty of step {} failed: {e}", m.step));
+            }
+            roll
         };
         let acc = self.accumulation;
         let reuse = self.cfg.num_iterations > 1;

@@ -73,6 +73,13 @@ pub struct GrpoConfig {
     /// (verl's `max_num_gen_batches`, the first included; 0: no limit). When they run out the
     /// step keeps groups without spread to stay whole (verl stops with an error instead).
     pub max_num_gen_batches: usize,
+    /// KL as a reward penalty (verl's `algorithm.use_kl_in_reward` with a fixed
+    /// `kl_ctrl.kl_coef`): each completion's reward loses this times the summed KL estimate
+    /// of the sampling policy against the reference over its tokens, before the advantages
+    /// ([`penalize_kl_in_reward`]). 0: off.
+    pub kl_in_reward: f32,
+    /// The estimator of that penalty (verl's `algorithm.kl_penalty`, `kl` = k1 by default).
+    pub kl_in_reward_estimator: crate::loss::KlEstimator,
 }
 
 /// Memory options of the scoring passes (policy, reference, sampling policy), each exact: the
@@ -118,6 +125,8 @@ impl Default for GrpoConfig {
             memory: MemoryOptions::default(),
             filter_groups: false,
             max_num_gen_batches: 10,
+            kl_in_reward: 0.0,
+            kl_in_reward_estimator: crate::loss::KlEstimator::K1,
         }
     }
 }
@@ -459,6 +468,41 @@ impl<B: Backend> Rollout<B> {
         }
         out
     }
+}
+
+/// KL as a reward penalty (verl: `apply_kl_penalty` in `verl/trainer/ppo/ray_trainer.py`,
+/// whose token-level rewards the GRPO advantage sums): each completion's reward minus
+/// `cfg.kl_in_reward` x the sum over its counted tokens of `kl_estimate(sampling policy,
+/// reference)`, logged as the reward `kl_penalty`; the group advantages are then taken anew.
+/// `policy` is the sampling policy (its log-probs kept in the rollout are used when it has
+/// them).
+pub fn penalize_kl_in_reward<B: Backend>(
+    roll: &mut Rollout<B>,
+    policy: &Qwen2VL<B>,
+    reference: &Qwen2VL<B>,
+    cfg: &GrpoConfig,
+) -> Result<(), Qwen2VLError> {
+    let chunk = cfg.memory.head_chunk;
+    let old = match &roll.old_logprobs {
+        Some(o) => o.clone(),
+        None => roll.batch.score(policy, chunk)?,
+    };
+    let refs = roll.batch.score(reference, chunk)?;
+    let kl = crate::loss::kl_estimate(old, refs, cfg.kl_in_reward_estimator) * roll.batch.mask();
+    let per_row: Vec<f32> = kl
+        .sum_dim(1)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 values");
+    let penalty: Vec<f32> = per_row.iter().map(|k| -cfg.kl_in_reward * k).collect();
+    for (r, p) in roll.rewards.iter_mut().zip(&penalty) {
+        *r += p;
+    }
+    roll.per_reward.push(("kl_penalty".into(), penalty));
+    let advantages = group_advantages(&roll.rewards, cfg.num_generations, cfg.scale_rewards);
+    roll.set_advantages(advantages);
+    Ok(())
 }
 
 /// TRL's statistics over the rollouts of one optimizer step, which TRL generates together
