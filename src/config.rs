@@ -206,6 +206,11 @@ pub struct GrpoSection {
     pub kl_in_reward: f32,
     /// Its estimator (verl's `kl_penalty`): k1 (verl's default), k2, k3, low_var_kl, abs.
     pub kl_in_reward_estimator: KlEstimator,
+    /// TRL's `sync_ref_model`: every `ref_model_sync_steps` steps the reference becomes
+    /// `ref_model_mixup_alpha` x policy + (1 - alpha) x reference.
+    pub sync_ref_model: bool,
+    pub ref_model_mixup_alpha: f32,
+    pub ref_model_sync_steps: usize,
     pub num_iterations: usize,
     /// Prompt and completion widths padded to multiples of this so steps share shapes (and
     /// compiled kernels on GPU backends); 0: 64 on cuda and wgpu, exact (1) on flex.
@@ -459,6 +464,9 @@ impl Default for GrpoSection {
             max_num_gen_batches: 10,
             kl_in_reward: 0.0,
             kl_in_reward_estimator: KlEstimator::K1,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
             num_iterations: 1,
             shape_bucket: 0,
             share_prompt: true,
@@ -737,6 +745,28 @@ impl RunConfig {
         }
         real("grpo.entropy_coef", g.entropy_coef as f64, -inf, false, inf)?;
         real("grpo.kl_in_reward", g.kl_in_reward as f64, 0.0, false, inf)?;
+        if g.sync_ref_model {
+            real(
+                "grpo.ref_model_mixup_alpha",
+                g.ref_model_mixup_alpha as f64,
+                0.0,
+                false,
+                1.0,
+            )?;
+            at_least("grpo.ref_model_sync_steps", g.ref_model_sync_steps, 1)?;
+            if g.beta == 0.0 && g.kl_in_reward == 0.0 {
+                bail!(
+                    "grpo.sync_ref_model is set but no reference model is used (grpo.beta and \
+                     grpo.kl_in_reward are 0): nothing to synchronise"
+                );
+            }
+            if self.lora.enabled {
+                bail!(
+                    "grpo.sync_ref_model with lora.enabled: the LoRA reference is the frozen \
+                     base the adapters sit on, which cannot move (TRL refuses it with PEFT too)"
+                );
+            }
+        }
         real(
             "grpo.top_entropy_quantile",
             g.top_entropy_quantile as f64,
@@ -964,6 +994,8 @@ mod tests {
             assert!(e.contains(key), "{bad}: {e}");
         }
         for (a, b) in [
+            ("grpo.sync_ref_model=true", "grpo.beta=0.0"),
+            ("grpo.sync_ref_model=true", "lora.enabled=true"),
             ("grpo.entropy_coef=0.1", "memory.lm_head_chunk=64"),
             (
                 "grpo.top_entropy_quantile=0.5",

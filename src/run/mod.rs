@@ -221,6 +221,9 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
         max_num_gen_batches: g.max_num_gen_batches,
         kl_in_reward: g.kl_in_reward,
         kl_in_reward_estimator: g.kl_in_reward_estimator,
+        sync_ref_model: g.sync_ref_model,
+        ref_model_mixup_alpha: g.ref_model_mixup_alpha,
+        ref_model_sync_steps: g.ref_model_sync_steps,
     }
 }
 

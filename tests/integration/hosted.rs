@@ -389,6 +389,38 @@ fn a_kl_reward_penalty_run_logs_it_and_resumes_exactly() {
     assert!(penalties[2] < 0.0, "{penalties:?}");
 }
 
+/// TRL's `sync_ref_model` in a hosted run: the reference moves towards the policy every step
+/// (alpha 0.5), each synced reference is kept (the two newest), and a run resumed at step 2
+/// takes the reference synced before it and ends where an uninterrupted one does.
+#[test]
+fn a_synced_reference_run_resumes_exactly() {
+    let sync = |cfg: &mut GrpoConfig| {
+        cfg.sync_ref_model = true;
+        cfg.ref_model_mixup_alpha = 0.5;
+        cfg.ref_model_sync_steps = 1;
+    };
+    let (synced, _) = resumed_matches_whole("sync", false, sync);
+    let (frozen, _) = resumed_matches_whole("frozen", false, |_| {});
+    // The KL to a reference that follows the policy is smaller than to the frozen one.
+    let kl = |lines: &[serde_json::Value]| lines[3]["kl"].as_f64().unwrap();
+    assert!(
+        kl(&synced) < kl(&frozen),
+        "{} vs {}",
+        kl(&synced),
+        kl(&frozen)
+    );
+    // The references kept: the syncs at the start of steps 2 and 3 (0-based), the two newest.
+    let dir = fresh_dir("sync-kept");
+    run_configured(&dir, 4, false, None, false, sync);
+    let mut kept: Vec<String> = std::fs::read_dir(dir.join("grpo/reference"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-2", "step-3"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// The same on Qwen2.5-VL (its vision tower's norms and gated MLP in the checkpoint record).
 #[test]
 fn a_resumed_qwen25vl_run_matches_an_uninterrupted_one() {

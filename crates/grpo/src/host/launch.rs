@@ -267,6 +267,9 @@ pub fn launch<B: AutodiffBackend>(
         .map(|(r, _)| r.name().to_string())
         .collect();
     ctx.set_plan(&micro);
+    let resumed_from = resume_state.as_ref().map_or(0, |s| s.step);
+    ctx.keep_references(opts.dir.join("reference"), resumed_from)
+        .map_err(HostError::Config)?;
     let ctx = Arc::new(ctx);
     // One event file per launch; a resumed run first tells TensorBoard to drop what the
     // stopped one logged past its checkpoint.

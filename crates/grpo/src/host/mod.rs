@@ -62,8 +62,11 @@ pub struct HostCtx<B: AutodiffBackend> {
     pub tokenizer: Arc<TextTokenizer>,
     pub rewards: WeightedRewards,
     pub cfg: GrpoConfig,
-    /// Frozen reference (only when `cfg.loss.beta > 0`).
-    pub reference: Option<Qwen2VL<B::InnerBackend>>,
+    /// The reference (when `beta` or `kl_in_reward` is set): frozen, or pulled towards the
+    /// policy with `sync_ref_model`.
+    reference: std::sync::RwLock<Option<Qwen2VL<B::InnerBackend>>>,
+    /// Where a synced reference is kept for resuming (set when the run is launched).
+    reference_dir: Mutex<Option<std::path::PathBuf>>,
     pub device: B::Device,
     /// Micro-batches per optimizer step; the loss is divided by it.
     pub accumulation: usize,
@@ -226,7 +229,8 @@ impl<B: AutodiffBackend> HostCtx<B> {
             tokenizer: Arc::new(tokenizer),
             rewards,
             cfg,
-            reference,
+            reference: std::sync::RwLock::new(reference),
+            reference_dir: Mutex::new(None),
             device,
             accumulation: accumulation.max(1),
             cache: Mutex::new(HashMap::new()),
@@ -302,6 +306,50 @@ impl<B: AutodiffBackend> HostCtx<B> {
         Ok(())
     }
 
+    /// With `sync_ref_model`: the synced references are kept under `dir` (`step-<s>`, the
+    /// reference after the sync at the start of step `s`); a run resumed at step `start`
+    /// takes the newest from before it (a sync at `start` itself is made again).
+    fn keep_references(&self, dir: std::path::PathBuf, start: usize) -> Result<(), String> {
+        if self.cfg.sync_ref_model && start > 0 {
+            let newest = synced_references(&dir)
+                .into_iter()
+                .filter(|&s| s < start)
+                .max();
+            if let Some(s) = newest {
+                let path = dir.join(format!("step-{s}"));
+                let (model, _) = qwen2vl::load_model(&path, &self.device)
+                    .map_err(|e| format!("the reference synced at step {s}: {e}"))?;
+                *self.reference.write().expect("reference") = Some(model);
+            }
+        }
+        *self.reference_dir.lock().expect("reference dir") = Some(dir);
+        Ok(())
+    }
+
+    /// TRL's `SyncRefModelCallback`: after every `ref_model_sync_steps` optimizer steps (here,
+    /// at the start of the next), the reference moves towards `policy`; the result is saved.
+    fn sync_reference(&self, policy: &Qwen2VL<B::InnerBackend>, step: usize) {
+        let mut guard = self.reference.write().expect("reference");
+        let Some(reference) = guard.take() else {
+            return;
+        };
+        let mixed =
+            crate::learner::mix_into_reference(reference, policy, self.cfg.ref_model_mixup_alpha);
+        if let Some(dir) = self.reference_dir.lock().expect("reference dir").as_ref() {
+            let path = dir.join(format!("step-{step}"));
+            qwen2vl::save_model(&mixed, &path, qwen2vl::SaveDtype::F32).unwrap_or_else(|e| {
+                panic!("the reference synced at step {step} could not be saved: {e}")
+            });
+            // The two newest are enough to resume from any checkpoint after them.
+            let mut kept = synced_references(dir);
+            kept.sort_unstable();
+            for old in kept.iter().rev().skip(2) {
+                let _ = std::fs::remove_dir_all(dir.join(format!("step-{old}")));
+            }
+        }
+        *guard = Some(mixed);
+    }
+
     /// Whether the rollouts of an optimizer step share statistics (TRL generates them
     /// together): a step-wide reward std or `dapo`'s step-wide token count, with accumulation.
     fn step_statistics(&self) -> bool {
@@ -338,8 +386,8 @@ impl<B: AutodiffBackend> HostCtx<B> {
             let mut roll =
                 roll.unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", m.step));
             if self.cfg.kl_in_reward != 0.0 {
-                let reference = self
-                    .reference
+                let reference = self.reference.read().expect("reference");
+                let reference = reference
                     .as_ref()
                     .expect("kl_in_reward is set: the run holds a reference");
                 penalize_kl_in_reward(&mut roll, model, reference, &self.cfg)
@@ -386,6 +434,22 @@ impl<B: AutodiffBackend> HostCtx<B> {
         }
         mine.expect("the step's entries include this one")
     }
+}
+
+/// The steps whose synced reference is kept under `dir`.
+fn synced_references(dir: &std::path::Path) -> Vec<usize> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let step = name.strip_prefix("step-")?.parse().ok()?;
+                    e.path().join("model.safetensors").is_file().then_some(step)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One micro-batch of the run's plan.
@@ -514,6 +578,15 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
     fn step(&self, batch: GrpoBatch<B>) -> TrainOutput<StepRecord> {
         let ctx = &batch.ctx;
         let micro = &batch.micro;
+        let every = ctx.cfg.ref_model_sync_steps.max(1);
+        let first_of_step = micro.index.is_multiple_of(ctx.accumulation);
+        if ctx.cfg.sync_ref_model
+            && first_of_step
+            && micro.step > 0
+            && micro.step.is_multiple_of(every)
+        {
+            ctx.sync_reference(&self.valid_model(), micro.step);
+        }
         // A reused rollout, or one its step's first entry made with the others of the step.
         let cached = if micro.generate && !ctx.step_statistics() {
             None
@@ -532,9 +605,10 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
         let rollout_seconds = t_roll.elapsed().as_secs_f64();
         // Gradients of `self.policy`: GrpoPolicy's only parameters are the policy's, with the
         // same ids.
+        let reference = ctx.reference.read().expect("reference");
         let (grads, metrics) = policy_gradients(
             &self.policy,
-            ctx.reference.as_ref(),
+            reference.as_ref(),
             &roll,
             &ctx.cfg,
             ctx.accumulation,

@@ -4,9 +4,11 @@
 
 mod clip;
 mod finite;
+mod sync;
 
 pub use clip::clip_global_norm;
 pub use finite::weights_finite;
+pub use sync::mix_into_reference;
 
 use std::ops::Range;
 
@@ -80,6 +82,12 @@ pub struct GrpoConfig {
     pub kl_in_reward: f32,
     /// The estimator of that penalty (verl's `algorithm.kl_penalty`, `kl` = k1 by default).
     pub kl_in_reward_estimator: crate::loss::KlEstimator,
+    /// TRL's `sync_ref_model`: every `ref_model_sync_steps` optimizer steps the reference
+    /// becomes `ref_model_mixup_alpha * policy + (1 - alpha) * reference`
+    /// ([`mix_into_reference`]); a hosted run keeps each synced reference for its resume.
+    pub sync_ref_model: bool,
+    pub ref_model_mixup_alpha: f32,
+    pub ref_model_sync_steps: usize,
 }
 
 /// Memory options of the scoring passes (policy, reference, sampling policy), each exact: the
@@ -127,6 +135,9 @@ impl Default for GrpoConfig {
             max_num_gen_batches: 10,
             kl_in_reward: 0.0,
             kl_in_reward_estimator: crate::loss::KlEstimator::K1,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
         }
     }
 }
