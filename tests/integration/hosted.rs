@@ -390,7 +390,7 @@ fn a_kl_reward_penalty_run_logs_it_and_resumes_exactly() {
 }
 
 /// TRL's `sync_ref_model` in a hosted run: the reference moves towards the policy every step
-/// (alpha 0.5), each synced reference is kept (the two newest), and a run resumed at step 2
+/// (alpha 0.5), each synced reference a resume may need is kept, and a run resumed at step 2
 /// takes the reference synced before it and ends where an uninterrupted one does.
 #[test]
 fn a_synced_reference_run_resumes_exactly() {
@@ -409,7 +409,8 @@ fn a_synced_reference_run_resumes_exactly() {
         kl(&synced),
         kl(&frozen)
     );
-    // The references kept: the syncs at the start of steps 2 and 3 (0-based), the two newest.
+    // The references kept: every sync a resume from a kept checkpoint may need (checkpoints
+    // every 2 steps, 2 kept, a sync every step: 2 x 2 + 1 = 5, here all three).
     let dir = fresh_dir("sync-kept");
     run_configured(&dir, 4, false, None, false, sync);
     let mut kept: Vec<String> = std::fs::read_dir(dir.join("grpo/reference"))
@@ -417,7 +418,7 @@ fn a_synced_reference_run_resumes_exactly() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     kept.sort();
-    assert_eq!(kept, ["step-2", "step-3"]);
+    assert_eq!(kept, ["step-1", "step-2", "step-3"]);
     let _ = std::fs::remove_dir_all(dir);
 }
 

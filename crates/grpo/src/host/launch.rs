@@ -268,7 +268,10 @@ pub fn launch<B: AutodiffBackend>(
         .collect();
     ctx.set_plan(&micro);
     let resumed_from = resume_state.as_ref().map_or(0, |s| s.step);
-    ctx.keep_references(opts.dir.join("reference"), resumed_from)
+    // The synced references a resume from any kept checkpoint may need.
+    let every = ctx.cfg.ref_model_sync_steps.max(1);
+    let keep = opts.checkpoint_every.max(1).div_ceil(every) * opts.keep_checkpoints.max(1) + 1;
+    ctx.keep_references(opts.dir.join("reference"), keep, resumed_from)
         .map_err(HostError::Config)?;
     let ctx = Arc::new(ctx);
     // One event file per launch; a resumed run first tells TensorBoard to drop what the

@@ -65,8 +65,9 @@ pub struct HostCtx<B: AutodiffBackend> {
     /// The reference (when `beta` or `kl_in_reward` is set): frozen, or pulled towards the
     /// policy with `sync_ref_model`.
     reference: std::sync::RwLock<Option<Qwen2VL<B::InnerBackend>>>,
-    /// Where a synced reference is kept for resuming (set when the run is launched).
-    reference_dir: Mutex<Option<std::path::PathBuf>>,
+    /// Where synced references are kept for resuming, and how many (set when the run is
+    /// launched).
+    reference_dir: Mutex<Option<(std::path::PathBuf, usize)>>,
     pub device: B::Device,
     /// Micro-batches per optimizer step; the loss is divided by it.
     pub accumulation: usize,
@@ -307,22 +308,30 @@ impl<B: AutodiffBackend> HostCtx<B> {
     }
 
     /// With `sync_ref_model`: the synced references are kept under `dir` (`step-<s>`, the
-    /// reference after the sync at the start of step `s`); a run resumed at step `start`
-    /// takes the newest from before it (a sync at `start` itself is made again).
-    fn keep_references(&self, dir: std::path::PathBuf, start: usize) -> Result<(), String> {
-        if self.cfg.sync_ref_model && start > 0 {
-            let newest = synced_references(&dir)
-                .into_iter()
-                .filter(|&s| s < start)
-                .max();
-            if let Some(s) = newest {
-                let path = dir.join(format!("step-{s}"));
-                let (model, _) = qwen2vl::load_model(&path, &self.device)
-                    .map_err(|e| format!("the reference synced at step {s}: {e}"))?;
-                *self.reference.write().expect("reference") = Some(model);
-            }
+    /// reference after the sync at the start of step `s`), the newest `keep`; a run resumed at
+    /// step `start` takes the newest from before it (a sync at `start` itself is made again),
+    /// and fails if it is missing rather than go on with another reference.
+    fn keep_references(
+        &self,
+        dir: std::path::PathBuf,
+        keep: usize,
+        start: usize,
+    ) -> Result<(), String> {
+        let every = self.cfg.ref_model_sync_steps.max(1);
+        if self.cfg.sync_ref_model && start > every {
+            // The last sync before `start`: at the largest multiple of `every` below it.
+            let s = (start - 1) / every * every;
+            let path = dir.join(format!("step-{s}"));
+            let (model, _) = qwen2vl::load_model(&path, &self.device).map_err(|e| {
+                format!(
+                    "resuming at step {start} needs the reference synced at step {s} \
+                     ({}): {e}",
+                    path.display()
+                )
+            })?;
+            *self.reference.write().expect("reference") = Some(model);
         }
-        *self.reference_dir.lock().expect("reference dir") = Some(dir);
+        *self.reference_dir.lock().expect("reference dir") = Some((dir, keep.max(2)));
         Ok(())
     }
 
@@ -335,15 +344,15 @@ impl<B: AutodiffBackend> HostCtx<B> {
         };
         let mixed =
             crate::learner::mix_into_reference(reference, policy, self.cfg.ref_model_mixup_alpha);
-        if let Some(dir) = self.reference_dir.lock().expect("reference dir").as_ref() {
+        if let Some((dir, keep)) = self.reference_dir.lock().expect("reference dir").as_ref() {
             let path = dir.join(format!("step-{step}"));
             qwen2vl::save_model(&mixed, &path, qwen2vl::SaveDtype::F32).unwrap_or_else(|e| {
                 panic!("the reference synced at step {step} could not be saved: {e}")
             });
-            // The two newest are enough to resume from any checkpoint after them.
+            // Enough to resume from any checkpoint still kept.
             let mut kept = synced_references(dir);
             kept.sort_unstable();
-            for old in kept.iter().rev().skip(2) {
+            for old in kept.iter().rev().skip(*keep) {
                 let _ = std::fs::remove_dir_all(dir.join(format!("step-{old}")));
             }
         }
