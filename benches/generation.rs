@@ -27,10 +27,7 @@ fn bench(c: &mut Criterion) {
         for (name, temperature) in [("greedy", 0.0), ("sampled", 1.0)] {
             let cfg = GenerationConfig {
                 max_new_tokens: NEW_TOKENS,
-                sampling: Sampling {
-                    temperature,
-                    ..Sampling::GREEDY
-                },
+                sampling: Sampling::full(temperature),
                 // No stop token: every row decodes all NEW_TOKENS steps.
                 eos_token_ids: Vec::new(),
                 pad_token_id: common::PAD,

@@ -206,13 +206,7 @@ impl BackendTask for Task {
         let memory = a.memory();
         let cfg = |share_prompt: bool| GrpoConfig {
             num_generations: a.num_generations,
-            sampling: Sampling {
-                temperature: 1.0,
-                top_k: 0,
-                top_p: 1.0,
-                min_p: 0.0,
-                repetition_penalty: 1.0,
-            },
+            sampling: Sampling::full(1.0),
             max_completion_length: a.new_tokens,
             loss: LossConfig::default(),
             // No early stop: every completion takes --new-tokens tokens.

@@ -88,15 +88,11 @@ pub fn processor(cfg: &RunConfig) -> anyhow::Result<Processor> {
 /// Med-R1's trainer sets them on the loaded processor (`grpo_trainer.py`). A checkpoint's chat
 /// template must be the one medr1 renders.
 pub fn processor_with(cfg: &RunConfig, tokenizer: TextTokenizer) -> anyhow::Result<Processor> {
-    let mut image = ImageProcessorConfig::default();
-    if !cfg.model.checkpoint.is_empty() {
-        let dir = Path::new(&cfg.model.checkpoint);
-        qwen2vl::processor::check_chat_template(dir)?;
-        let file = dir.join("preprocessor_config.json");
-        if file.is_file() {
-            image = ImageProcessorConfig::from_file(&file)?;
-        }
-    }
+    let mut image = if cfg.model.checkpoint.is_empty() {
+        ImageProcessorConfig::default()
+    } else {
+        Processor::image_config_of(Path::new(&cfg.model.checkpoint))?
+    };
     image.min_pixels = cfg.model.min_pixels;
     image.max_pixels = cfg.model.max_pixels;
     Ok(Processor::new(tokenizer, image)?)

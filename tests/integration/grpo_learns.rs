@@ -101,13 +101,7 @@ fn grpo_raises_the_mean_reward_of_a_tiny_model() {
         .collect();
     let cfg = GrpoConfig {
         num_generations: 8,
-        sampling: Sampling {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-        },
+        sampling: Sampling::full(1.0),
         max_completion_length: 8,
         loss: LossConfig {
             beta: 0.04,

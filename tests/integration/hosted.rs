@@ -139,13 +139,7 @@ impl grpo::Reward for FlatOnCount {
 fn run_config() -> GrpoConfig {
     GrpoConfig {
         num_generations: 4,
-        sampling: Sampling {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-        },
+        sampling: Sampling::full(1.0),
         max_completion_length: 6,
         loss: LossConfig {
             beta: 0.04,

@@ -200,14 +200,8 @@ impl<B: AutodiffBackend> HostCtx<B> {
         let unfilled = want - kept.len();
         kept.extend(flat.into_iter().take(unfilled));
         let mut roll = Rollout::merge(kept);
-        if cfg.scale_rewards == ScaleRewards::Batch {
-            let adv = crate::advantages::group_advantages(
-                &roll.rewards,
-                cfg.num_generations,
-                ScaleRewards::Batch,
-            );
-            roll.set_advantages(adv);
-        }
+        // The groups were rolled out apart: statistics over all of them (a batch std).
+        share_step_statistics(std::slice::from_mut(&mut roll), cfg);
         roll.resampled_groups = resampled;
         roll.unfilled_groups = unfilled;
         Ok(roll)

@@ -630,12 +630,7 @@ pub fn policy_loss<B: AutodiffBackend>(
         // The rollout's tensors, read by the policy through the autodiff wrapper (no copy).
         let images = part.images.clone().map(Images::into_autodiff);
         let hidden = part.tokens.hidden(policy, images.as_ref())?;
-        let (logp, entropy) = if entropy_grad {
-            part.tokens.score_hidden_entropy_grad(policy, hidden)
-        } else {
-            let (logp, entropy) = part.tokens.score_hidden(policy, hidden, true);
-            (logp, entropy.expect("asked for"))
-        };
+        let (logp, entropy) = scores(&part.tokens, policy, hidden, entropy_grad);
         logps.push(logp);
         entropies.push(entropy);
     }

@@ -178,21 +178,21 @@ pub fn generate_grouped<B: Backend>(
     // Image/video placeholders are never generated: a completion holding one could not be
     // scored again (it would need an image).
     let banned = [model.config.image_token_id, model.config.video_token_id];
-    // The tokens each row holds, for the repetition penalty: its prompt's (padding aside, as
-    // transformers' `prompt_ignore_length`), then each token it generates.
+    // How often each row holds each token, for the repetition penalty: its prompt's (padding
+    // aside, as transformers' `prompt_ignore_length`), then each token it generates.
     let vocab = model.config.text.vocab_size;
-    let mut seen = cfg.sampling.penalizes().then(|| {
-        let mut held = vec![false; b * vocab];
+    let mut held = cfg.sampling.penalizes().then(|| {
+        let mut counts = vec![0.0f32; b * vocab];
         for r in 0..b {
             let row = of_prompt(r);
             let ids = &prompts.ids[row * l..(row + 1) * l];
             for (&id, &v) in ids.iter().zip(&prompt_valid[row]) {
                 if v && (id as usize) < vocab {
-                    held[r * vocab + id as usize] = true;
+                    counts[r * vocab + id as usize] += 1.0;
                 }
             }
         }
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(held, [b, vocab]), &device)
+        Tensor::<B, 2>::from_data(TensorData::new(counts, [b, vocab]), &device)
     });
     for step in 0..cfg.max_new_tokens {
         let active: Vec<bool> = out.finished.iter().map(|&f| !f).collect();
@@ -203,6 +203,7 @@ pub fn generate_grouped<B: Backend>(
                 }
             }
         }
+        let seen = held.as_ref().map(|h| h.clone().greater_elem(0.0));
         let picked = pick(
             last,
             &banned,
@@ -211,16 +212,15 @@ pub fn generate_grouped<B: Backend>(
             &active,
             &mut rng,
         );
-        if let Some(held) = seen.take() {
+        if let Some(counts) = held.take() {
             let ids: Vec<i64> = picked.tokens.iter().map(|&t| t as i64).collect();
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, 1]), &device);
-            let now = Tensor::<B, 2>::zeros([b, vocab], &device).scatter(
+            held = Some(counts.scatter(
                 1,
                 ids,
                 Tensor::ones([b, 1], &device),
                 burn::tensor::IndexingUpdateOp::Add,
-            );
-            seen = Some(held.bool_or(now.greater_elem(0.0)));
+            ));
         }
         let mut fed = Vec::with_capacity(b);
         for (r, &is_active) in active.iter().enumerate() {

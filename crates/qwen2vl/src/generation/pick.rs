@@ -357,13 +357,7 @@ mod tests {
         );
         assert_eq!(p.tokens, [3, 3]);
         // A finished row takes no draw: the active row's pick is the one it gets alone.
-        let s = Sampling {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-        };
+        let s = Sampling::full(1.0);
         let one = pick(
             logits.clone().narrow(0, 1, 1),
             &[],

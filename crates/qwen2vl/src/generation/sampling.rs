@@ -31,6 +31,15 @@ impl Sampling {
         repetition_penalty: 1.0,
     };
 
+    /// Sampling from the whole distribution at `temperature`: no top-k, top-p, min-p or
+    /// repetition penalty.
+    pub const fn full(temperature: f32) -> Self {
+        Self {
+            temperature,
+            ..Self::GREEDY
+        }
+    }
+
     /// Whether a repetition penalty applies.
     pub fn penalizes(&self) -> bool {
         self.repetition_penalty != 1.0
@@ -108,13 +117,7 @@ mod tests {
     #[test]
     fn tiny_temperature_is_greedy() {
         let logits = [0.1, 2.0, 1.994, -3.0];
-        let s = Sampling {
-            temperature: 1e-4,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-        };
+        let s = Sampling::full(1e-4);
         let mut rng = Rng::new(7);
         for _ in 0..100 {
             assert_eq!(sample(&logits, &s, &mut rng), 1);
@@ -195,13 +198,7 @@ mod tests {
     #[test]
     fn sampling_frequencies_follow_the_softmax() {
         let logits = [0.0f32, (3.0f32).ln()];
-        let s = Sampling {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-        };
+        let s = Sampling::full(1.0);
         let mut rng = Rng::new(42);
         let n = 20_000;
         let ones = (0..n)

@@ -67,15 +67,21 @@ impl Processor {
     /// `tokenizer.json` and (when present) `preprocessor_config.json` of a checkpoint
     /// directory; its chat template, when it ships one, must be the one medr1 renders.
     pub fn from_dir(dir: &Path) -> Result<Self, ProcessorError> {
-        check_chat_template(dir)?;
+        let image = Self::image_config_of(dir)?;
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
-        let pp = dir.join("preprocessor_config.json");
-        let image = if pp.is_file() {
-            ImageProcessorConfig::from_file(&pp)?
-        } else {
-            ImageProcessorConfig::default()
-        };
         Self::new(tokenizer, image)
+    }
+
+    /// The image settings of a checkpoint directory (its `preprocessor_config.json`, Qwen2-VL's
+    /// without one), once its chat template, if it ships one, is found to be medr1's.
+    pub fn image_config_of(dir: &Path) -> Result<ImageProcessorConfig, ProcessorError> {
+        check_chat_template(dir)?;
+        let pp = dir.join("preprocessor_config.json");
+        if pp.is_file() {
+            ImageProcessorConfig::from_file(&pp)
+        } else {
+            Ok(ImageProcessorConfig::default())
+        }
     }
 
     /// Token ids of a rendered chat whose `<|image_pad|>` placeholders stand for images of

@@ -58,13 +58,7 @@ impl Checker<'_> {
         )?;
 
         // Sampling at a vanishing temperature must pick the argmax every time.
-        cfg.sampling = Sampling {
-            temperature: 1e-4,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-        };
+        cfg.sampling = Sampling::full(1e-4);
         cfg.seed = 1234;
         let s = generate(model, &batch, imgs.as_ref(), &cfg, false)?;
         let tokens: Vec<f64> = s.tokens[0].iter().map(|&t| t as f64).collect();
