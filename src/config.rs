@@ -211,6 +211,11 @@ pub struct GrpoSection {
     pub sync_ref_model: bool,
     pub ref_model_mixup_alpha: f32,
     pub ref_model_sync_steps: usize,
+    /// TRL's `num_generations_eval`: the held-out evaluation during GRPO (`eval.every`)
+    /// samples this many answers per question with the training sampling settings and scores
+    /// them with the rewards (accuracy over samples, pass@n, rewards); absent: greedy answers,
+    /// Med-R1's protocol. The evaluations before and after GRPO stay greedy.
+    pub num_generations_eval: Option<usize>,
     pub num_iterations: usize,
     /// Prompt and completion widths padded to multiples of this so steps share shapes (and
     /// compiled kernels on GPU backends); 0: 64 on cuda and wgpu, exact (1) on flex.
@@ -467,6 +472,7 @@ impl Default for GrpoSection {
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,
+            num_generations_eval: None,
             num_iterations: 1,
             shape_bucket: 0,
             share_prompt: true,
@@ -743,6 +749,16 @@ impl RunConfig {
         if let Some(delta) = g.delta {
             real("grpo.delta", delta as f64, 1.0, true, inf)?;
         }
+        if let Some(n) = g.num_generations_eval {
+            at_least("grpo.num_generations_eval", n, 1)?;
+            if self.eval.every == 0 {
+                bail!(
+                    "grpo.num_generations_eval is set but eval.every is 0: only the held-out \
+                     evaluation during GRPO samples answers (set eval.every, or remove \
+                     grpo.num_generations_eval)"
+                );
+            }
+        }
         real("grpo.entropy_coef", g.entropy_coef as f64, -inf, false, inf)?;
         real("grpo.kl_in_reward", g.kl_in_reward as f64, 0.0, false, inf)?;
         if g.sync_ref_model {
@@ -989,6 +1005,7 @@ mod tests {
             ("grpo.warmup_ratio=1.5", "grpo.warmup_ratio"),
             ("grpo.min_p=1.5", "grpo.min_p"),
             ("grpo.repetition_penalty=0.0", "grpo.repetition_penalty"),
+            ("grpo.num_generations_eval=0", "grpo.num_generations_eval"),
         ] {
             let e = format!("{:#}", RunConfig::load(None, &[bad.into()]).unwrap_err());
             assert!(e.contains(key), "{bad}: {e}");
@@ -996,6 +1013,7 @@ mod tests {
         for (a, b) in [
             ("grpo.sync_ref_model=true", "grpo.beta=0.0"),
             ("grpo.sync_ref_model=true", "lora.enabled=true"),
+            ("grpo.num_generations_eval=2", "eval.every=0"),
             ("grpo.entropy_coef=0.1", "memory.lm_head_chunk=64"),
             (
                 "grpo.top_entropy_quantile=0.5",

@@ -224,6 +224,7 @@ fn grpo_config(cfg: &RunConfig, eos: &[u32], pad: u32) -> GrpoConfig {
         sync_ref_model: g.sync_ref_model,
         ref_model_mixup_alpha: g.ref_model_mixup_alpha,
         ref_model_sync_steps: g.ref_model_sync_steps,
+        num_generations_eval: g.num_generations_eval,
     }
 }
 

@@ -489,3 +489,92 @@ fn shape_buckets_leave_the_rollout_and_the_loss_unchanged() {
     assert!((m1.kl - m64.kl).abs() < 1e-6, "kl {} vs {}", m1.kl, m64.kl);
     assert!((m1.entropy - m64.entropy).abs() < 1e-5);
 }
+
+/// `num_generations_eval`: the held-out answers are drawn as a rollout draws its groups (the
+/// same seed gives the same completions, rewards and lengths), and with greedy sampling every
+/// answer of a question is the greedy evaluation's.
+#[test]
+fn sampled_evaluation_draws_as_a_rollout_does() {
+    use grpo::eval::{evaluate, evaluate_sampled, EvalConfig, SampledEval};
+    let device = Default::default();
+    let model = tiny_random_model(11, &device).valid();
+    let tokenizer = byte_tokenizer();
+    let prompts: Vec<PromptInput> = ["Say a word.", "Name a thing.", "Count."]
+        .iter()
+        .map(|q| text_prompt(&tokenizer, q))
+        .collect();
+    let rewards = std::sync::Arc::new(WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    });
+    let eval = EvalConfig {
+        batch_size: 3,
+        max_new_tokens: 6,
+        eos_token_ids: vec![258],
+        pad_token_id: 256,
+        buckets: ShapeBuckets::EXACT,
+        scoring: Default::default(),
+    };
+    let sampled = SampledEval {
+        num_generations: 4,
+        sampling: Sampling::full(1.0),
+        rewards: rewards.clone(),
+        seed: 9,
+    };
+    let got = evaluate_sampled(&model, &prompts, &tokenizer, &eval, &sampled, 0, &device).unwrap();
+    let cfg = GrpoConfig {
+        num_generations: 4,
+        sampling: Sampling::full(1.0),
+        max_completion_length: 6,
+        eos_token_ids: vec![258],
+        pad_token_id: 256,
+        ..Default::default()
+    };
+    let roll = rollout(&model, &prompts, &tokenizer, &rewards, &cfg, 9, &device).unwrap();
+    let outputs: Vec<&str> = got
+        .report
+        .predictions
+        .iter()
+        .map(|p| p.output.as_str())
+        .collect();
+    let texts: Vec<&str> = roll.texts.iter().map(String::as_str).collect();
+    assert_eq!(outputs, texts);
+    assert_eq!(got.rewards, roll.rewards);
+    assert_eq!(got.per_reward, roll.per_reward);
+    let lens: Vec<usize> = roll.completions.iter().map(Vec::len).collect();
+    assert_eq!(got.completion_lens, lens);
+    assert_eq!(got.report.overall.total, 12);
+    assert!(
+        texts.chunks(4).any(|g| g.iter().any(|t| *t != g[0])),
+        "sampling drew the same answer everywhere: {texts:?}"
+    );
+    // Seeded by question index: batches of 2 draw what one batch of 3 does only for the first
+    // batch's questions; the second batch starts from its own index.
+    let halves = EvalConfig {
+        batch_size: 2,
+        ..eval.clone()
+    };
+    let again =
+        evaluate_sampled(&model, &prompts, &tokenizer, &halves, &sampled, 0, &device).unwrap();
+    let tail = evaluate_sampled(
+        &model,
+        &prompts[2..],
+        &tokenizer,
+        &halves,
+        &sampled,
+        2,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(again.rewards[8..], tail.rewards[..]);
+
+    let greedy = SampledEval {
+        num_generations: 2,
+        sampling: Sampling::GREEDY,
+        ..sampled
+    };
+    let twice = evaluate_sampled(&model, &prompts, &tokenizer, &eval, &greedy, 0, &device).unwrap();
+    let once = evaluate(&model, &prompts, &tokenizer, &eval, &device).unwrap();
+    for (pair, p) in twice.report.predictions.chunks(2).zip(&once.predictions) {
+        assert_eq!((&pair[0].output, &pair[1].output), (&p.output, &p.output));
+    }
+}

@@ -64,6 +64,36 @@ fn run_configured(
     qwen25: bool,
     adjust: impl Fn(&mut GrpoConfig),
 ) -> qwen2vl::Qwen2VL<Inner> {
+    run_evaluated(dir, total_steps, resume, lora, qwen25, 0, adjust)
+}
+
+/// The first three run prompts: the held-out questions of runs that evaluate.
+fn held_out_prompts() -> Vec<grpo::learner::PromptInput> {
+    run_prompts(&byte_tokenizer())[..3].to_vec()
+}
+
+/// The held-out evaluation settings of the runs.
+fn held_out_config() -> EvalConfig {
+    EvalConfig {
+        batch_size: 2,
+        max_new_tokens: 4,
+        eos_token_ids: vec![258],
+        pad_token_id: 256,
+        buckets: ShapeBuckets::EXACT,
+        scoring: Default::default(),
+    }
+}
+
+/// [`run_configured`], evaluating [`held_out_prompts`] every `eval_every` steps (0: never).
+fn run_evaluated(
+    dir: &Path,
+    total_steps: usize,
+    resume: bool,
+    lora: Option<&qwen2vl::LoraConfig>,
+    qwen25: bool,
+    eval_every: usize,
+    adjust: impl Fn(&mut GrpoConfig),
+) -> qwen2vl::Qwen2VL<Inner> {
     let device = Default::default();
     let mut policy = initial_model(qwen25);
     if let Some(l) = lora {
@@ -93,7 +123,7 @@ fn run_configured(
         prompts_per_step: 1,
         checkpoint_every: 2,
         keep_checkpoints: 2,
-        eval_every: 0,
+        eval_every,
         seed: 5,
         schedule: LrSchedule::constant(3e-3),
         optimizer: OptimizerOptions::default(),
@@ -108,15 +138,14 @@ fn run_configured(
             every: 1,
         }),
     };
-    let eval = EvalConfig {
-        batch_size: 2,
-        max_new_tokens: 4,
-        eos_token_ids: vec![258],
-        pad_token_id: 256,
-        buckets: ShapeBuckets::EXACT,
-        scoring: Default::default(),
+    let held_out = if eval_every > 0 {
+        HeldOut::from(held_out_prompts())
+    } else {
+        HeldOut::none()
     };
-    launch(policy, ctx, HeldOut::none(), eval, &opts).unwrap().0
+    launch(policy, ctx, held_out, held_out_config(), &opts)
+        .unwrap()
+        .0
 }
 
 /// [`Alphanumeric`], but the same reward for every completion of the "Count." prompt.
@@ -417,6 +446,81 @@ fn a_synced_reference_run_resumes_exactly() {
 }
 
 /// The same on Qwen2.5-VL (its vision tower's norms and gated MLP in the checkpoint record).
+/// `num_generations_eval`: the held-out evaluation samples answers and logs their rewards;
+/// the logged numbers are those of [`evaluate_sampled`] on the model at that step (batches of
+/// two questions, seeded by the run's seed and the question index), and a resumed run logs
+/// the same evaluations as an uninterrupted one.
+#[test]
+fn a_sampled_held_out_evaluation_logs_rewards_and_resumes_exactly() {
+    use grpo::eval::{evaluate_sampled, SampledEval};
+    let adjust = |c: &mut GrpoConfig| c.num_generations_eval = Some(3);
+    let whole = fresh_dir("sampled-eval-whole");
+    let parts = fresh_dir("sampled-eval-parts");
+    let a = run_evaluated(&whole, 4, false, None, false, 2, adjust);
+    run_evaluated(&parts, 2, false, None, false, 2, adjust);
+    run_evaluated(&parts, 4, true, None, false, 2, adjust);
+    let evals = |dir: &Path| -> Vec<serde_json::Value> {
+        lines(dir)
+            .into_iter()
+            .filter(|l| l.get("valid_accuracy").is_some())
+            .collect()
+    };
+    let (ea, eb) = (evals(&whole), evals(&parts));
+    assert_eq!(ea.len(), 2, "{ea:?}");
+    assert_eq!(ea, eb, "a resumed run evaluated differently");
+    for key in [
+        "valid_pass_at_n",
+        "valid_unparsable",
+        "valid_reward_mean",
+        "valid_reward_std",
+        "valid_reward/alphanumeric",
+        "valid_zero_std_groups",
+        "valid_completion_len_mean",
+    ] {
+        assert!(ea[1].get(key).is_some(), "{key} missing from {}", ea[1]);
+    }
+    assert_eq!(ea[1]["step"], 4.0);
+
+    let device = Default::default();
+    let sampled = SampledEval {
+        num_generations: 3,
+        sampling: run_config().sampling,
+        rewards: std::sync::Arc::new(WeightedRewards {
+            rewards: vec![(Box::new(Alphanumeric), 1.0)],
+        }),
+        seed: 5,
+    };
+    let prompts = held_out_prompts();
+    let tok = byte_tokenizer();
+    let eval = held_out_config();
+    let whole_set = evaluate_sampled(&a, &prompts, &tok, &eval, &sampled, 0, &device).unwrap();
+    let got = |k: &str| ea[1][k].as_f64().unwrap();
+    assert!(
+        got("valid_reward_std") > 0.0,
+        "the samples differ: {}",
+        ea[1]
+    );
+    for (k, v) in whole_set.metrics() {
+        if k == "reward_std" {
+            continue;
+        }
+        assert!(
+            (got(&format!("valid_{k}")) - v).abs() < 1e-6,
+            "{k}: {} vs {v}",
+            ea[1]
+        );
+    }
+    // The spread is each batch's (two questions, then one), weighted by its questions.
+    let std = |r: &[f32]| grpo::advantages::std_unbiased(r) as f64;
+    let r = &whole_set.rewards;
+    let expected = (2.0 * std(&r[..6]) + std(&r[6..])) / 3.0;
+    assert!((got("valid_reward_std") - expected).abs() < 1e-6);
+    let _ = (
+        std::fs::remove_dir_all(whole),
+        std::fs::remove_dir_all(parts),
+    );
+}
+
 #[test]
 fn a_resumed_qwen25vl_run_matches_an_uninterrupted_one() {
     let (_, a) = resumed_matches_whole("q25", true, |_| {});

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use medvqa::{Modality, QuestionType};
-use qwen2vl::generation::{generate, GenerationConfig, Sampling, ShapeBuckets};
+use qwen2vl::generation::{generate, generate_grouped, GenerationConfig, Sampling, ShapeBuckets};
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::{Qwen2VL, Qwen2VLError, TokenBatch};
 use serde::{Deserialize, Serialize};
 
+use crate::advantages::{std_unbiased, zero_std_fraction};
 use crate::learner::{images_of, PromptInput};
-use crate::rewards::extract_letter;
+use crate::rewards::{extract_letter, WeightedRewards};
 use crate::stream::{PromptError, PromptSource, PromptStream, StreamOptions};
 
 /// How an output is judged against the answer letter: this project's extraction, or one of
@@ -358,6 +359,156 @@ fn evaluate_batch<B: Backend>(
     Ok(())
 }
 
+/// Sampled held-out evaluation, TRL's `num_generations_eval` (trl/trainer/grpo_config.py:67,
+/// used at grpo_trainer.py:741 and 1277): each question answered `num_generations` times with
+/// the training run's sampling settings and scored by its reward functions, as TRL's
+/// evaluation loop generates and scores an eval batch (`_generate_and_score_completions` with
+/// `mode = "eval"`). medr1's default held-out evaluation stays greedy (Med-R1's protocol);
+/// this one is chosen by setting the option.
+#[derive(Clone)]
+pub struct SampledEval {
+    pub num_generations: usize,
+    pub sampling: Sampling,
+    pub rewards: Arc<WeightedRewards>,
+    /// The draws of a batch are seeded by this plus the batch's first question index, so
+    /// every evaluation of a run draws the same random numbers: two checkpoints differ only by
+    /// their weights, and a resumed run evaluates as the uninterrupted one.
+    pub seed: u64,
+}
+
+impl std::fmt::Debug for SampledEval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SampledEval")
+            .field("num_generations", &self.num_generations)
+            .field("sampling", &self.sampling)
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a sampled evaluation measured: every sample recorded in `report` (its accuracies are
+/// means over the samples), with the rewards and lengths of the samples, question after
+/// question (`num_generations` each).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SampledReport {
+    pub report: EvalReport,
+    pub num_generations: usize,
+    pub rewards: Vec<f32>,
+    pub per_reward: Vec<(String, Vec<f32>)>,
+    pub completion_lens: Vec<usize>,
+}
+
+impl SampledReport {
+    /// Questions with at least one correct sample.
+    pub fn solved(&self) -> usize {
+        self.report
+            .predictions
+            .chunks(self.num_generations.max(1))
+            .filter(|g| g.iter().any(|p| p.correct))
+            .count()
+    }
+
+    /// The metrics under the names a training step logs them (`reward_mean`, `reward_std`
+    /// over every sample as TRL's `reward_std`, `reward/<name>`, `zero_std_groups`,
+    /// `completion_len_mean`), plus `accuracy` (mean over samples), `pass_at_n` (questions
+    /// with a correct sample among their `num_generations`) and `unparsable` (fraction of
+    /// samples).
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        let n = self.rewards.len().max(1) as f64;
+        let questions = self.rewards.len() / self.num_generations.max(1);
+        let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+        let mut out = vec![
+            ("accuracy".to_string(), self.report.overall.accuracy()),
+            (
+                "pass_at_n".to_string(),
+                self.solved() as f64 / questions.max(1) as f64,
+            ),
+            (
+                "unparsable".to_string(),
+                self.report.overall.unparsable as f64 / n,
+            ),
+            ("reward_mean".to_string(), mean(&self.rewards)),
+            ("reward_std".to_string(), std_unbiased(&self.rewards) as f64),
+        ];
+        for (name, v) in &self.per_reward {
+            out.push((format!("reward/{name}"), mean(v)));
+        }
+        out.push((
+            "zero_std_groups".to_string(),
+            zero_std_fraction(&self.rewards, self.num_generations.max(1)) as f64,
+        ));
+        out.push((
+            "completion_len_mean".to_string(),
+            self.completion_lens.iter().sum::<usize>() as f64 / n,
+        ));
+        out
+    }
+}
+
+/// `sampled.num_generations` answers to each of `prompts`, `cfg.batch_size` questions at a
+/// time, sampled as a rollout samples (each prompt prefilled once for its group), scored by
+/// `cfg.scoring` and by the reward functions; `first_index` seeds the first batch's draws.
+pub fn evaluate_sampled<B: Backend>(
+    model: &Qwen2VL<B>,
+    prompts: &[PromptInput],
+    tokenizer: &TextTokenizer,
+    cfg: &EvalConfig,
+    sampled: &SampledEval,
+    first_index: usize,
+    device: &B::Device,
+) -> Result<SampledReport, Qwen2VLError> {
+    let g = sampled.num_generations;
+    if g == 0 {
+        return Err(Qwen2VLError::Input(
+            "num_generations_eval must be at least 1".into(),
+        ));
+    }
+    let mut out = SampledReport {
+        num_generations: g,
+        per_reward: sampled
+            .rewards
+            .rewards
+            .iter()
+            .map(|(r, _)| (r.name().to_string(), Vec::new()))
+            .collect(),
+        ..Default::default()
+    };
+    let batch = cfg.batch_size.max(1);
+    for (i, chunk) in prompts.chunks(batch).enumerate() {
+        let rows: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
+        let refs: Vec<&PromptInput> = chunk.iter().collect();
+        let gen_cfg = GenerationConfig {
+            sampling: sampled.sampling,
+            seed: sampled.seed.wrapping_add((first_index + i * batch) as u64),
+            ..generation_config(cfg)
+        };
+        let tokens = TokenBatch::left_padded(&rows, cfg.pad_token_id);
+        let images = images_of::<B>(&refs, device)?;
+        let gen = generate_grouped(model, &tokens, images.as_ref(), g, &gen_cfg, false)?;
+        let texts: Vec<String> = gen
+            .tokens
+            .iter()
+            .map(|t| tokenizer.decode(t, true).unwrap_or_default())
+            .collect();
+        let repeated: Vec<&PromptInput> = chunk
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p, g))
+            .collect();
+        let prompt_texts: Vec<String> = repeated.iter().map(|p| p.text.clone()).collect();
+        let records: Vec<_> = repeated.iter().map(|p| &p.record).collect();
+        let scores = sampled.rewards.score(&prompt_texts, &texts, &records);
+        out.rewards.extend(&scores.total);
+        for ((_, all), (_, s)) in out.per_reward.iter_mut().zip(scores.per_reward) {
+            all.extend(s);
+        }
+        out.completion_lens.extend(gen.tokens.iter().map(Vec::len));
+        for (p, text) in repeated.into_iter().zip(texts) {
+            out.report.record_with(cfg.scoring, p, text);
+        }
+    }
+    Ok(out)
+}
+
 /// Greedy answers for every prompt of `source`, `batch_size` at a time, the next batches
 /// prepared while one is generating; `progress(done, total)` after each batch, and
 /// `should_stop()` before each (a stop request ends the evaluation with an error).
@@ -484,6 +635,46 @@ mod tests {
                 && csv.contains("overall,overall,4,2,1,0.500000"),
             "{csv}"
         );
+    }
+
+    /// Two questions, two samples each: question 1 answered right once and unparsably once,
+    /// question 2 wrong twice with equal rewards.
+    #[test]
+    fn sampled_metrics_by_hand() {
+        let mut r = SampledReport {
+            num_generations: 2,
+            rewards: vec![1.0, 0.0, 0.5, 0.5],
+            per_reward: vec![("fmt".into(), vec![1.0, 0.0, 1.0, 1.0])],
+            completion_lens: vec![3, 5, 2, 2],
+            ..Default::default()
+        };
+        let q1 = prompt(0, Modality::Ct, QuestionType::LesionGrading);
+        let q2 = prompt(1, Modality::Ct, QuestionType::LesionGrading);
+        for (p, out) in [
+            (&q1, "<answer> A </answer>"),
+            (&q1, "x"),
+            (&q2, "<answer> A </answer>"),
+            (&q2, "<answer> C </answer>"),
+        ] {
+            r.report.record(p, out.into());
+        }
+        let m: BTreeMap<String, f64> = r.metrics().into_iter().collect();
+        let expect = [
+            ("accuracy", 0.25),
+            ("pass_at_n", 0.5),
+            ("unparsable", 0.25),
+            ("reward_mean", 0.5),
+            // Deviations 0.5, -0.5, 0, 0: sqrt(0.5 / 3).
+            ("reward_std", (0.5f64 / 3.0).sqrt()),
+            ("reward/fmt", 0.75),
+            ("zero_std_groups", 0.5),
+            ("completion_len_mean", 3.0),
+        ];
+        assert_eq!(m.len(), expect.len(), "{m:?}");
+        for (k, v) in expect {
+            assert!((m[k] - v).abs() < 1e-6, "{k}: {} vs {v}", m[k]);
+        }
+        assert_eq!(r.solved(), 1);
     }
 
     #[test]

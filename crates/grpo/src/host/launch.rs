@@ -26,7 +26,7 @@ use super::store::{
 use super::strategy::{Fatal, GrpoStrategy};
 use super::tensorboard::EventWriter;
 use super::{plan, EvalBatcher, GrpoBatcher, GrpoPolicy, HostCtx};
-use crate::eval::EvalConfig;
+use crate::eval::{EvalConfig, SampledEval};
 use crate::learner::PromptInput;
 use crate::schedule::{LrSchedule, ScheduledLr};
 use crate::stream::PromptSource;
@@ -298,10 +298,19 @@ pub fn launch<B: AutodiffBackend>(
         .build(InMemDataset::new(micro));
     let eval_batch = eval.batch_size.max(1);
     let held_out_count = held_out.count.min(held_out.source.len());
+    let sampled = ctx.cfg.num_generations_eval.map(|n| {
+        Arc::new(SampledEval {
+            num_generations: n,
+            sampling: ctx.cfg.sampling,
+            rewards: ctx.rewards.clone(),
+            seed: opts.seed,
+        })
+    });
     let valid = DataLoaderBuilder::new(EvalBatcher {
         source: held_out.source,
         tokenizer: ctx.tokenizer.clone(),
         cfg: Arc::new(eval),
+        sampled,
     })
     .batch_size(eval_batch)
     .build(InMemDataset::new(

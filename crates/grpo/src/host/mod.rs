@@ -38,7 +38,7 @@ use qwen2vl::processor::TextTokenizer;
 use qwen2vl::Qwen2VL;
 
 use crate::advantages::ScaleRewards;
-use crate::eval::{evaluate, EvalConfig};
+use crate::eval::{evaluate, evaluate_sampled, EvalConfig, SampledEval};
 use crate::learner::{
     penalize_kl_in_reward, policy_gradients, rollout, share_step_statistics, GrpoConfig,
     PromptInput, Rollout,
@@ -60,7 +60,7 @@ pub struct HostCtx<B: AutodiffBackend> {
     /// How far ahead of the step, and by how many threads.
     pub stream: StreamOptions,
     pub tokenizer: Arc<TextTokenizer>,
-    pub rewards: WeightedRewards,
+    pub rewards: Arc<WeightedRewards>,
     pub cfg: GrpoConfig,
     /// The reference (when `beta` or `kl_in_reward` is set): frozen, or pulled towards the
     /// policy with `sync_ref_model`.
@@ -222,7 +222,7 @@ impl<B: AutodiffBackend> HostCtx<B> {
             prompts: Arc::new(prompts),
             stream: StreamOptions::default(),
             tokenizer: Arc::new(tokenizer),
-            rewards,
+            rewards: Arc::new(rewards),
             cfg,
             reference: std::sync::RwLock::new(reference),
             reference_dir: Mutex::new(None),
@@ -645,12 +645,16 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
     }
 }
 
-/// Held-out prompts for burn-train's validation pass: greedy accuracy.
+/// Held-out prompts for burn-train's validation pass: greedy accuracy, or sampled answers
+/// with their rewards when the run sets `num_generations_eval`.
 #[derive(Clone)]
 pub struct EvalBatch {
     pub prompts: Vec<PromptInput>,
+    /// The held-out index of the first prompt (seeds sampled answers).
+    pub first: usize,
     pub tokenizer: Arc<TextTokenizer>,
     pub cfg: Arc<EvalConfig>,
+    pub sampled: Option<Arc<SampledEval>>,
 }
 
 impl std::fmt::Debug for EvalBatch {
@@ -672,6 +676,23 @@ impl<B: Backend> InferenceStep for GrpoPolicy<B> {
             .into_iter()
             .next()
             .expect("a model lives on a device");
+        let mut r = StepRecord::default();
+        if let Some(sampled) = &batch.sampled {
+            let report = evaluate_sampled(
+                &self.policy,
+                &batch.prompts,
+                &batch.tokenizer,
+                &batch.cfg,
+                sampled,
+                batch.first,
+                &device,
+            )
+            .unwrap_or_else(|e| panic!("validation failed: {e}"));
+            for (k, v) in report.metrics() {
+                r.set(&k, v);
+            }
+            return r;
+        }
         let report = evaluate(
             &self.policy,
             &batch.prompts,
@@ -680,7 +701,6 @@ impl<B: Backend> InferenceStep for GrpoPolicy<B> {
             &device,
         )
         .unwrap_or_else(|e| panic!("validation failed: {e}"));
-        let mut r = StepRecord::default();
         r.set("accuracy", report.overall.accuracy());
         let t = report.overall.total.max(1) as f64;
         r.set("unparsable", report.overall.unparsable as f64 / t);
@@ -694,6 +714,7 @@ pub struct EvalBatcher {
     pub source: Arc<dyn PromptSource>,
     pub tokenizer: Arc<TextTokenizer>,
     pub cfg: Arc<EvalConfig>,
+    pub sampled: Option<Arc<SampledEval>>,
 }
 
 impl<B: Backend> Batcher<B, usize, EvalBatch> for EvalBatcher {
@@ -705,8 +726,10 @@ impl<B: Backend> Batcher<B, usize, EvalBatch> for EvalBatcher {
             .unwrap_or_else(|e| panic!("held-out evaluation: {e}"));
         EvalBatch {
             prompts,
+            first: items.first().copied().unwrap_or(0),
             tokenizer: self.tokenizer.clone(),
             cfg: self.cfg.clone(),
+            sampled: self.sampled.clone(),
         }
     }
 }

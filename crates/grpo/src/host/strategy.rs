@@ -323,15 +323,26 @@ where
                 processor.process_train(LearnerEvent::EndEpoch(epoch));
             }
             if self.eval_every > 0 && steps_done % self.eval_every == 0 && !stop {
-                let accuracy = validate::<B, LR, O>(&learner, &valid, &mut processor, epoch);
+                let means = validate::<B, LR, O>(&learner, &valid, &mut processor, epoch);
                 let mut v = StepRecord::default();
                 v.set("step", steps_done as f64);
-                v.set("valid_accuracy", accuracy);
+                for (k, x) in &means.values {
+                    v.set(&format!("valid_{k}"), *x);
+                }
                 logs.json(&v);
-                logs.line(&format!(
-                    "step {steps_done:>5}/{} | held-out accuracy {accuracy:.3}",
-                    self.total_steps
-                ));
+                let accuracy = means.get("accuracy").unwrap_or(f64::NAN);
+                let line = match means.get("reward_mean") {
+                    Some(reward) => format!(
+                        "step {steps_done:>5}/{} | held-out accuracy {accuracy:.3} (sampled), \
+                         reward {reward:.3}",
+                        self.total_steps
+                    ),
+                    None => format!(
+                        "step {steps_done:>5}/{} | held-out accuracy {accuracy:.3}",
+                        self.total_steps
+                    ),
+                };
+                logs.line(&line);
             }
             if (boundary || stop) && steps_done != last_saved {
                 if !weights_finite(&learner.model().policy.valid()) {
@@ -401,13 +412,14 @@ where
     }
 }
 
-/// burn-train's validation pass over the held-out loader; returns the mean accuracy.
+/// burn-train's validation pass over the held-out loader; returns each metric's mean over the
+/// held-out questions (each batch's value weighted by its questions).
 fn validate<B, LR, O>(
     learner: &Learner<Lc<B, LR, O>>,
     valid: &ValidLoader<Lc<B, LR, O>>,
     processor: &mut SupervisedTrainingEventProcessor<Lc<B, LR, O>>,
     epoch: usize,
-) -> f64
+) -> StepRecord
 where
     B: AutodiffBackend,
     LR: LrScheduler + 'static,
@@ -415,13 +427,19 @@ where
 {
     let model = learner.model().valid();
     let mut it = valid.iter();
-    let (mut sum, mut n) = (0.0, 0usize);
+    let mut sums: Vec<(String, f64)> = Vec::new();
+    let mut n = 0usize;
     let mut i = 0;
     while let Some(batch) = it.next() {
         i += 1;
         let count = batch.prompts.len();
         let out = InferenceStep::step(&model, batch);
-        sum += out.get("accuracy").unwrap_or(0.0) * count as f64;
+        for (k, v) in &out.values {
+            match sums.iter_mut().find(|(s, _)| s == k) {
+                Some(slot) => slot.1 += v * count as f64,
+                None => sums.push((k.clone(), v * count as f64)),
+            }
+        }
         n += count;
         let progress = it.progress();
         processor.process_valid(LearnerEvent::ProcessedItem(TrainingItem::new(
@@ -436,9 +454,12 @@ where
         )));
     }
     processor.process_valid(LearnerEvent::EndEpoch(epoch));
+    let mut means = StepRecord::default();
     if n == 0 {
-        f64::NAN
-    } else {
-        sum / n as f64
+        means.set("accuracy", f64::NAN);
     }
+    for (k, sum) in sums {
+        means.set(&k, sum / n as f64);
+    }
+    means
 }

@@ -88,6 +88,11 @@ pub struct GrpoConfig {
     pub sync_ref_model: bool,
     pub ref_model_mixup_alpha: f32,
     pub ref_model_sync_steps: usize,
+    /// TRL's `num_generations_eval` (trl/trainer/grpo_config.py:67): a hosted run's held-out
+    /// evaluation samples this many answers per question with `sampling` and scores them with
+    /// the run's rewards ([`crate::eval::evaluate_sampled`]). `None`: greedy answers, Med-R1's
+    /// protocol (TRL, whose evaluation always samples, takes `num_generations` then).
+    pub num_generations_eval: Option<usize>,
 }
 
 /// Memory options of the scoring passes (policy, reference, sampling policy), each exact: the
@@ -138,6 +143,7 @@ impl Default for GrpoConfig {
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,
+            num_generations_eval: None,
         }
     }
 }
