@@ -227,6 +227,42 @@ pub fn account(
     Account { lines }
 }
 
+/// A data-parallel step over `devices` devices (`medr1 train --devices`): the main device's
+/// account and another's. Each scores its share of the prompts (`shape.prompts / devices`,
+/// whole groups); the main one alone holds the optimizer state and, besides its own
+/// gradients, one set brought from another device at a time; another holds its copy of the
+/// policy (and reference), its gradients and its share's activations.
+pub fn per_device(
+    config: &Qwen2VLConfig,
+    shape: StepShape,
+    training: Training,
+    memory: MemoryOptions,
+    devices: usize,
+) -> (Account, Option<Account>) {
+    let devices = devices.max(1);
+    let share = StepShape {
+        prompts: shape.prompts.div_ceil(devices),
+        ..shape
+    };
+    let mut main = account(config, share, training, memory);
+    if devices == 1 {
+        return (main, None);
+    }
+    let received = Line {
+        what: "gradients brought from another device",
+        key: "gradients_received",
+        bytes: main
+            .lines
+            .iter()
+            .find(|l| l.key == "gradients")
+            .map_or(0.0, |l| l.bytes),
+    };
+    main.lines.insert(2, received);
+    let mut other = account(config, share, training, memory);
+    other.lines.retain(|l| !l.key.starts_with("adamw_"));
+    (main, Some(other))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,6 +371,55 @@ mod tests {
 
     /// Each option shrinks its own line and no other; the logits of 8 x 16 tokens over the
     /// 151,936-entry vocabulary are 3 x 4 bytes each, a 64-token chunk half of that.
+    /// Two devices: each holds half the activations; the optimizer state only on the main
+    /// one, which also receives the other's gradients.
+    #[test]
+    fn two_devices_split_the_activations_and_keep_one_optimizer() {
+        let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2B").unwrap();
+        let shape = StepShape {
+            prompts: 4,
+            ..med_r1()
+        };
+        let training = Training {
+            trained: config.parameter_counts().total(),
+            lora: false,
+            reference: true,
+            vision_trains: true,
+            bytes: 4,
+        };
+        let memory = MemoryOptions::default();
+        let by_key = |a: &Account, k: &str| a.lines.iter().find(|l| l.key == k).unwrap().bytes;
+        let one = account(&config, shape, training, memory);
+        let (main, other) = per_device(&config, shape, training, memory, 2);
+        let other = other.expect("a second device");
+        let half = account(
+            &config,
+            StepShape {
+                prompts: 2,
+                ..shape
+            },
+            training,
+            memory,
+        );
+        for k in ["decoder_activations", "vision_activations", "head_logits"] {
+            assert_eq!(by_key(&main, k), by_key(&half, k), "{k}");
+            assert_eq!(by_key(&other, k), by_key(&half, k), "{k}");
+            assert!(by_key(&main, k) < by_key(&one, k), "{k}");
+        }
+        assert_eq!(
+            by_key(&main, "adamw_moments"),
+            by_key(&one, "adamw_moments")
+        );
+        assert!(other.lines.iter().all(|l| !l.key.starts_with("adamw")));
+        assert_eq!(
+            by_key(&main, "gradients_received"),
+            by_key(&one, "gradients")
+        );
+        assert_eq!(by_key(&other, "weights"), by_key(&one, "weights"));
+        assert_eq!(by_key(&other, "reference"), by_key(&one, "reference"));
+        assert!(per_device(&config, shape, training, memory, 1).1.is_none());
+    }
+
     #[test]
     fn each_memory_option_shrinks_its_own_line() {
         let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();

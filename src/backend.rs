@@ -129,3 +129,56 @@ fn feature_name(kind: DeviceKind) -> &'static str {
         DeviceKind::Cuda => "cuda",
     }
 }
+
+/// One entry of `devices` (`--devices`): `cuda:N`; `wgpu:N` (discrete GPU N),
+/// `wgpu:integrated:N`, `wgpu:cpu`, `wgpu:default`; `flex` (the CPU: listing it twice runs two
+/// workers on it). Its backend and Burn's id for it.
+pub fn parse_device(spec: &str) -> Result<(DeviceKind, burn::tensor::backend::DeviceId), String> {
+    use burn::tensor::backend::DeviceId;
+    let bad = || {
+        format!(
+            "devices: {spec:?} is not a device (cuda:N, wgpu:N, wgpu:integrated:N, wgpu:cpu, \
+             wgpu:default, flex)"
+        )
+    };
+    let index = |s: &str| s.parse::<u16>().map_err(|_| bad());
+    let parts: Vec<&str> = spec.trim().split(':').collect();
+    Ok(match parts.as_slice() {
+        ["flex"] | ["flex", "0"] => (DeviceKind::Flex, DeviceId::new(0, 0)),
+        ["cuda"] => (DeviceKind::Cuda, DeviceId::new(0, 0)),
+        ["cuda", n] => (DeviceKind::Cuda, DeviceId::new(0, index(n)?)),
+        ["wgpu"] | ["wgpu", "default"] => (DeviceKind::Wgpu, DeviceId::new(4, 0)),
+        ["wgpu", "cpu"] => (DeviceKind::Wgpu, DeviceId::new(3, 0)),
+        ["wgpu", "integrated", n] => (DeviceKind::Wgpu, DeviceId::new(1, index(n)?)),
+        ["wgpu", n] => (DeviceKind::Wgpu, DeviceId::new(0, index(n)?)),
+        _ => return Err(bad()),
+    })
+}
+
+/// The devices of `specs` on backend `B` (validated by [`parse_device`] when the config was
+/// read).
+pub fn devices_of<B: burn::tensor::backend::Backend>(specs: &[String]) -> Vec<B::Device> {
+    use burn::tensor::backend::Device as _;
+    specs
+        .iter()
+        .map(|s| B::Device::from_id(parse_device(s).expect("validated").1))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lists_parse_to_burn_ids() {
+        let id = |s: &str| parse_device(s).map(|(k, d)| (k, d.type_id, d.index_id));
+        assert_eq!(id("cuda:1"), Ok((DeviceKind::Cuda, 0, 1)));
+        assert_eq!(id("wgpu:cpu"), Ok((DeviceKind::Wgpu, 3, 0)));
+        assert_eq!(id("wgpu:integrated:2"), Ok((DeviceKind::Wgpu, 1, 2)));
+        assert_eq!(id("wgpu:0"), Ok((DeviceKind::Wgpu, 0, 0)));
+        assert_eq!(id("flex"), Ok((DeviceKind::Flex, 0, 0)));
+        for bad in ["cuda:x", "tpu:0", "flex:1", "cuda:0:1", ""] {
+            assert!(id(bad).unwrap_err().contains("is not a device"), "{bad}");
+        }
+    }
+}

@@ -22,6 +22,9 @@ pub struct RunConfig {
     pub runs_dir: PathBuf,
     /// flex | wgpu | cuda
     pub device: String,
+    /// Data-parallel GRPO over these devices of `device`'s backend (`cuda:0`, `cuda:1`, ...;
+    /// `wgpu:N`, `wgpu:cpu`, ...; `flex`), the first the main one; empty: `device`'s default.
+    pub devices: Vec<String>,
     /// f32 | bf16 (bf16 on CUDA, or on the Flex CPU backend to check bf16 numerics; not WGPU)
     pub dtype: String,
     pub seed: u64,
@@ -343,6 +346,7 @@ impl Default for RunConfig {
             name: "tiny".into(),
             runs_dir: "runs".into(),
             device: "flex".into(),
+            devices: Vec::new(),
             dtype: "f32".into(),
             seed: 0,
             model: ModelConfig::default(),
@@ -595,6 +599,33 @@ impl RunConfig {
         };
         one_of("device", &self.device, &["flex", "wgpu", "cuda"])?;
         one_of("dtype", &self.dtype, &["f32", "bf16"])?;
+        for spec in &self.devices {
+            let (kind, _) = crate::backend::parse_device(spec).map_err(anyhow::Error::msg)?;
+            if kind.name() != self.device {
+                bail!(
+                    "devices: {spec:?} is not a {} device (device = {:?}); list devices of one \
+                     backend",
+                    self.device,
+                    self.device
+                );
+            }
+        }
+        let workers = self.devices.len();
+        if workers > 1 {
+            if !self.grpo.prompts_per_step.is_multiple_of(workers) {
+                bail!(
+                    "grpo.prompts_per_step ({}) must be a multiple of the {workers} devices: \
+                     each rolls out an equal share of every micro-batch",
+                    self.grpo.prompts_per_step
+                );
+            }
+            if self.grpo.filter_groups {
+                bail!(
+                    "grpo.filter_groups with several devices: dynamic sampling rolls groups out \
+                     one at a time on the main device; use one device"
+                );
+            }
+        }
         if self.dtype == "bf16" && self.device == "wgpu" {
             bail!("dtype = \"bf16\" runs on device = \"cuda\" or \"flex\": WGPU has no bf16 arithmetic");
         }
@@ -1024,6 +1055,39 @@ mod tests {
             let e = format!("{e:#}");
             let key = |s: &str| s.split('=').next().unwrap().to_string();
             assert!(e.contains(&key(a)) && e.contains(&key(b)), "{e}");
+        }
+    }
+
+    #[test]
+    fn device_lists_are_checked_naming_the_key() {
+        let ok = RunConfig::load(
+            None,
+            &[
+                "devices=[\"flex\", \"flex\"]".into(),
+                "grpo.prompts_per_step=2".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.devices.len(), 2);
+        for (sets, needle) in [
+            (vec!["devices=[\"cuda:0\"]"], "not a flex device"),
+            (vec!["devices=[\"gpu0\"]"], "is not a device"),
+            (
+                vec!["devices=[\"flex\", \"flex\"]", "grpo.prompts_per_step=3"],
+                "grpo.prompts_per_step",
+            ),
+            (
+                vec![
+                    "devices=[\"flex\", \"flex\"]",
+                    "grpo.prompts_per_step=2",
+                    "grpo.filter_groups=true",
+                ],
+                "grpo.filter_groups",
+            ),
+        ] {
+            let sets: Vec<String> = sets.into_iter().map(String::from).collect();
+            let e = format!("{:#}", RunConfig::load(None, &sets).unwrap_err());
+            assert!(e.contains(needle) && e.contains("devices"), "{sets:?}: {e}");
         }
     }
 

@@ -24,7 +24,7 @@ use qwen2vl::generation::{Recompute, Sampling};
 use qwen2vl::processor::{byte_tokenizer_json, ProcessedImage, TextTokenizer};
 use qwen2vl::{LoraConfig, Qwen2VL, Qwen2VLConfig};
 
-use crate::accounting::{account, Account, StepShape, Training};
+use crate::accounting::{per_device, Account, StepShape, Training};
 use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
 
 #[derive(Args, Debug, Clone)]
@@ -86,6 +86,11 @@ pub struct BenchArgs {
     /// Print the results as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
+    /// Account the memory of a data-parallel step over this many devices (`medr1 train
+    /// --devices`): each device's share of the prompts, the optimizer on the main one. The
+    /// timed step still runs on one device.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
 }
 
 /// Which blocks `--checkpoint` recomputes.
@@ -338,7 +343,7 @@ impl BackendTask for Task {
                 su / ss
             );
         }
-        let accounted = step_account(&a, &config, &prompts, trainable);
+        let (accounted, other_device) = step_account(&a, &config, &prompts, trainable);
         match shared.peak_rss_mib {
             Some(m) => println!("peak host memory (RSS): {:.2} GiB", m / 1024.0),
             None => println!("peak host memory: not available on this platform"),
@@ -373,6 +378,8 @@ impl BackendTask for Task {
                 "lm_head_chunk": a.lm_head_chunk,
                 "checkpoint": a.checkpoint.name(),
                 "accounted_gib": accounted.json(),
+                "devices": a.devices,
+                "accounted_gib_other_device": other_device.map(|o| o.json()),
             });
             if !a.rollout_only {
                 out["step_s"] = median(&shared.step_s).into();
@@ -401,8 +408,8 @@ fn step_account(
     config: &Qwen2VLConfig,
     prompts: &[PromptInput],
     trained: usize,
-) -> Account {
-    let accounted = account(
+) -> (Account, Option<Account>) {
+    let (accounted, other) = per_device(
         config,
         StepShape {
             prompts: a.batch,
@@ -421,6 +428,7 @@ fn step_account(
             bytes: if a.bf16 { 2 } else { 4 },
         },
         a.memory(),
+        a.devices,
     );
     println!(
         "memory options: score micro-batch {}, LM-head chunk {}, checkpointing {}; \
@@ -429,10 +437,26 @@ fn step_account(
         a.lm_head_chunk,
         a.checkpoint.name()
     );
-    for l in accounted.lines_text() {
-        println!("{l}");
+    if let Some(other) = &other {
+        println!(
+            "on each of {} devices ({} of the {} prompts each); the main device:",
+            a.devices,
+            a.batch.div_ceil(a.devices),
+            a.batch
+        );
+        for l in accounted.lines_text() {
+            println!("{l}");
+        }
+        println!("each other device:");
+        for l in other.lines_text() {
+            println!("{l}");
+        }
+    } else {
+        for l in accounted.lines_text() {
+            println!("{l}");
+        }
     }
-    accounted
+    (accounted, other)
 }
 
 impl BenchArgs {
@@ -552,11 +576,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             config.parameter_counts().total()
         };
         let (prompts, _) = synthetic_prompts(&args, &config);
-        let accounted = step_account(&args, &config, &prompts, trained);
+        let (accounted, other) = step_account(&args, &config, &prompts, trained);
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({ "accounted_gib": accounted.json() })
+                serde_json::json!({
+                    "accounted_gib": accounted.json(),
+                    "devices": args.devices,
+                    "accounted_gib_other_device": other.map(|o| o.json()),
+                })
             );
         }
         return Ok(());

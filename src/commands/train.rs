@@ -19,12 +19,25 @@ pub struct RunArgs {
     /// Backend (overrides the config's `device`).
     #[arg(long, value_enum)]
     pub device: Option<DeviceKind>,
+    /// Data-parallel GRPO over these devices, the first the main one, e.g.
+    /// `--devices cuda:0,cuda:1` (overrides the config's `devices`; the backend follows).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
 }
 
 pub fn run(args: RunArgs, job: Job) -> anyhow::Result<()> {
     let mut overrides = args.set.clone();
     if let Some(d) = args.device {
         overrides.push(format!("device=\"{}\"", d.name()));
+    }
+    if !args.devices.is_empty() {
+        let (kind, _) =
+            crate::backend::parse_device(&args.devices[0]).map_err(anyhow::Error::msg)?;
+        if args.device.is_none() {
+            overrides.push(format!("device=\"{}\"", kind.name()));
+        }
+        let quoted: Vec<String> = args.devices.iter().map(|d| format!("{d:?}")).collect();
+        overrides.push(format!("devices=[{}]", quoted.join(",")));
     }
     let cfg = RunConfig::load(args.config.as_deref(), &overrides)?;
     let kind = DeviceKind::from_name(&cfg.device).expect("validated");

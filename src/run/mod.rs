@@ -62,6 +62,11 @@ pub struct RunTask {
 impl BackendTask for RunTask {
     type Output = anyhow::Result<()>;
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        // With `devices`, the model lives on the first of them.
+        let device = crate::backend::devices_of::<B>(&self.cfg.devices)
+            .into_iter()
+            .next()
+            .unwrap_or(device);
         execute::<B>(&self.cfg, &self.job, &self.interrupt, device)
     }
 }
@@ -529,6 +534,11 @@ fn execute<B: Backend>(
         cfg.grpo.gradient_accumulation,
     )
     .with_stream(stream);
+    let ctx = if cfg.devices.len() > 1 {
+        ctx.with_devices(crate::backend::devices_of::<A<B>>(&cfg.devices))
+    } else {
+        ctx
+    };
     let opts = HostOptions {
         dir: dir.join("grpo"),
         metrics_jsonl: dir.join("metrics.jsonl"),

@@ -64,7 +64,7 @@ fn run_configured(
     qwen25: bool,
     adjust: impl Fn(&mut GrpoConfig),
 ) -> qwen2vl::Qwen2VL<Inner> {
-    run_evaluated(dir, total_steps, resume, lora, qwen25, 0, adjust)
+    run_evaluated(dir, total_steps, resume, lora, qwen25, 0, 1, adjust)
 }
 
 /// The first three run prompts: the held-out questions of runs that evaluate.
@@ -84,7 +84,9 @@ fn held_out_config() -> EvalConfig {
     }
 }
 
-/// [`run_configured`], evaluating [`held_out_prompts`] every `eval_every` steps (0: never).
+/// [`run_configured`], evaluating [`held_out_prompts`] every `eval_every` steps (0: never),
+/// with `workers` data-parallel workers on the Flex device, one prompt each per micro-batch.
+#[allow(clippy::too_many_arguments)]
 fn run_evaluated(
     dir: &Path,
     total_steps: usize,
@@ -92,6 +94,7 @@ fn run_evaluated(
     lora: Option<&qwen2vl::LoraConfig>,
     qwen25: bool,
     eval_every: usize,
+    workers: usize,
     adjust: impl Fn(&mut GrpoConfig),
 ) -> qwen2vl::Qwen2VL<Inner> {
     let device = Default::default();
@@ -114,13 +117,14 @@ fn run_evaluated(
             rewards: vec![(Box::new(Alphanumeric), 1.0)],
         }
     };
-    let ctx = HostCtx::new(prompts, tokenizer, rewards, cfg, Some(reference), device, 2);
+    let ctx = HostCtx::new(prompts, tokenizer, rewards, cfg, Some(reference), device, 2)
+        .with_devices(vec![Default::default(); workers]);
     let opts = HostOptions {
         dir: dir.join("grpo"),
         metrics_jsonl: dir.join("metrics.jsonl"),
         log_file: dir.join("train.log"),
         total_steps,
-        prompts_per_step: 1,
+        prompts_per_step: workers,
         checkpoint_every: 2,
         keep_checkpoints: 2,
         eval_every,
@@ -456,9 +460,9 @@ fn a_sampled_held_out_evaluation_logs_rewards_and_resumes_exactly() {
     let adjust = |c: &mut GrpoConfig| c.num_generations_eval = Some(3);
     let whole = fresh_dir("sampled-eval-whole");
     let parts = fresh_dir("sampled-eval-parts");
-    let a = run_evaluated(&whole, 4, false, None, false, 2, adjust);
-    run_evaluated(&parts, 2, false, None, false, 2, adjust);
-    run_evaluated(&parts, 4, true, None, false, 2, adjust);
+    let a = run_evaluated(&whole, 4, false, None, false, 2, 1, adjust);
+    run_evaluated(&parts, 2, false, None, false, 2, 1, adjust);
+    run_evaluated(&parts, 4, true, None, false, 2, 1, adjust);
     let evals = |dir: &Path| -> Vec<serde_json::Value> {
         lines(dir)
             .into_iter()
@@ -515,6 +519,50 @@ fn a_sampled_held_out_evaluation_logs_rewards_and_resumes_exactly() {
     let r = &whole_set.rewards;
     let expected = (2.0 * std(&r[..6]) + std(&r[6..])) / 3.0;
     assert!((got("valid_reward_std") - expected).abs() < 1e-6);
+    let _ = (
+        std::fs::remove_dir_all(whole),
+        std::fs::remove_dir_all(parts),
+    );
+}
+
+/// Two data-parallel workers (on the one Flex device): each micro-batch's two prompts are
+/// rolled out one per worker, on two threads, and merged; every completion of both reaches the
+/// metrics and the completions log; a resumed run ends exactly where an uninterrupted one
+/// does. With `kl_in_reward` and a step-wide reward std the shards' statistics are the
+/// merged batch's.
+#[test]
+fn a_two_worker_run_logs_both_shards_and_resumes_exactly() {
+    let adjust = |c: &mut GrpoConfig| {
+        c.kl_in_reward = 0.05;
+        c.scale_rewards = grpo::ScaleRewards::Batch;
+    };
+    let whole = fresh_dir("two-workers-whole");
+    let parts = fresh_dir("two-workers-parts");
+    let a = run_evaluated(&whole, 4, false, None, false, 0, 2, adjust);
+    run_evaluated(&parts, 2, false, None, false, 0, 2, adjust);
+    let b = run_evaluated(&parts, 4, true, None, false, 0, 2, adjust);
+    let (la, lb) = (lines(&whole), lines(&parts));
+    assert_eq!(la.len(), 4);
+    for (x, y) in la.iter().zip(&lb) {
+        for key in ["step", "loss", "reward_mean", "kl", "grad_norm"] {
+            assert_eq!(x[key], y[key], "{key} differs: {x} vs {y}");
+        }
+    }
+    assert_eq!(flat(&a), flat(&b), "final weights differ");
+    // Two prompts of four completions per micro-batch, two micro-batches per step: the step
+    // that generates logs 16 completions, 8 per shard's prompt pair.
+    let logged = std::fs::read_to_string(whole.join("completions.jsonl")).unwrap();
+    let first: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["step"] == 1)
+        .collect();
+    assert_eq!(first.len(), 16, "{logged}");
+    let prompts: std::collections::BTreeSet<String> = first
+        .iter()
+        .map(|v| v["prompt"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(prompts.len(), 4, "every prompt of the step: {prompts:?}");
     let _ = (
         std::fs::remove_dir_all(whole),
         std::fs::remove_dir_all(parts),

@@ -13,6 +13,7 @@ mod grpo_learns;
 mod hosted;
 mod lora;
 mod memory;
+mod parallel;
 mod parity;
 mod processor;
 mod rewards;

@@ -94,7 +94,7 @@ fn assert_same_metrics(what: &str, a: &StepMetrics, b: &StepMetrics) {
     assert_eq!(a.completion_tokens, b.completion_tokens, "{what}");
 }
 
-fn prompts(fx: &Fixture) -> Vec<PromptInput> {
+pub(crate) fn prompts(fx: &Fixture) -> Vec<PromptInput> {
     ["single", "multi"]
         .iter()
         .map(|name| PromptInput {

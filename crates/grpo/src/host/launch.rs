@@ -205,6 +205,23 @@ pub fn launch<B: AutodiffBackend>(
             "prompts_per_step and steps must be at least 1".into(),
         ));
     }
+    let workers = ctx.devices().len();
+    if workers > 1 {
+        if cfg.filter_groups {
+            return Err(HostError::Config(
+                "filter_groups with several devices: dynamic sampling rolls groups out one at a \
+                 time on the main device; run it on one device"
+                    .into(),
+            ));
+        }
+        if !opts.prompts_per_step.is_multiple_of(workers) {
+            return Err(HostError::Config(format!(
+                "prompts_per_step ({}) must be a multiple of the {workers} devices: each rolls \
+                 out an equal share of every micro-batch",
+                opts.prompts_per_step
+            )));
+        }
+    }
     let ni = cfg.num_iterations.max(1);
     if !opts.checkpoint_every.is_multiple_of(ni) {
         return Err(HostError::Config(format!(

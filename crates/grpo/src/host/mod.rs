@@ -40,8 +40,8 @@ use qwen2vl::Qwen2VL;
 use crate::advantages::ScaleRewards;
 use crate::eval::{evaluate, evaluate_sampled, EvalConfig, SampledEval};
 use crate::learner::{
-    penalize_kl_in_reward, policy_gradients, rollout, share_step_statistics, GrpoConfig,
-    PromptInput, Rollout,
+    parallel_gradients, penalize_kl_in_reward, rollout, share_step_statistics, GrpoConfig,
+    PromptInput, Rollout, Worker,
 };
 use crate::loss::LossType;
 use crate::rewards::WeightedRewards;
@@ -69,6 +69,11 @@ pub struct HostCtx<B: AutodiffBackend> {
     /// launched).
     reference_dir: Mutex<Option<(std::path::PathBuf, usize)>>,
     pub device: B::Device,
+    /// Data parallelism: the devices after `device` (the main one), each rolling out and
+    /// scoring its share of every micro-batch's prompts ([`HostCtx::with_devices`]).
+    others: Vec<B::Device>,
+    /// The reference on each of `others` (copied once, and again after each sync).
+    reference_copies: Mutex<Vec<Qwen2VL<B::InnerBackend>>>,
     /// Micro-batches per optimizer step; the loss is divided by it.
     pub accumulation: usize,
     /// Rollouts kept for reuse while `num_iterations > 1`, by rollout number.
@@ -227,12 +232,55 @@ impl<B: AutodiffBackend> HostCtx<B> {
             reference: std::sync::RwLock::new(reference),
             reference_dir: Mutex::new(None),
             device,
+            others: Vec::new(),
+            reference_copies: Mutex::new(Vec::new()),
             accumulation: accumulation.max(1),
             cache: Mutex::new(HashMap::new()),
             feed: Mutex::new(None),
             plan: Mutex::new(Vec::new()),
             samples: Mutex::new(None),
         }
+    }
+
+    /// Data-parallel steps over `devices`, the first the main one (it holds the optimizer,
+    /// sums the gradients and writes checkpoints, as `device` does alone): every micro-batch's
+    /// prompts are split into as many shards, in order, each rolled out on its device (on its
+    /// own thread) and scored there by a copy of the policy; the shards are merged into the
+    /// micro-batch's rollout and its statistics taken over all of them, so the step is the
+    /// one-device step over the same completions. Listing one device twice runs two workers
+    /// on it (a check of the machinery, not a speed-up).
+    pub fn with_devices(mut self, devices: Vec<B::Device>) -> Self {
+        let mut devices = devices.into_iter();
+        if let Some(main) = devices.next() {
+            self.device = main;
+            self.others = devices.collect();
+        }
+        self
+    }
+
+    /// The devices of a step, the main one first.
+    pub fn devices(&self) -> Vec<B::Device> {
+        std::iter::once(self.device.clone())
+            .chain(self.others.iter().cloned())
+            .collect()
+    }
+
+    /// The reference on every device, the main one first (`None` without a reference).
+    fn references(&self) -> Option<Vec<Qwen2VL<B::InnerBackend>>> {
+        let main = self.reference.read().expect("reference").clone()?;
+        let mut copies = self.reference_copies.lock().expect("reference copies");
+        if copies.len() != self.others.len() {
+            *copies = self
+                .others
+                .iter()
+                .map(|d| crate::learner::devices::model_to(main.clone(), d))
+                .collect();
+        }
+        Some(
+            std::iter::once(main)
+                .chain(copies.iter().cloned())
+                .collect(),
+        )
     }
 
     /// Prepares prompts ahead with these settings instead of the defaults.
@@ -339,10 +387,23 @@ impl<B: AutodiffBackend> HostCtx<B> {
         let mixed =
             crate::learner::mix_into_reference(reference, policy, self.cfg.ref_model_mixup_alpha);
         if let Some((dir, keep)) = self.reference_dir.lock().expect("reference dir").as_ref() {
+            // Written aside and renamed into place: a crash mid-write leaves no `step-<s>` a
+            // resume would take for complete.
             let path = dir.join(format!("step-{step}"));
-            qwen2vl::save_model(&mixed, &path, qwen2vl::SaveDtype::F32).unwrap_or_else(|e| {
-                panic!("the reference synced at step {step} could not be saved: {e}")
-            });
+            let aside = dir.join(format!(".step-{step}.partial"));
+            let _ = std::fs::remove_dir_all(&aside);
+            let saved = qwen2vl::save_model(&mixed, &aside, qwen2vl::SaveDtype::F32)
+                .map_err(|e| e.to_string())
+                .and_then(|_| {
+                    let _ = std::fs::remove_dir_all(&path);
+                    std::fs::rename(&aside, &path).map_err(|e| e.to_string())
+                });
+            if let Err(e) = saved {
+                panic!(
+                    "the reference synced at step {step} could not be saved to {}: {e}",
+                    path.display()
+                );
+            }
             // Enough to resume from any checkpoint still kept.
             let mut kept = synced_references(dir);
             kept.sort_unstable();
@@ -351,6 +412,72 @@ impl<B: AutodiffBackend> HostCtx<B> {
             }
         }
         *guard = Some(mixed);
+        self.reference_copies
+            .lock()
+            .expect("reference copies")
+            .clear();
+    }
+
+    /// Data parallel: `prompts` split in order into one shard per device, each rolled out (and
+    /// penalized by its KL to the reference, with `kl_in_reward`) on its device and thread,
+    /// seeded by the entry's seed and the shard; merged, with the statistics of the whole.
+    fn sharded_rollout(
+        &self,
+        models: &[Qwen2VL<B::InnerBackend>],
+        prompts: &[PromptInput],
+        m: &MicroBatch,
+    ) -> Rollout<B::InnerBackend> {
+        let devices = self.devices();
+        let per = prompts.len().div_ceil(models.len()).max(1);
+        let references = if self.cfg.kl_in_reward != 0.0 {
+            Some(
+                self.references()
+                    .expect("kl_in_reward is set: the run holds a reference"),
+            )
+        } else {
+            None
+        };
+        let shards: Vec<Rollout<B::InnerBackend>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = prompts
+                .chunks(per)
+                .enumerate()
+                .map(|(w, shard)| {
+                    let (model, device) = (&models[w], &devices[w]);
+                    let reference = references.as_ref().map(|r| &r[w]);
+                    scope.spawn(move || {
+                        let seed = mix(m.seed, w as u64);
+                        let mut roll = rollout(
+                            model,
+                            shard,
+                            &self.tokenizer,
+                            &self.rewards,
+                            &self.cfg,
+                            seed,
+                            device,
+                        )?;
+                        if let Some(reference) = reference {
+                            penalize_kl_in_reward(&mut roll, model, reference, &self.cfg)?;
+                        }
+                        Ok::<_, qwen2vl::Qwen2VLError>(roll)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .enumerate()
+                .map(|(w, h)| {
+                    h.join()
+                        .unwrap_or_else(|_| panic!("the rollout worker on device {w} panicked"))
+                        .unwrap_or_else(|e| {
+                            panic!("rollout of step {} on device {w} failed: {e}", m.step)
+                        })
+                })
+                .collect()
+        });
+        let mut roll = Rollout::merge(shards);
+        // The shards were rolled out apart: statistics over all of them (a batch std).
+        share_step_statistics(std::slice::from_mut(&mut roll), &self.cfg);
+        roll
     }
 
     /// Whether the rollouts of an optimizer step share statistics (TRL generates them
@@ -364,15 +491,20 @@ impl<B: AutodiffBackend> HostCtx<B> {
     /// Rolls out `micro`'s plan entry, or with step statistics every rollout of its cycle (the
     /// generating entries of its step), sharing their statistics; returns `micro`'s rollout and
     /// keeps them for the other entries (and for reuse while `num_iterations > 1`).
+    /// `models`: the policy on each device of [`HostCtx::devices`].
     fn roll_out(
         &self,
-        model: &Qwen2VL<B::InnerBackend>,
+        models: &[Qwen2VL<B::InnerBackend>],
         micro: &MicroBatch,
     ) -> Rollout<B::InnerBackend> {
+        let model = &models[0];
         let one = |m: &MicroBatch| {
             let prompts = self
                 .prompts_of(m)
                 .unwrap_or_else(|e| panic!("step {}: {e}", m.step + 1));
+            if models.len() > 1 {
+                return self.sharded_rollout(models, &prompts, m);
+            }
             let roll = if self.cfg.filter_groups {
                 self.filtered_rollout(model, prompts, m)
             } else {
@@ -600,23 +732,44 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
                 .get(&micro.rollout)
                 .cloned()
         };
+        // Data parallel: the policy forked to every other device (the same parameter ids, so
+        // their gradients sum into the main policy's).
+        let devices = ctx.devices();
+        let replicas: Vec<Qwen2VL<B>> = devices[1..]
+            .iter()
+            .map(|d| crate::learner::devices::model_to(self.policy.clone(), d))
+            .collect();
         let t_roll = std::time::Instant::now();
         let roll = match cached {
             Some(r) => r,
-            None => ctx.roll_out(&self.valid_model(), micro),
+            None => {
+                let models: Vec<Qwen2VL<B::InnerBackend>> = std::iter::once(self.valid_model())
+                    .chain(
+                        replicas
+                            .iter()
+                            .map(|r| burn::module::AutodiffModule::valid(r)),
+                    )
+                    .collect();
+                ctx.roll_out(&models, micro)
+            }
         };
         let rollout_seconds = t_roll.elapsed().as_secs_f64();
         // Gradients of `self.policy`: GrpoPolicy's only parameters are the policy's, with the
         // same ids.
-        let reference = ctx.reference.read().expect("reference");
-        let (grads, metrics) = policy_gradients(
-            &self.policy,
-            reference.as_ref(),
-            &roll,
-            &ctx.cfg,
-            ctx.accumulation,
-        )
-        .unwrap_or_else(|e| panic!("loss of step {} failed: {e}", micro.step));
+        let references = ctx.references();
+        let several = devices.len() > 1;
+        let workers: Vec<Worker<'_, B>> = std::iter::once(&self.policy)
+            .chain(replicas.iter())
+            .zip(&devices)
+            .enumerate()
+            .map(|(i, (policy, device))| Worker {
+                policy,
+                reference: references.as_ref().map(|r| &r[i]),
+                device: several.then_some(device),
+            })
+            .collect();
+        let (grads, metrics) = parallel_gradients(&workers, &roll, &ctx.cfg, ctx.accumulation)
+            .unwrap_or_else(|e| panic!("loss of step {} failed: {e}", micro.step));
         let mut item = StepRecord::from(&metrics);
         // The micro-batch's share of the step's loss: `dapo` over the step's tokens is one
         // already.

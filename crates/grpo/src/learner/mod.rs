@@ -3,6 +3,7 @@
 //! the clipped surrogate and the KL penalty to a frozen reference.
 
 mod clip;
+pub mod devices;
 mod finite;
 mod sync;
 
@@ -240,20 +241,30 @@ impl<B: Backend> StepBatch<B> {
         self.join(self.parts.iter().map(|p| p.mask.clone()).collect())
     }
 
-    /// `[rows]`.
+    /// `[rows]`, on the first part's device.
     pub fn advantages(&self) -> Tensor<B, 1> {
-        Tensor::cat(self.parts.iter().map(|p| p.advantages.clone()).collect(), 0)
+        let device = self.parts[0].advantages.device();
+        Tensor::cat(
+            self.parts
+                .iter()
+                .map(|p| devices::tensor_to(p.advantages.clone(), &device))
+                .collect(),
+            0,
+        )
     }
 }
 
-/// `[rows, w]` tensors, `w <= width`, as one `[rows, width]` (zero-padded on the right).
+/// `[rows, w]` tensors, `w <= width`, as one `[rows, width]` (zero-padded on the right), on
+/// the first one's device (a data-parallel rollout's parts live on several).
 fn join_rows<K: Backend>(mut parts: Vec<Tensor<K, 2>>, width: usize) -> Tensor<K, 2> {
     if parts.len() == 1 && parts[0].dims()[1] == width {
         return parts.pop().expect("one part");
     }
+    let device = parts[0].device();
     let widened: Vec<Tensor<K, 2>> = parts
         .into_iter()
         .map(|t| {
+            let t = devices::tensor_to(t, &device);
             let [r, w] = t.dims();
             if w == width {
                 t
@@ -407,6 +418,20 @@ pub fn rollout<B: Backend>(
 }
 
 impl<B: Backend> Rollout<B> {
+    /// The rollout with its tensors (the images, mask and advantages of every part, the
+    /// sampling policy's log-probs) on `device`.
+    pub fn to_device(mut self, device: &B::Device) -> Self {
+        for part in &mut self.batch.parts {
+            part.mask = devices::tensor_to(part.mask.clone(), device);
+            part.advantages = devices::tensor_to(part.advantages.clone(), device);
+            if let Some(im) = part.images.as_mut() {
+                im.pixel_values = devices::tensor_to(im.pixel_values.clone(), device);
+            }
+        }
+        self.old_logprobs = self.old_logprobs.map(|o| devices::tensor_to(o, device));
+        self
+    }
+
     /// Replaces the advantages, in the rollout's completion order, in every scoring part.
     pub fn set_advantages(&mut self, advantages: Vec<f32>) {
         assert_eq!(
@@ -801,6 +826,54 @@ pub fn policy_gradients<B: AutodiffBackend>(
     cfg: &GrpoConfig,
     accumulation: usize,
 ) -> Result<(GradientsParams, StepMetrics), Qwen2VLError> {
+    let one = [Worker {
+        policy,
+        reference,
+        device: None,
+    }];
+    parallel_gradients(&one, roll, cfg, accumulation)
+}
+
+/// One device of a data-parallel step: the policy's replica there (the parameters of the main
+/// policy, forked; the same parameter ids) and the reference's. `device: None` takes every
+/// part (one device).
+#[derive(Clone, Copy)]
+pub struct Worker<'a, B: AutodiffBackend> {
+    pub policy: &'a Qwen2VL<B>,
+    pub reference: Option<&'a Qwen2VL<B::InnerBackend>>,
+    pub device: Option<&'a B::Device>,
+}
+
+/// [`policy_gradients`] for a rollout whose parts live on several devices (its shards rolled
+/// out there, [`Rollout::merge`]d): each part is scored, forward and backward, by the worker
+/// on its device, and its gradients summed on the first worker's device, which the result and
+/// the metrics live on. The loss weights are the whole rollout's, so the gradients are those
+/// of the one-device step over the same completions (burn-train's multi-device strategy with
+/// the optimizer on the main device: `MultiDeviceOptim::OptimMainDevice`). The parts run one
+/// after another on this thread: Burn 0.21's autodiff loses gradients when two threads run
+/// `backward()` at once (tracel-ai/burn#5573); on GPUs their kernels still overlap, being
+/// queued without waiting.
+pub fn parallel_gradients<B: AutodiffBackend>(
+    workers: &[Worker<'_, B>],
+    roll: &Rollout<B::InnerBackend>,
+    cfg: &GrpoConfig,
+    accumulation: usize,
+) -> Result<(GradientsParams, StepMetrics), Qwen2VLError> {
+    let main = workers
+        .first()
+        .ok_or_else(|| Qwen2VLError::Input("a step needs at least one worker".into()))?;
+    let policy = main.policy;
+    let main_device = roll.batch.parts[0].mask.device();
+    let worker_of = |device: &B::Device| -> Result<&Worker<'_, B>, Qwen2VLError> {
+        workers
+            .iter()
+            .find(|w| w.device.is_none_or(|d| d == device))
+            .ok_or_else(|| {
+                Qwen2VLError::Input(format!(
+                    "a rollout part lives on {device:?}, where no worker is"
+                ))
+            })
+    };
     let batch = &roll.batch;
     let chunk = cfg.memory.head_chunk;
     check_options(cfg, policy, batch.parts.len())?;
@@ -820,6 +893,8 @@ pub fn policy_gradients<B: AutodiffBackend>(
     let (mut logps, mut refs, mut entropies) = (vec![], vec![], vec![]);
     for part in &batch.parts {
         let device = part.mask.device();
+        let worker = worker_of(&device)?;
+        let (policy, reference) = (worker.policy, worker.reference);
         let w: Vec<f32> = weights[part.rows.clone()]
             .iter()
             .map(|w| w * scale)
@@ -835,7 +910,10 @@ pub fn policy_gradients<B: AutodiffBackend>(
             ),
             _ => None,
         };
-        let old = roll.old_logprobs.as_ref().map(|o| part.of(o));
+        let old = roll
+            .old_logprobs
+            .as_ref()
+            .map(|o| devices::tensor_to(part.of(o), &device));
         let loss_of = |logp: Tensor<B, 2>, entropy: Tensor<B, 2>| {
             let old = match &old {
                 Some(o) => Tensor::from_inner(o.clone()),
@@ -887,10 +965,15 @@ pub fn policy_gradients<B: AutodiffBackend>(
                 loss_of,
             )?
         };
+        let grads = if device == main_device {
+            grads
+        } else {
+            devices::grads_to(grads, &main_device, policy)
+        };
         if batch.parts.len() == 1 {
             only = Some(grads);
         } else {
-            accumulator.accumulate(policy, grads);
+            accumulator.accumulate(main.policy, grads);
         }
         logps.push(logp);
         entropies.push(entropy);

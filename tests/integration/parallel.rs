@@ -1,0 +1,166 @@
+//! Data parallelism: a step whose rollout was sharded over two devices (each shard rolled out
+//! and scored there by the policy's copy) has the one-device step's gradients and metrics over
+//! the same completions, on Flex (two workers on its one device) and on WGPU (two devices:
+//! the default adapter and the CPU one, both llvmpipe in CI).
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
+use grpo::learner::{
+    parallel_gradients, policy_gradients, rollout, share_step_statistics, GrpoConfig, Rollout,
+    Worker,
+};
+use grpo::loss::LossConfig;
+use grpo::{ScaleRewards, WeightedRewards};
+use qwen2vl::verify::Fixture;
+use qwen2vl::{load_model, Qwen2VL};
+
+use crate::common::fixture_dir;
+use crate::grpo_learns::{byte_tokenizer, Alphanumeric};
+
+/// Every float parameter's gradient, in the module's order (`None`: no gradient).
+struct Collect<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    out: Vec<Option<Vec<f32>>>,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let g = self
+            .grads
+            .get::<B::InnerBackend, D>(param.id)
+            .map(|g| g.into_data().convert::<f32>().to_vec::<f32>().unwrap());
+        self.out.push(g);
+    }
+}
+
+fn collect<B: AutodiffBackend>(
+    model: &Qwen2VL<B>,
+    grads: &GradientsParams,
+) -> Vec<Option<Vec<f32>>> {
+    let mut v = Collect {
+        grads,
+        out: Vec::new(),
+        _b: std::marker::PhantomData,
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// Two prompts (with images), one per device: the sharded step against the one-device step
+/// over the same completions, under step-wide statistics (`scale_rewards = "batch"`) and a
+/// reference on each device.
+fn sharded_step_matches<B: AutodiffBackend>(devices: [B::Device; 2]) {
+    let (policy, _) = load_model::<B>(&fixture_dir().join("hf_model"), &devices[0]).unwrap();
+    let copy = grpo::learner::devices::model_to(policy.clone(), &devices[1]);
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let eos = fx.id_rows("single.gen.new_tokens").unwrap().remove(0)[3];
+    let prompts = crate::memory::prompts(&fx);
+    let reference = policy.valid();
+    let reference_copy = grpo::learner::devices::model_to(reference.clone(), &devices[1]);
+    let cfg = GrpoConfig {
+        num_generations: 4,
+        max_completion_length: 6,
+        loss: LossConfig {
+            beta: 0.04,
+            ..Default::default()
+        },
+        scale_rewards: ScaleRewards::Batch,
+        eos_token_ids: vec![eos],
+        pad_token_id: 256,
+        ..Default::default()
+    };
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let tok = byte_tokenizer();
+    let shard = |model: &Qwen2VL<B>, i: usize, device: &B::Device| {
+        rollout(
+            &model.valid(),
+            &prompts[i..i + 1],
+            &tok,
+            &rewards,
+            &cfg,
+            5 + i as u64,
+            device,
+        )
+        .unwrap()
+    };
+    let a = shard(&policy, 0, &devices[0]);
+    let b = shard(&copy, 1, &devices[1]);
+    assert_eq!(b.batch.parts[0].mask.device(), devices[1]);
+    let statistics = |mut r: Rollout<B::InnerBackend>| {
+        share_step_statistics(std::slice::from_mut(&mut r), &cfg);
+        r
+    };
+    let sharded = statistics(Rollout::merge(vec![a.clone(), b.clone()]));
+    let single = statistics(Rollout::merge(vec![a, b.to_device(&devices[0])]));
+    assert_eq!(sharded.advantages, single.advantages);
+
+    let workers = [
+        Worker {
+            policy: &policy,
+            reference: Some(&reference),
+            device: Some(&devices[0]),
+        },
+        Worker {
+            policy: &copy,
+            reference: Some(&reference_copy),
+            device: Some(&devices[1]),
+        },
+    ];
+    let (g_par, m_par) = parallel_gradients(&workers, &sharded, &cfg, 2).unwrap();
+    if devices[0] != devices[1] {
+        match parallel_gradients(&workers[..1], &sharded, &cfg, 2) {
+            Err(e) => assert!(e.to_string().contains("no worker"), "{e}"),
+            Ok(_) => panic!("a part on a device without a worker was scored"),
+        }
+    }
+    let (g_one, m_one) = policy_gradients(&policy, Some(&reference), &single, &cfg, 2).unwrap();
+    let (x, y) = (collect(&policy, &g_par), collect(&policy, &g_one));
+    let mut compared = 0;
+    for (i, (x, y)) in x.iter().zip(&y).enumerate() {
+        let (Some(x), Some(y)) = (x, y) else {
+            assert_eq!(
+                x.is_some(),
+                y.is_some(),
+                "parameter {i}: gradient on one path only"
+            );
+            continue;
+        };
+        let scale = y.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (u, v) in x.iter().zip(y) {
+            assert!(
+                (u - v).abs() <= 1e-5 * scale,
+                "parameter {i}: {u} (two devices) vs {v} (one)"
+            );
+        }
+        compared += 1;
+    }
+    assert!(compared > 50, "only {compared} parameters had gradients");
+    assert!((m_par.loss - m_one.loss).abs() < 1e-5, "loss");
+    assert!((m_par.kl - m_one.kl).abs() < 1e-6, "kl");
+    assert_eq!(m_par.completion_tokens, m_one.completion_tokens);
+    assert_eq!(m_par.reward_mean, m_one.reward_mean);
+}
+
+#[test]
+fn a_sharded_step_equals_the_one_device_step_on_flex() {
+    sharded_step_matches::<burn::backend::Autodiff<crate::common::Flex>>([
+        Default::default(),
+        Default::default(),
+    ]);
+}
+
+/// Two WGPU devices: the shard on the second is scored by the policy's copy there and its
+/// gradients brought to the first; a part on a device no worker holds is refused.
+#[cfg(feature = "wgpu")]
+#[test]
+fn a_sharded_step_equals_the_one_device_step_on_two_wgpu_devices() {
+    use burn::backend::wgpu::WgpuDevice;
+    type Ad = burn::backend::Autodiff<burn::backend::Wgpu>;
+    let first = crate::common::wgpu_device();
+    sharded_step_matches::<Ad>([first, WgpuDevice::Cpu]);
+}
