@@ -418,3 +418,62 @@ fn wgpu_without_an_adapter_is_a_plain_error_naming_the_fix() {
     assert!(!runs.exists(), "training started without a device");
     let _ = std::fs::remove_dir_all(&ckpt);
 }
+
+/// `medr1 train --devices` on two WGPU devices (the default adapter and the CPU one; both
+/// llvmpipe in CI) trains as two workers on one device do: the same shards, seeds and
+/// arithmetic, only the second shard's copy of the policy (and its gradients) crossing devices,
+/// once per optimizer step. With accumulation 2 a step's second micro-batch reuses the copy.
+#[cfg(feature = "wgpu")]
+#[test]
+fn two_wgpu_devices_train_as_two_workers_on_one() {
+    let _ = crate::common::wgpu_device();
+    let root = std::env::temp_dir().join(format!("medr1-cli-{}-devices", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let run = |name: &str, devices: &str| -> Vec<serde_json::Value> {
+        let runs_set = format!("runs_dir=\"{}\"", root.join(name).display());
+        let (ok, _, err) = medr1(&[
+            "train",
+            "--devices",
+            devices,
+            "--set",
+            &runs_set,
+            "--set",
+            "grpo.steps=2",
+            "--set",
+            "grpo.prompts_per_step=2",
+            "--set",
+            "grpo.gradient_accumulation=2",
+            "--set",
+            "sft.steps=2",
+            "--set",
+            "eval.before=false",
+            "--set",
+            "eval.after=false",
+        ]);
+        assert!(ok, "medr1 train --devices {devices}: {err}");
+        std::fs::read_to_string(root.join(name).join("tiny/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let two = run("two", "wgpu:default,wgpu:cpu");
+    let one = run("one", "wgpu:default,wgpu:default");
+    assert_eq!(two.len(), 2);
+    for (a, b) in two.iter().zip(&one) {
+        for key in [
+            "loss",
+            "reward_mean",
+            "kl",
+            "grad_norm",
+            "completion_tokens",
+        ] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "{key}: {x} on two devices, {y} on one: {a} vs {b}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -74,6 +74,9 @@ pub struct HostCtx<B: AutodiffBackend> {
     others: Vec<B::Device>,
     /// The reference on each of `others` (copied once, and again after each sync).
     reference_copies: Mutex<Vec<Qwen2VL<B::InnerBackend>>>,
+    /// The policy on each of `others`, copied for the optimizer step it holds the weights of:
+    /// a step's micro-batches share one copy.
+    policy_copies: Mutex<Option<(usize, Vec<Qwen2VL<B>>)>>,
     /// Micro-batches per optimizer step; the loss is divided by it.
     pub accumulation: usize,
     /// Rollouts kept for reuse while `num_iterations > 1`, by rollout number.
@@ -234,6 +237,7 @@ impl<B: AutodiffBackend> HostCtx<B> {
             device,
             others: Vec::new(),
             reference_copies: Mutex::new(Vec::new()),
+            policy_copies: Mutex::new(None),
             accumulation: accumulation.max(1),
             cache: Mutex::new(HashMap::new()),
             feed: Mutex::new(None),
@@ -263,6 +267,28 @@ impl<B: AutodiffBackend> HostCtx<B> {
         std::iter::once(self.device.clone())
             .chain(self.others.iter().cloned())
             .collect()
+    }
+
+    /// The policy on each device after the main one, as it is for optimizer step `step`: copied
+    /// by the step's first micro-batch, shared by its others (the weights change only between
+    /// steps).
+    fn policy_copies(&self, policy: &Qwen2VL<B>, step: usize) -> Vec<Qwen2VL<B>> {
+        if self.others.is_empty() {
+            return Vec::new();
+        }
+        let mut copies = self.policy_copies.lock().expect("policy copies");
+        match copies.as_ref() {
+            Some((s, c)) if *s == step => c.clone(),
+            _ => {
+                let fresh: Vec<Qwen2VL<B>> = self
+                    .others
+                    .iter()
+                    .map(|d| crate::learner::devices::model_to(policy.clone(), d))
+                    .collect();
+                *copies = Some((step, fresh.clone()));
+                fresh
+            }
+        }
     }
 
     /// The reference on every device, the main one first (`None` without a reference).
@@ -735,10 +761,7 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
         // Data parallel: the policy forked to every other device (the same parameter ids, so
         // their gradients sum into the main policy's).
         let devices = ctx.devices();
-        let replicas: Vec<Qwen2VL<B>> = devices[1..]
-            .iter()
-            .map(|d| crate::learner::devices::model_to(self.policy.clone(), d))
-            .collect();
+        let replicas = ctx.policy_copies(&self.policy, micro.step);
         let t_roll = std::time::Instant::now();
         let roll = match cached {
             Some(r) => r,
