@@ -10,6 +10,8 @@
 #              with f32 weights)
 #   grpo       two GRPO steps of Med-R1's 2B recipe (random weights, synthetic 616x616 images:
 #              484 image tokens, near max_pixels' 512), peak device memory sampled by nvidia-smi
+#   devices    data-parallel GRPO (--devices) on the tiny demo: two workers on GPU 0, and on
+#              GPUs 0 and 1 when the machine has two (a few seconds each after compilation)
 # Usage: benches/reference/device_check.sh PART [PART...]; results under $OUT (or /tmp).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib
@@ -66,8 +68,18 @@ for part in "$@"; do
             | tee -a "$OUT/grpo-2b.txt"
         rm -rf "$OUT/runs"/*/grpo/checkpoint "$OUT/runs"/*/final
         ;;
+    devices)
+        TINY=(--set grpo.steps=3 --set grpo.prompts_per_step=2 --set sft.steps=5
+            --set eval.before=false --set eval.after=false)
+        run devices-one-gpu 280 /tmp/medr1 train --devices cuda:0,cuda:0 "${TINY[@]}" \
+            --set "runs_dir=\"$OUT/runs-one\""
+        if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+            run devices-two-gpus 280 /tmp/medr1 train --devices cuda:0,cuda:1 "${TINY[@]}" \
+                --set "runs_dir=\"$OUT/runs-two\""
+        fi
+        ;;
     *)
-        echo "unknown part $part (parity, bench, reference, grpo)" >&2
+        echo "unknown part $part (parity, bench, reference, grpo, devices)" >&2
         exit 2
         ;;
     esac
