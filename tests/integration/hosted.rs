@@ -97,6 +97,31 @@ fn run_evaluated(
     workers: usize,
     adjust: impl Fn(&mut GrpoConfig),
 ) -> qwen2vl::Qwen2VL<Inner> {
+    try_run(
+        dir,
+        total_steps,
+        resume,
+        lora,
+        qwen25,
+        eval_every,
+        workers,
+        adjust,
+    )
+    .unwrap()
+}
+
+/// [`run_evaluated`], its error returned.
+#[allow(clippy::too_many_arguments)]
+fn try_run(
+    dir: &Path,
+    total_steps: usize,
+    resume: bool,
+    lora: Option<&qwen2vl::LoraConfig>,
+    qwen25: bool,
+    eval_every: usize,
+    workers: usize,
+    adjust: impl Fn(&mut GrpoConfig),
+) -> Result<qwen2vl::Qwen2VL<Inner>, grpo::host::HostError> {
     let device = Default::default();
     let mut policy = initial_model(qwen25);
     if let Some(l) = lora {
@@ -147,9 +172,7 @@ fn run_evaluated(
     } else {
         HeldOut::none()
     };
-    launch(policy, ctx, held_out, held_out_config(), &opts)
-        .unwrap()
-        .0
+    launch(policy, ctx, held_out, held_out_config(), &opts).map(|(model, _)| model)
 }
 
 /// [`Alphanumeric`], but the same reward for every completion of the "Count." prompt.
@@ -540,6 +563,15 @@ fn a_two_worker_run_logs_both_shards_and_resumes_exactly() {
     let parts = fresh_dir("two-workers-parts");
     let a = run_evaluated(&whole, 4, false, None, false, 0, 2, adjust);
     run_evaluated(&parts, 2, false, None, false, 0, 2, adjust);
+    // On another number of devices the shards, and so the samples, differ: refused.
+    let other = match try_run(&parts, 4, true, None, false, 0, 1, adjust) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a two-device run resumed on one device"),
+    };
+    assert!(
+        other.contains("2 device(s)") && other.contains("1"),
+        "{other}"
+    );
     let b = run_evaluated(&parts, 4, true, None, false, 0, 2, adjust);
     let (la, lb) = (lines(&whole), lines(&parts));
     assert_eq!(la.len(), 4);

@@ -268,6 +268,14 @@ pub fn launch<B: AutodiffBackend>(
                 s.step, s.seed, opts.seed
             )));
         }
+        if s.workers != workers {
+            return Err(HostError::Config(format!(
+                "the checkpoint at step {} was made on {} device(s), this run has {workers}: \
+                 each device draws its own shard's samples, so resuming would not continue the \
+                 same run (list as many devices as before)",
+                s.step, s.workers
+            )));
+        }
     }
     let micro = plan(
         ctx.prompts.len(),
@@ -345,6 +353,7 @@ pub fn launch<B: AutodiffBackend>(
         keep_checkpoints: opts.keep_checkpoints,
         existing_checkpoints: existing.clone(),
         eval_every: opts.eval_every,
+        workers,
         max_grad_norm: opts.max_grad_norm,
         seed: opts.seed,
         train_dir: opts.dir.clone(),
@@ -423,6 +432,7 @@ pub fn launch<B: AutodiffBackend>(
         step: 0,
         data_position: 0,
         seed: opts.seed,
+        workers,
     });
     Ok((result.model.policy, state))
 }

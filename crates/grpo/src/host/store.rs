@@ -263,6 +263,14 @@ pub struct RunState {
     pub data_position: usize,
     /// The run's seed; rollout seeds derive from it and the rollout number.
     pub seed: u64,
+    /// Data-parallel workers (devices): each rolls out its shard with its own seed, so a run
+    /// continues the same only with as many. Absent in states written before: one.
+    #[serde(default = "one_worker")]
+    pub workers: usize,
+}
+
+fn one_worker() -> usize {
+    1
 }
 
 /// The folder burn-train's checkpointer writes to under a run's training directory.
@@ -497,6 +505,7 @@ mod tests {
                     step: s,
                     data_position: s * 2,
                     seed: 1,
+                    workers: 1,
                 },
                 &BTreeMap::new(),
             )
@@ -534,6 +543,7 @@ mod tests {
             step,
             data_position: step,
             seed: 3,
+            workers: 2,
         };
         write_state(dir, &state, &files).unwrap();
     }

@@ -35,6 +35,8 @@ pub struct GrpoStrategy {
     pub keep_checkpoints: usize,
     pub existing_checkpoints: Vec<usize>,
     pub eval_every: usize,
+    /// Data-parallel workers, recorded with each checkpoint.
+    pub workers: usize,
     pub max_grad_norm: f32,
     pub seed: u64,
     pub train_dir: PathBuf,
@@ -361,6 +363,7 @@ where
                         step: steps_done,
                         data_position: steps_done * acc,
                         seed: self.seed,
+                        workers: self.workers,
                     };
                     let written = self.writes.wait_for(steps_done).and_then(|files| {
                         write_state(&self.train_dir, &state, &files).map_err(|e| {
