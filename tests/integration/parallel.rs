@@ -51,14 +51,35 @@ fn collect<B: AutodiffBackend>(
 
 /// Two prompts (with images), one per device: the sharded step against the one-device step
 /// over the same completions, under step-wide statistics (`scale_rewards = "batch"`) and a
-/// reference on each device.
+/// reference on each device; the whole model trained, and LoRA adapters over a frozen base
+/// (which must stay frozen on the copy).
 fn sharded_step_matches<B: AutodiffBackend>(devices: [B::Device; 2]) {
-    let (policy, _) = load_model::<B>(&fixture_dir().join("hf_model"), &devices[0]).unwrap();
+    let (model, _) = load_model::<B>(&fixture_dir().join("hf_model"), &devices[0]).unwrap();
+    let lora = model
+        .clone()
+        .with_lora(&qwen2vl::LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            ..Default::default()
+        })
+        .unwrap();
+    sharded_step_of(model.clone(), model.valid(), &devices, 50);
+    let base = lora.valid().without_adapters();
+    sharded_step_of(lora, base, &devices, 10);
+}
+
+/// [`sharded_step_matches`] for `policy` and `reference`, with at least `min_grads` parameters
+/// getting gradients.
+fn sharded_step_of<B: AutodiffBackend>(
+    policy: Qwen2VL<B>,
+    reference: Qwen2VL<B::InnerBackend>,
+    devices: &[B::Device; 2],
+    min_grads: usize,
+) {
     let copy = grpo::learner::devices::model_to(policy.clone(), &devices[1]);
     let fx = Fixture::open(&fixture_dir()).unwrap();
     let eos = fx.id_rows("single.gen.new_tokens").unwrap().remove(0)[3];
     let prompts = crate::memory::prompts(&fx);
-    let reference = policy.valid();
     let reference_copy = grpo::learner::devices::model_to(reference.clone(), &devices[1]);
     let cfg = GrpoConfig {
         num_generations: 4,
@@ -139,7 +160,10 @@ fn sharded_step_matches<B: AutodiffBackend>(devices: [B::Device; 2]) {
         }
         compared += 1;
     }
-    assert!(compared > 50, "only {compared} parameters had gradients");
+    assert!(
+        compared > min_grads,
+        "only {compared} parameters had gradients"
+    );
     assert!((m_par.loss - m_one.loss).abs() < 1e-5, "loss");
     assert!((m_par.kl - m_one.kl).abs() < 1e-6, "kl");
     assert_eq!(m_par.completion_tokens, m_one.completion_tokens);
