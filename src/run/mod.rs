@@ -534,11 +534,7 @@ fn execute<B: Backend>(
         cfg.grpo.gradient_accumulation,
     )
     .with_stream(stream);
-    let ctx = if cfg.devices.len() > 1 {
-        ctx.with_devices(crate::backend::devices_of::<A<B>>(&cfg.devices))
-    } else {
-        ctx
-    };
+    let ctx = ctx.with_devices(crate::backend::devices_of::<A<B>>(&cfg.devices));
     let opts = HostOptions {
         dir: dir.join("grpo"),
         metrics_jsonl: dir.join("metrics.jsonl"),

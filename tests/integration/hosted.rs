@@ -64,7 +64,7 @@ fn run_configured(
     qwen25: bool,
     adjust: impl Fn(&mut GrpoConfig),
 ) -> qwen2vl::Qwen2VL<Inner> {
-    run_evaluated(dir, total_steps, resume, lora, qwen25, 0, 1, adjust)
+    run_evaluated(dir, total_steps, resume, lora, qwen25, 0, 1, adjust).unwrap()
 }
 
 /// The first three run prompts: the held-out questions of runs that evaluate.
@@ -88,31 +88,6 @@ fn held_out_config() -> EvalConfig {
 /// with `workers` data-parallel workers on the Flex device, one prompt each per micro-batch.
 #[allow(clippy::too_many_arguments)]
 fn run_evaluated(
-    dir: &Path,
-    total_steps: usize,
-    resume: bool,
-    lora: Option<&qwen2vl::LoraConfig>,
-    qwen25: bool,
-    eval_every: usize,
-    workers: usize,
-    adjust: impl Fn(&mut GrpoConfig),
-) -> qwen2vl::Qwen2VL<Inner> {
-    try_run(
-        dir,
-        total_steps,
-        resume,
-        lora,
-        qwen25,
-        eval_every,
-        workers,
-        adjust,
-    )
-    .unwrap()
-}
-
-/// [`run_evaluated`], its error returned.
-#[allow(clippy::too_many_arguments)]
-fn try_run(
     dir: &Path,
     total_steps: usize,
     resume: bool,
@@ -483,9 +458,9 @@ fn a_sampled_held_out_evaluation_logs_rewards_and_resumes_exactly() {
     let adjust = |c: &mut GrpoConfig| c.num_generations_eval = Some(3);
     let whole = fresh_dir("sampled-eval-whole");
     let parts = fresh_dir("sampled-eval-parts");
-    let a = run_evaluated(&whole, 4, false, None, false, 2, 1, adjust);
-    run_evaluated(&parts, 2, false, None, false, 2, 1, adjust);
-    run_evaluated(&parts, 4, true, None, false, 2, 1, adjust);
+    let a = run_evaluated(&whole, 4, false, None, false, 2, 1, adjust).unwrap();
+    run_evaluated(&parts, 2, false, None, false, 2, 1, adjust).unwrap();
+    run_evaluated(&parts, 4, true, None, false, 2, 1, adjust).unwrap();
     let evals = |dir: &Path| -> Vec<serde_json::Value> {
         lines(dir)
             .into_iter()
@@ -561,10 +536,10 @@ fn a_two_worker_run_logs_both_shards_and_resumes_exactly() {
     };
     let whole = fresh_dir("two-workers-whole");
     let parts = fresh_dir("two-workers-parts");
-    let a = run_evaluated(&whole, 4, false, None, false, 0, 2, adjust);
-    run_evaluated(&parts, 2, false, None, false, 0, 2, adjust);
+    let a = run_evaluated(&whole, 4, false, None, false, 0, 2, adjust).unwrap();
+    run_evaluated(&parts, 2, false, None, false, 0, 2, adjust).unwrap();
     // On another number of devices the shards, and so the samples, differ: refused.
-    let other = match try_run(&parts, 4, true, None, false, 0, 1, adjust) {
+    let other = match run_evaluated(&parts, 4, true, None, false, 0, 1, adjust) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("a two-device run resumed on one device"),
     };
@@ -572,7 +547,7 @@ fn a_two_worker_run_logs_both_shards_and_resumes_exactly() {
         other.contains("2 device(s)") && other.contains("1"),
         "{other}"
     );
-    let b = run_evaluated(&parts, 4, true, None, false, 0, 2, adjust);
+    let b = run_evaluated(&parts, 4, true, None, false, 0, 2, adjust).unwrap();
     let (la, lb) = (lines(&whole), lines(&parts));
     assert_eq!(la.len(), 4);
     for (x, y) in la.iter().zip(&lb) {

@@ -9,6 +9,7 @@ use crate::shared::processed_images;
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use grpo::learner::{
     policy_gradients, policy_loss, rollout, GrpoConfig, MemoryOptions, PromptInput, Rollout,
@@ -24,31 +25,39 @@ type Ad = Autodiff<Flex>;
 const PAD: u32 = 256;
 
 /// Every float parameter's gradient (None: no gradient), in the module's order.
-struct Collect<'a> {
+struct Collect<'a, B> {
     grads: &'a GradientsParams,
     out: Vec<(String, Option<Vec<f32>>)>,
+    backend: std::marker::PhantomData<B>,
 }
 
-impl ModuleVisitor<Ad> for Collect<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Ad, D>>) {
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let g = self
             .grads
-            .get::<Flex, D>(param.id)
-            .map(|g| g.into_data().to_vec::<f32>().unwrap());
+            .get::<B::InnerBackend, D>(param.id)
+            .map(|g| g.into_data().convert::<f32>().to_vec::<f32>().unwrap());
         self.out.push((format!("{:?}", param.shape()), g));
     }
 }
 
-fn collect(model: &Qwen2VL<Ad>, grads: &GradientsParams) -> Vec<(String, Option<Vec<f32>>)> {
+/// Each float parameter of `model` (its shape) with its gradient in `grads`.
+pub(crate) fn collect<B: AutodiffBackend>(
+    model: &Qwen2VL<B>,
+    grads: &GradientsParams,
+) -> Vec<(String, Option<Vec<f32>>)> {
     let mut v = Collect {
         grads,
         out: Vec::new(),
+        backend: std::marker::PhantomData,
     };
     model.visit(&mut v);
     v.out
 }
 
-fn assert_same_gradients(
+/// The same parameters have gradients in `a` and `b`, equal within 1e-5 of each gradient's
+/// largest value; returns how many were compared.
+pub(crate) fn assert_same_gradients(
     what: &str,
     a: &[(String, Option<Vec<f32>>)],
     b: &[(String, Option<Vec<f32>>)],

@@ -3,10 +3,8 @@
 //! the same completions, on Flex (two workers on its one device) and on WGPU (two devices:
 //! the default adapter and the CPU one, both llvmpipe in CI).
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
 use grpo::learner::{
     parallel_gradients, policy_gradients, rollout, share_step_statistics, GrpoConfig, Rollout,
     Worker,
@@ -18,36 +16,7 @@ use qwen2vl::{load_model, Qwen2VL};
 
 use crate::common::fixture_dir;
 use crate::grpo_learns::{byte_tokenizer, Alphanumeric};
-
-/// Every float parameter's gradient, in the module's order (`None`: no gradient).
-struct Collect<'a, B: AutodiffBackend> {
-    grads: &'a GradientsParams,
-    out: Vec<Option<Vec<f32>>>,
-    _b: std::marker::PhantomData<B>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let g = self
-            .grads
-            .get::<B::InnerBackend, D>(param.id)
-            .map(|g| g.into_data().convert::<f32>().to_vec::<f32>().unwrap());
-        self.out.push(g);
-    }
-}
-
-fn collect<B: AutodiffBackend>(
-    model: &Qwen2VL<B>,
-    grads: &GradientsParams,
-) -> Vec<Option<Vec<f32>>> {
-    let mut v = Collect {
-        grads,
-        out: Vec::new(),
-        _b: std::marker::PhantomData,
-    };
-    model.visit(&mut v);
-    v.out
-}
+use crate::memory::{assert_same_gradients, collect};
 
 /// Two prompts (with images), one per device: the sharded step against the one-device step
 /// over the same completions, under step-wide statistics (`scale_rewards = "batch"`) and a
@@ -140,26 +109,11 @@ fn sharded_step_of<B: AutodiffBackend>(
         }
     }
     let (g_one, m_one) = policy_gradients(&policy, Some(&reference), &single, &cfg, 2).unwrap();
-    let (x, y) = (collect(&policy, &g_par), collect(&policy, &g_one));
-    let mut compared = 0;
-    for (i, (x, y)) in x.iter().zip(&y).enumerate() {
-        let (Some(x), Some(y)) = (x, y) else {
-            assert_eq!(
-                x.is_some(),
-                y.is_some(),
-                "parameter {i}: gradient on one path only"
-            );
-            continue;
-        };
-        let scale = y.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        for (u, v) in x.iter().zip(y) {
-            assert!(
-                (u - v).abs() <= 1e-5 * scale,
-                "parameter {i}: {u} (two devices) vs {v} (one)"
-            );
-        }
-        compared += 1;
-    }
+    let compared = assert_same_gradients(
+        "two devices vs one",
+        &collect(&policy, &g_par),
+        &collect(&policy, &g_one),
+    );
     assert!(
         compared > min_grads,
         "only {compared} parameters had gradients"

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use medvqa::{Modality, QuestionType};
-use qwen2vl::generation::{generate, generate_grouped, GenerationConfig, Sampling, ShapeBuckets};
+use qwen2vl::generation::{generate, GenerationConfig, Sampling, ShapeBuckets};
 use qwen2vl::processor::TextTokenizer;
 use qwen2vl::{Qwen2VL, Qwen2VLError, TokenBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::advantages::{std_unbiased, zero_std_fraction};
-use crate::learner::{images_of, PromptInput};
+use crate::learner::{images_of, sample_groups, PromptInput};
 use crate::rewards::{extract_letter, WeightedRewards};
 use crate::stream::{PromptError, PromptSource, PromptStream, StreamOptions};
 
@@ -475,34 +475,29 @@ pub fn evaluate_sampled<B: Backend>(
     };
     let batch = cfg.batch_size.max(1);
     for (i, chunk) in prompts.chunks(batch).enumerate() {
-        let rows: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
-        let refs: Vec<&PromptInput> = chunk.iter().collect();
         let gen_cfg = GenerationConfig {
             sampling: sampled.sampling,
             seed: sampled.seed.wrapping_add((first_index + i * batch) as u64),
             ..generation_config(cfg)
         };
-        let tokens = TokenBatch::left_padded(&rows, cfg.pad_token_id);
-        let images = images_of::<B>(&refs, device)?;
-        let gen = generate_grouped(model, &tokens, images.as_ref(), g, &gen_cfg, false)?;
-        let texts: Vec<String> = gen
-            .tokens
-            .iter()
-            .map(|t| tokenizer.decode(t, true).unwrap_or_default())
-            .collect();
-        let repeated: Vec<&PromptInput> = chunk
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p, g))
-            .collect();
-        let prompt_texts: Vec<String> = repeated.iter().map(|p| p.text.clone()).collect();
-        let records: Vec<_> = repeated.iter().map(|p| &p.record).collect();
-        let scores = sampled.rewards.score(&prompt_texts, &texts, &records);
-        out.rewards.extend(&scores.total);
-        for ((_, all), (_, s)) in out.per_reward.iter_mut().zip(scores.per_reward) {
+        let groups = sample_groups(
+            model,
+            chunk,
+            tokenizer,
+            &sampled.rewards,
+            g,
+            true,
+            &gen_cfg,
+            device,
+        )?;
+        out.rewards.extend(&groups.scores.total);
+        for ((_, all), (_, s)) in out.per_reward.iter_mut().zip(groups.scores.per_reward) {
             all.extend(s);
         }
-        out.completion_lens.extend(gen.tokens.iter().map(Vec::len));
-        for (p, text) in repeated.into_iter().zip(texts) {
+        out.completion_lens
+            .extend(groups.out.tokens.iter().map(Vec::len));
+        let questions = chunk.iter().flat_map(|p| std::iter::repeat_n(p, g));
+        for (p, text) in questions.zip(groups.texts) {
             out.report.record_with(cfg.scoring, p, text);
         }
     }

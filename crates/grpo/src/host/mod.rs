@@ -444,9 +444,10 @@ impl<B: AutodiffBackend> HostCtx<B> {
             .clear();
     }
 
-    /// Data parallel: `prompts` split in order into one shard per device, each rolled out (and
-    /// penalized by its KL to the reference, with `kl_in_reward`) on its device and thread,
-    /// seeded by the entry's seed and the shard; merged, with the statistics of the whole.
+    /// `prompts` rolled out (and penalized by their KL to the reference, with
+    /// `kl_in_reward`), seeded by the entry's seed. With several devices: split in order into
+    /// one shard per device, each rolled out on its device and thread, seeded by the entry's
+    /// seed and the shard, and merged, with the statistics of the whole.
     fn sharded_rollout(
         &self,
         models: &[Qwen2VL<B::InnerBackend>],
@@ -471,7 +472,10 @@ impl<B: AutodiffBackend> HostCtx<B> {
                     let (model, device) = (&models[w], &devices[w]);
                     let reference = references.as_ref().map(|r| &r[w]);
                     scope.spawn(move || {
-                        let seed = mix(m.seed, w as u64);
+                        let seed = match models.len() {
+                            1 => m.seed,
+                            _ => mix(m.seed, w as u64),
+                        };
                         let mut roll = rollout(
                             model,
                             shard,
@@ -500,6 +504,9 @@ impl<B: AutodiffBackend> HostCtx<B> {
                 })
                 .collect()
         });
+        if shards.len() == 1 {
+            return shards.into_iter().next().expect("one shard");
+        }
         let mut roll = Rollout::merge(shards);
         // The shards were rolled out apart: statistics over all of them (a batch std).
         share_step_statistics(std::slice::from_mut(&mut roll), &self.cfg);
@@ -528,24 +535,12 @@ impl<B: AutodiffBackend> HostCtx<B> {
             let prompts = self
                 .prompts_of(m)
                 .unwrap_or_else(|e| panic!("step {}: {e}", m.step + 1));
-            if models.len() > 1 {
+            if !self.cfg.filter_groups {
                 return self.sharded_rollout(models, &prompts, m);
             }
-            let roll = if self.cfg.filter_groups {
-                self.filtered_rollout(model, prompts, m)
-            } else {
-                rollout(
-                    model,
-                    &prompts,
-                    &self.tokenizer,
-                    &self.rewards,
-                    &self.cfg,
-                    m.seed,
-                    &self.device,
-                )
-            };
-            let mut roll =
-                roll.unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", m.step));
+            let mut roll = self
+                .filtered_rollout(model, prompts, m)
+                .unwrap_or_else(|e| panic!("rollout of step {} failed: {e}", m.step));
             if self.cfg.kl_in_reward != 0.0 {
                 let reference = self.reference.read().expect("reference");
                 let reference = reference

@@ -322,6 +322,69 @@ pub fn images_of<B: Backend>(
     Images::from_processed(prompts.iter().flat_map(|p| &p.images), device)
 }
 
+/// `g` completions of each prompt, generated and scored: the prompt rows generation ran on
+/// (each prompt once per group when `share`, else once per completion, `group` rows of
+/// completions per prompt row), their ids and images on the device, and the completions
+/// group after group with their texts, prompt texts and rewards.
+pub(crate) struct Groups<'a, B: Backend> {
+    pub rows: Vec<&'a PromptInput>,
+    pub prompt_ids: Vec<Vec<u32>>,
+    pub images: Option<Images<B>>,
+    pub group: usize,
+    pub out: qwen2vl::generation::Generation,
+    pub texts: Vec<String>,
+    pub prompt_texts: Vec<String>,
+    pub scores: crate::rewards::Scores,
+}
+
+/// Samples `g` completions per prompt as `gen_cfg` says and scores them with `rewards`
+/// against each prompt's record: a rollout's draw, and a sampled evaluation's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sample_groups<'a, B: Backend>(
+    model: &Qwen2VL<B>,
+    prompts: &'a [PromptInput],
+    tokenizer: &TextTokenizer,
+    rewards: &WeightedRewards,
+    g: usize,
+    share: bool,
+    gen_cfg: &GenerationConfig,
+    device: &B::Device,
+) -> Result<Groups<'a, B>, Qwen2VLError> {
+    let repeated: Vec<&PromptInput> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, g))
+        .collect();
+    // Each prompt once per group (shared) or once per completion; the same rows and images
+    // serve generation and every scoring pass.
+    let (rows, group): (Vec<&PromptInput>, usize) = if share {
+        (prompts.iter().collect(), g)
+    } else {
+        (repeated.clone(), 1)
+    };
+    let prompt_ids: Vec<Vec<u32>> = rows.iter().map(|p| p.ids.clone()).collect();
+    let images = images_of::<B>(&rows, device)?;
+    let batch = TokenBatch::left_padded(&prompt_ids, gen_cfg.pad_token_id);
+    let out = generate_grouped(model, &batch, images.as_ref(), group, gen_cfg, false)?;
+    let texts: Vec<String> = out
+        .tokens
+        .iter()
+        .map(|t| tokenizer.decode(t, true).unwrap_or_default())
+        .collect();
+    let prompt_texts: Vec<String> = repeated.iter().map(|p| p.text.clone()).collect();
+    let records: Vec<&VqaRecord> = repeated.iter().map(|p| &p.record).collect();
+    let scores = rewards.score(&prompt_texts, &texts, &records);
+    Ok(Groups {
+        rows,
+        prompt_ids,
+        images,
+        group,
+        out,
+        texts,
+        prompt_texts,
+        scores,
+    })
+}
+
 /// Samples `num_generations` completions per prompt on an inference model and scores them.
 pub fn rollout<B: Backend>(
     model: &Qwen2VL<B>,
@@ -333,10 +396,6 @@ pub fn rollout<B: Backend>(
     device: &B::Device,
 ) -> Result<Rollout<B>, Qwen2VLError> {
     let g = cfg.num_generations;
-    let repeated: Vec<&PromptInput> = prompts
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p, g))
-        .collect();
     let gen_cfg = GenerationConfig {
         max_new_tokens: cfg.max_completion_length,
         sampling: cfg.sampling,
@@ -345,25 +404,25 @@ pub fn rollout<B: Backend>(
         seed,
         buckets: cfg.buckets(),
     };
-    // Each prompt once per group (shared) or once per completion; the same rows and images
-    // serve generation and every scoring pass.
-    let (rows, group): (Vec<&PromptInput>, usize) = if cfg.share_prompt {
-        (prompts.iter().collect(), g)
-    } else {
-        (repeated.clone(), 1)
-    };
-    let prompt_ids: Vec<Vec<u32>> = rows.iter().map(|p| p.ids.clone()).collect();
-    let images = images_of::<B>(&rows, device)?;
-    let batch = TokenBatch::left_padded(&prompt_ids, cfg.pad_token_id);
-    let out = generate_grouped(model, &batch, images.as_ref(), group, &gen_cfg, false)?;
-    let texts: Vec<String> = out
-        .tokens
-        .iter()
-        .map(|t| tokenizer.decode(t, true).unwrap_or_default())
-        .collect();
-    let prompt_texts: Vec<String> = repeated.iter().map(|p| p.text.clone()).collect();
-    let records: Vec<&VqaRecord> = repeated.iter().map(|p| &p.record).collect();
-    let scores = rewards.score(&prompt_texts, &texts, &records);
+    let Groups {
+        rows,
+        prompt_ids,
+        images,
+        group,
+        out,
+        texts,
+        prompt_texts,
+        scores,
+    } = sample_groups(
+        model,
+        prompts,
+        tokenizer,
+        rewards,
+        g,
+        cfg.share_prompt,
+        &gen_cfg,
+        device,
+    )?;
     let advantages = group_advantages(&scores.total, g, cfg.scale_rewards);
     let width = out.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
     let masks = batch_mask(
@@ -402,7 +461,7 @@ pub fn rollout<B: Backend>(
     };
     Ok(Rollout {
         old_logprobs,
-        prompt_of: (0..repeated.len()).map(|i| i / g).collect(),
+        prompt_of: (0..out.tokens.len()).map(|i| i / g).collect(),
         prompts: prompt_texts,
         masks,
         completions: out.tokens,
