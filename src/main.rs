@@ -77,6 +77,15 @@ enum Command {
         /// runs/<name>.replaced-<time>/, nothing is deleted.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        nodes: commands::train::NodeArgs,
+    },
+    /// The orchestrator of a run on several nodes: they register with it before each exchange.
+    /// Runs until interrupted (Ctrl-C).
+    Orchestrator {
+        /// The port to listen on (all interfaces).
+        #[arg(long)]
+        port: u16,
     },
     /// The supervised warm start alone (written to runs/<name>/sft/).
     Sft {
@@ -120,8 +129,27 @@ fn main() -> ExitCode {
         Command::Export(args) => commands::export::run(args).map(|_| true),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Inspect { path } => commands::inspect::run(&path).map(|_| true),
-        Command::Train { run, resume, force } => {
-            commands::train::run(run, run::Job::Train { resume, force }).map(|_| true)
+        Command::Train {
+            run,
+            resume,
+            force,
+            nodes,
+        } => nodes.spec().and_then(|nodes| {
+            commands::train::run(
+                run,
+                run::Job::Train {
+                    resume,
+                    force,
+                    nodes,
+                },
+            )
+            .map(|_| true)
+        }),
+        Command::Orchestrator { port } => {
+            eprintln!("orchestrator listening on port {port} (Ctrl-C stops it)");
+            grpo::nodes::collective::serve_orchestrator(port)
+                .map(|_| true)
+                .map_err(|e| anyhow::anyhow!("orchestrator on port {port}: {e}"))
         }
         Command::Bench(args) => commands::bench::run(args).map(|_| true),
         Command::Sft { run, force } => {

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use grpo::nodes::collective::NodeSpec;
+
 use crate::backend::{dispatch_dtype, DeviceKind};
 use crate::config::RunConfig;
 use crate::run::{Interrupt, Job, RunTask};
@@ -25,6 +27,47 @@ pub struct RunArgs {
     pub devices: Vec<String>,
 }
 
+/// Training across several machines: every node runs `medr1 train` with the same config and
+/// data, its own `--node-rank`, and `medr1 orchestrator` running somewhere they all reach.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Nodes (machines) in the run; each rolls out and scores its share of every micro-batch
+    /// and they sum their gradients (book: "Several devices").
+    #[arg(long, requires_all = ["node_rank", "orchestrator", "node_address"])]
+    pub nodes: Option<usize>,
+    /// This node's index, 0 to nodes - 1. Node 0 writes runs/<name>/, node k runs/<name>.node<k>/.
+    #[arg(long, requires = "nodes")]
+    pub node_rank: Option<usize>,
+    /// The orchestrator's address (`medr1 orchestrator --port P`), e.g. ws://10.0.0.1:3000.
+    #[arg(long, requires = "nodes")]
+    pub orchestrator: Option<String>,
+    /// This node's address as the other nodes reach it, e.g. ws://10.0.0.2:3001; its data
+    /// service listens on that port.
+    #[arg(long, requires = "nodes")]
+    pub node_address: Option<String>,
+    /// Seconds a node waits for the others at one exchange before it stops with an error.
+    #[arg(long, default_value_t = 1800, requires = "nodes")]
+    pub node_timeout: u64,
+}
+
+impl NodeArgs {
+    /// The node's spec, checked; `None` on one node.
+    pub fn spec(&self) -> anyhow::Result<Option<NodeSpec>> {
+        let Some(nodes) = self.nodes else {
+            return Ok(None);
+        };
+        let spec = NodeSpec {
+            rank: self.node_rank.expect("clap requires it"),
+            nodes,
+            orchestrator: self.orchestrator.clone().expect("clap requires it"),
+            address: self.node_address.clone().expect("clap requires it"),
+            timeout: std::time::Duration::from_secs(self.node_timeout.max(1)),
+        };
+        spec.check().map_err(anyhow::Error::msg)?;
+        Ok(Some(spec))
+    }
+}
+
 pub fn run(args: RunArgs, job: Job) -> anyhow::Result<()> {
     let mut overrides = args.set.clone();
     if let Some(d) = args.device {
@@ -39,7 +82,16 @@ pub fn run(args: RunArgs, job: Job) -> anyhow::Result<()> {
         let quoted: Vec<String> = args.devices.iter().map(|d| format!("{d:?}")).collect();
         overrides.push(format!("devices=[{}]", quoted.join(",")));
     }
-    let cfg = RunConfig::load(args.config.as_deref(), &overrides)?;
+    let mut cfg = RunConfig::load(args.config.as_deref(), &overrides)?;
+    // Several nodes on one shared disk must not share a run directory.
+    if let Job::Train {
+        nodes: Some(spec), ..
+    } = &job
+    {
+        if spec.rank > 0 {
+            cfg.name = format!("{}.node{}", cfg.name, spec.rank);
+        }
+    }
     let kind = DeviceKind::from_name(&cfg.device).expect("validated");
     let bf16 = cfg.dtype == "bf16";
     let task = RunTask {

@@ -340,3 +340,58 @@ impl Interrupt {
         self.interrupter.should_stop()
     }
 }
+
+/// Standard output sent to a file until dropped (then restored): for a library that prints
+/// on stdout while the run shows its own progress. Elsewhere than unix, nothing changes.
+pub struct StdoutTo {
+    #[cfg(unix)]
+    saved: libc::c_int,
+}
+
+impl StdoutTo {
+    /// Appends standard output to `path` from now on.
+    pub fn file(path: &Path) -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use std::io::Write;
+            use std::os::fd::AsRawFd;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let _ = std::io::stdout().flush();
+            // SAFETY: duplicating and replacing file descriptor 1, which this process owns;
+            // `file` stays open until dup2 has made its copy.
+            let saved = unsafe { libc::dup(1) };
+            if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), 1) } < 0 {
+                bail!(
+                    "cannot send standard output to {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            Ok(Self { saved })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            Ok(Self {})
+        }
+    }
+}
+
+impl Drop for StdoutTo {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            // SAFETY: putting back the descriptor saved by `file`, then closing the copy.
+            unsafe {
+                libc::dup2(self.saved, 1);
+                libc::close(self.saved);
+            }
+        }
+    }
+}

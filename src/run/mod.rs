@@ -45,7 +45,12 @@ pub use guard::Interrupt;
 pub enum Job {
     /// SFT warm start (if configured), evaluation before, GRPO, evaluation after, report.
     /// `force`: a run directory that already holds a run is moved aside instead of refused.
-    Train { resume: bool, force: bool },
+    /// `nodes`: this process is one node of a run on several.
+    Train {
+        resume: bool,
+        force: bool,
+        nodes: Option<grpo::nodes::collective::NodeSpec>,
+    },
     /// The SFT warm start alone, written to `runs/<name>/sft/`.
     Sft { force: bool },
     /// Evaluate checkpoint directories on the configured eval set: a report each and one
@@ -252,6 +257,7 @@ fn execute<B: Backend>(
         Job::Train {
             resume: false,
             force,
+            ..
         } => (guard::TRAIN_OUTPUTS, *force),
         Job::Sft { force } => (guard::SFT_OUTPUTS, *force),
         _ => (&[][..], false),
@@ -535,6 +541,24 @@ fn execute<B: Backend>(
     )
     .with_stream(stream);
     let ctx = ctx.with_devices(crate::backend::devices_of::<A<B>>(&cfg.devices));
+    let node = match job {
+        Job::Train {
+            nodes: Some(spec), ..
+        } => Some(spec),
+        _ => None,
+    };
+    let ctx = match node {
+        Some(spec) => {
+            let exchange = grpo::nodes::collective::CollectiveExchange::new(spec.clone())
+                .map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "node {} of {}: orchestrator {}, this node {}",
+                spec.rank, spec.nodes, spec.orchestrator, spec.address
+            );
+            ctx.with_exchange(std::sync::Arc::new(exchange))
+        }
+        None => ctx,
+    };
     let opts = HostOptions {
         dir: dir.join("grpo"),
         metrics_jsonl: dir.join("metrics.jsonl"),
@@ -578,12 +602,19 @@ fn execute<B: Backend>(
     };
     let grpo_started = Instant::now();
     eprintln!("GRPO: {} steps", cfg.grpo.steps);
+    // burn-collective prints a line on stdout each time a node connects (every exchange): to a
+    // log in the run directory while the nodes train.
+    let _quiet = match node {
+        Some(_) => Some(guard::StdoutTo::file(&dir.join("collective.log"))?),
+        None => None,
+    };
     let keys = std::io::stdout()
         .is_terminal()
         .then(guard::SignalKeys::keep)
         .flatten();
     let launched = launch(policy, ctx, held_out, ecfg.clone(), &opts);
     drop(keys);
+    drop(_quiet);
     let (trained, state) = launched?;
     let grpo_secs = grpo_started.elapsed().as_secs_f64();
     if state.step < cfg.grpo.steps {

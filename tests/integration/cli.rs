@@ -477,3 +477,161 @@ fn two_wgpu_devices_train_as_two_workers_on_one() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the orchestrator when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `medr1 train` as node `rank` of `nodes` (orchestrator on `orch`, this node on `port`).
+fn node(rank: usize, nodes: usize, orch: u16, port: u16, extra: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_medr1"));
+    c.args(["train", "--nodes", &nodes.to_string(), "--node-rank"])
+        .arg(rank.to_string())
+        .arg("--orchestrator")
+        .arg(format!("ws://127.0.0.1:{orch}"))
+        .arg("--node-address")
+        .arg(format!("ws://127.0.0.1:{port}"))
+        .args(["--node-timeout", "120"])
+        .args(extra);
+    c
+}
+
+/// Several nodes on loopback (three processes: `medr1 orchestrator` and two `medr1 train`
+/// nodes with two Flex workers each) train as one node with all four workers: the same
+/// shards and seeds, step statistics over every node's rows (`scale_rewards = "batch"`, `dapo`
+/// over the step's tokens), summed gradients and measured sums. Both nodes write the same
+/// checkpoint, byte for byte. A node whose settings differ is named and no node trains.
+#[test]
+fn two_nodes_train_as_one_node_with_all_their_devices() {
+    let root = std::env::temp_dir().join(format!("medr1-cli-{}-nodes", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let settings = |name: &str| -> Vec<String> {
+        [
+            format!("runs_dir=\"{}\"", root.join(name).display()),
+            "grpo.steps=2".into(),
+            "grpo.prompts_per_step=4".into(),
+            "grpo.gradient_accumulation=2".into(),
+            "grpo.scale_rewards=\"batch\"".into(),
+            "grpo.loss_type=\"dapo\"".into(),
+            "sft.steps=8".into(),
+            "eval.before=false".into(),
+            "eval.after=false".into(),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+    };
+    let metrics = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let orch = free_port();
+    let _orchestrator = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_medr1"))
+            .args(["orchestrator", "--port", &orch.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let run_nodes = |extra: [Vec<String>; 2]| -> Vec<std::process::Output> {
+        let children: Vec<_> = extra
+            .iter()
+            .enumerate()
+            .map(|(rank, extra)| {
+                node(rank, 2, orch, free_port(), extra)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect()
+    };
+    let mut two = settings("nodes");
+    two.extend(["--devices".into(), "flex,flex".into()]);
+    for (rank, out) in run_nodes([two.clone(), two]).iter().enumerate() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "node {rank}: {err}");
+    }
+    let mut four = vec!["train".to_string()];
+    four.extend(settings("one"));
+    four.extend(["--devices".into(), "flex,flex,flex,flex".into()]);
+    let (ok, _, err) = medr1(&four.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "one node with four workers: {err}");
+
+    let (n0, n1, one) = (
+        root.join("nodes/tiny"),
+        root.join("nodes/tiny.node1"),
+        root.join("one/tiny"),
+    );
+    let weights = |d: &std::path::Path| std::fs::read(d.join("final/model.safetensors")).unwrap();
+    assert!(
+        weights(&n0) == weights(&n1),
+        "the two nodes wrote different weights"
+    );
+    let (m0, m1, single) = (metrics(&n0), metrics(&n1), metrics(&one));
+    assert_eq!(m0.len(), 2);
+    assert!(
+        m0[0]["grad_norm"].as_f64().unwrap() > 1e-3,
+        "a step without gradient checks nothing: {}",
+        m0[0]
+    );
+    for ((a, b), c) in m0.iter().zip(&m1).zip(&single) {
+        for key in [
+            "loss",
+            "reward_mean",
+            "reward_std",
+            "kl",
+            "entropy",
+            "grad_norm",
+            "completion_tokens",
+        ] {
+            let (x, y, z) = (
+                a[key].as_f64().unwrap(),
+                b[key].as_f64().unwrap(),
+                c[key].as_f64().unwrap(),
+            );
+            assert_eq!(x, y, "{key}: node 0 {x}, node 1 {y}");
+            assert!(
+                (x - z).abs() <= 1e-5 * z.abs().max(1.0),
+                "{key}: {x} on two nodes, {z} on one: {a} vs {c}"
+            );
+        }
+    }
+
+    // Node 1 asked for more steps: both stop before training, naming the difference.
+    let mut other = settings("mismatch");
+    other.extend(["--set".into(), "grpo.steps=3".into()]);
+    for (rank, out) in run_nodes([settings("mismatch"), other]).iter().enumerate() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "node {rank} trained");
+        assert!(
+            err.contains("do not run the same thing")
+                && err.contains("node 0 has `steps: 2`, node 1 has `steps: 3`"),
+            "node {rank}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

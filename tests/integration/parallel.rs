@@ -142,3 +142,132 @@ fn a_sharded_step_equals_the_one_device_step_on_two_wgpu_devices() {
     let first = crate::common::wgpu_device();
     sharded_step_matches::<Ad>([first, WgpuDevice::Cpu]);
 }
+
+/// Several nodes: each holds every row's values (rewards, masks: [`Rollout::remote`] for the
+/// other nodes' rows) but scores only its own. Their gradients and measured sums, added up
+/// (what the nodes' all-reduce does), are the one-node step's, for every loss type, an
+/// entropy bonus, and kept sampling-policy log-probs (`num_iterations` 2: the other rows'
+/// placeholders must not shift this node's).
+#[test]
+fn node_shares_add_up_to_the_one_node_step() {
+    use grpo::learner::ShareSums;
+    use grpo::loss::LossType;
+    type B = burn::backend::Autodiff<crate::common::Flex>;
+    let device = Default::default();
+    let (policy, _) = load_model::<B>(&fixture_dir().join("hf_model"), &device).unwrap();
+    let reference = policy.valid();
+    let fx = Fixture::open(&fixture_dir()).unwrap();
+    let eos = fx.id_rows("single.gen.new_tokens").unwrap().remove(0)[3];
+    let prompts = crate::memory::prompts(&fx);
+    let rewards = WeightedRewards {
+        rewards: vec![(Box::new(Alphanumeric), 1.0)],
+    };
+    let tok = byte_tokenizer();
+    let cases = [
+        (LossType::Grpo, 0.0, 1),
+        (LossType::Bnpo, 0.0, 2),
+        (LossType::DrGrpo, 0.01, 1),
+        (LossType::Dapo, 0.0, 1),
+    ];
+    for (loss_type, entropy_coef, num_iterations) in cases {
+        let what = format!("{loss_type:?}, entropy {entropy_coef}, iterations {num_iterations}");
+        let cfg = GrpoConfig {
+            num_generations: 4,
+            max_completion_length: 6,
+            num_iterations,
+            loss: LossConfig {
+                beta: 0.04,
+                loss_type,
+                entropy_coef,
+                ..Default::default()
+            },
+            scale_rewards: ScaleRewards::Batch,
+            eos_token_ids: vec![eos],
+            pad_token_id: 256,
+            ..Default::default()
+        };
+        let shard = |i: usize| {
+            rollout(
+                &policy.valid(),
+                &prompts[i..i + 1],
+                &tok,
+                &rewards,
+                &cfg,
+                5 + i as u64,
+                &device,
+            )
+            .unwrap()
+        };
+        let (a, b) = (shard(0), shard(1));
+        let old = (num_iterations > 1).then_some(&device);
+        let statistics = |rolls: Vec<Rollout<crate::common::Flex>>| {
+            let mut r = Rollout::merge(rolls);
+            share_step_statistics(std::slice::from_mut(&mut r), &cfg);
+            r
+        };
+        let whole = statistics(vec![a.clone(), b.clone()]);
+        let nodes = [
+            statistics(vec![a.clone(), Rollout::remote(b.host(), old)]),
+            statistics(vec![Rollout::remote(a.host(), old), b]),
+        ];
+        assert!(!whole.is_partial() && nodes.iter().all(Rollout::is_partial));
+        let (g_one, m_one) = policy_gradients(&policy, Some(&reference), &whole, &cfg, 2).unwrap();
+        let mut summed: Option<Vec<(String, Option<Vec<f32>>)>> = None;
+        let mut sums = vec![0.0f32; ShareSums::LEN];
+        let mut metrics = None;
+        for node in &nodes {
+            assert_eq!(node.advantages, whole.advantages, "{what}: advantages");
+            let (g, m) = policy_gradients(&policy, Some(&reference), node, &cfg, 2).unwrap();
+            let share = m.share.expect("a node's share is measured");
+            for (s, v) in sums.iter_mut().zip(share.to_vec()) {
+                *s += v;
+            }
+            let g = collect(&policy, &g);
+            summed = Some(match summed {
+                None => g,
+                Some(acc) => acc
+                    .into_iter()
+                    .zip(g)
+                    .map(|((shape, x), (_, y))| {
+                        let added = match (x, y) {
+                            (Some(x), Some(y)) => {
+                                Some(x.iter().zip(&y).map(|(u, v)| u + v).collect())
+                            }
+                            (x, y) => x.or(y),
+                        };
+                        (shape, added)
+                    })
+                    .collect(),
+            });
+            metrics = Some(m);
+        }
+        let compared = assert_same_gradients(
+            &what,
+            &summed.expect("two nodes"),
+            &collect(&policy, &g_one),
+        );
+        assert!(compared > 50, "{what}: only {compared} gradients");
+        let mut m = metrics.expect("two nodes");
+        m.set_shares(ShareSums::from_slice(&sums), whole.completions.len());
+        assert!(
+            (m.loss - m_one.loss).abs() < 1e-5,
+            "{what}: loss {} vs {}",
+            m.loss,
+            m_one.loss
+        );
+        assert!(
+            (m.kl - m_one.kl).abs() < 1e-6,
+            "{what}: kl {} vs {}",
+            m.kl,
+            m_one.kl
+        );
+        assert!((m.entropy - m_one.entropy).abs() < 1e-5, "{what}: entropy");
+        assert!(
+            (m.clip_ratio - m_one.clip_ratio).abs() < 1e-6,
+            "{what}: clip ratio"
+        );
+        assert_eq!(m.reward_std, m_one.reward_std, "{what}");
+        assert_eq!(m.completion_tokens, m_one.completion_tokens, "{what}");
+        assert_eq!(m.zero_std_groups, m_one.zero_std_groups, "{what}");
+    }
+}

@@ -8,6 +8,7 @@ pub mod host;
 pub mod learner;
 pub mod loss;
 pub mod mask;
+pub mod nodes;
 pub mod optim;
 pub mod prompt;
 pub mod rewards;

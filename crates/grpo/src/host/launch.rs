@@ -28,6 +28,7 @@ use super::tensorboard::EventWriter;
 use super::{plan, EvalBatcher, GrpoBatcher, GrpoPolicy, HostCtx};
 use crate::eval::{EvalConfig, SampledEval};
 use crate::learner::PromptInput;
+use crate::nodes::node_prompts;
 use crate::schedule::{LrSchedule, ScheduledLr};
 use crate::stream::PromptSource;
 
@@ -205,22 +206,36 @@ pub fn launch<B: AutodiffBackend>(
             "prompts_per_step and steps must be at least 1".into(),
         ));
     }
-    let workers = ctx.devices().len();
+    // Rollout shards of every micro-batch: the devices of every node.
+    let workers = ctx.shards();
+    let (nodes, rank) = ctx.node();
+    let devices_here = ctx.devices().len();
+    let where_ = if nodes > 1 {
+        format!("{nodes} nodes x {devices_here} device(s)")
+    } else {
+        format!("{workers} devices")
+    };
     if workers > 1 {
         if cfg.filter_groups {
-            return Err(HostError::Config(
-                "filter_groups with several devices: dynamic sampling rolls groups out one at a \
-                 time on the main device; run it on one device"
-                    .into(),
-            ));
+            return Err(HostError::Config(format!(
+                "filter_groups with {where_}: dynamic sampling rolls groups out one at a time \
+                 on the main device; run it on one device"
+            )));
         }
         if !opts.prompts_per_step.is_multiple_of(workers) {
             return Err(HostError::Config(format!(
-                "prompts_per_step ({}) must be a multiple of the {workers} devices: each rolls \
-                 out an equal share of every micro-batch",
+                "prompts_per_step ({}) must be a multiple of the {workers} rollout shards \
+                 ({where_}): each device rolls out an equal share of every micro-batch",
                 opts.prompts_per_step
             )));
         }
+    }
+    if nodes > 1 && cfg.loss.top_entropy_quantile < 1.0 {
+        return Err(HostError::Config(
+            "top_entropy_quantile takes its quantile over the whole rollout's entropies, which \
+             several nodes score apart: run it on one node"
+                .into(),
+        ));
     }
     let ni = cfg.num_iterations.max(1);
     if !opts.checkpoint_every.is_multiple_of(ni) {
@@ -270,12 +285,30 @@ pub fn launch<B: AutodiffBackend>(
         }
         if s.workers != workers {
             return Err(HostError::Config(format!(
-                "the checkpoint at step {} was made on {} device(s), this run has {workers}: \
-                 each device draws its own shard's samples, so resuming would not continue the \
-                 same run (list as many devices as before)",
+                "the checkpoint at step {} was made on {} device(s) in all, this run has \
+                 {workers} ({where_}): each device draws its own shard's samples, so resuming \
+                 would not continue the same run (use as many devices in all as before)",
                 s.step, s.workers
             )));
         }
+    }
+    if let Some(ex) = ctx.exchange() {
+        // Every node must run the same thing from the same step, else their sums mix steps.
+        let fingerprint = format!(
+            "seed: {}\nsteps: {}\nprompts per micro-batch: {}\naccumulation: {}\n\
+             training prompts: {}\ndevices per node: {devices_here}\nresumes from step: {}\n\
+             checkpoint every: {}\nsettings: {:?}\n",
+            opts.seed,
+            opts.total_steps,
+            opts.prompts_per_step,
+            ctx.accumulation,
+            ctx.prompts.len(),
+            resume_state.as_ref().map_or(0, |s| s.step),
+            opts.checkpoint_every,
+            ctx.cfg,
+        );
+        crate::nodes::check_agreement(ex, &fingerprint)
+            .map_err(|e| HostError::Config(e.to_string()))?;
     }
     let micro = plan(
         ctx.prompts.len(),
@@ -285,6 +318,19 @@ pub fn launch<B: AutodiffBackend>(
         opts.total_steps,
         opts.seed,
     );
+    // Several nodes: each node's plan holds its share of every micro-batch's prompts.
+    let micro = if nodes > 1 {
+        let share = node_prompts(opts.prompts_per_step, nodes, devices_here, rank);
+        micro
+            .into_iter()
+            .map(|mut m| {
+                m.prompts = m.prompts[share.clone()].to_vec();
+                m
+            })
+            .collect()
+    } else {
+        micro
+    };
     let reward_names: Vec<String> = ctx
         .rewards
         .rewards

@@ -41,9 +41,10 @@ use crate::advantages::ScaleRewards;
 use crate::eval::{evaluate, evaluate_sampled, EvalConfig, SampledEval};
 use crate::learner::{
     parallel_gradients, penalize_kl_in_reward, rollout, share_step_statistics, GrpoConfig,
-    PromptInput, Rollout, Worker,
+    PromptInput, Rollout, ShareSums, Worker,
 };
 use crate::loss::LossType;
+use crate::nodes::Exchange;
 use crate::rewards::WeightedRewards;
 use crate::stream::{PromptSource, StreamOptions};
 
@@ -77,6 +78,9 @@ pub struct HostCtx<B: AutodiffBackend> {
     /// The policy on each of `others`, copied for the optimizer step it holds the weights of:
     /// a step's micro-batches share one copy.
     policy_copies: Mutex<Option<(usize, Vec<Qwen2VL<B>>)>>,
+    /// Several nodes: how this one exchanges rollouts and gradients with the others
+    /// ([`HostCtx::with_exchange`]).
+    exchange: Option<Arc<dyn Exchange>>,
     /// Micro-batches per optimizer step; the loss is divided by it.
     pub accumulation: usize,
     /// Rollouts kept for reuse while `num_iterations > 1`, by rollout number.
@@ -238,6 +242,7 @@ impl<B: AutodiffBackend> HostCtx<B> {
             others: Vec::new(),
             reference_copies: Mutex::new(Vec::new()),
             policy_copies: Mutex::new(None),
+            exchange: None,
             accumulation: accumulation.max(1),
             cache: Mutex::new(HashMap::new()),
             feed: Mutex::new(None),
@@ -260,6 +265,34 @@ impl<B: AutodiffBackend> HostCtx<B> {
             self.others = devices.collect();
         }
         self
+    }
+
+    /// One node of a run on several ([`crate::nodes`]): this node rolls out its share of every
+    /// micro-batch's prompts on its devices (as one node with every node's devices would:
+    /// shards in node order, each seeded by its index among all), receives the other nodes'
+    /// completions and rewards so that every node takes the step's statistics over all of
+    /// them, and sums its gradients with theirs. Every node takes the same optimizer step and
+    /// writes the same checkpoints (each into its own run directory).
+    pub fn with_exchange(mut self, exchange: Arc<dyn Exchange>) -> Self {
+        self.exchange = Some(exchange);
+        self
+    }
+
+    /// How this node exchanges with the others, on several nodes.
+    pub fn exchange(&self) -> Option<&dyn Exchange> {
+        self.exchange.as_deref()
+    }
+
+    /// Nodes in the run and this one's rank (1 and 0 alone).
+    pub fn node(&self) -> (usize, usize) {
+        self.exchange
+            .as_ref()
+            .map_or((1, 0), |ex| (ex.nodes(), ex.rank()))
+    }
+
+    /// Rollout shards of a micro-batch over every node: devices per node times nodes.
+    pub fn shards(&self) -> usize {
+        self.devices().len() * self.node().0
     }
 
     /// The devices of a step, the main one first.
@@ -456,6 +489,9 @@ impl<B: AutodiffBackend> HostCtx<B> {
     ) -> Rollout<B::InnerBackend> {
         let devices = self.devices();
         let per = prompts.len().div_ceil(models.len()).max(1);
+        // This node's first shard among all nodes' (they split as one node with all devices).
+        let (_, rank) = self.node();
+        let (first, total) = (rank * models.len(), self.shards());
         let references = if self.cfg.kl_in_reward != 0.0 {
             Some(
                 self.references()
@@ -472,9 +508,9 @@ impl<B: AutodiffBackend> HostCtx<B> {
                     let (model, device) = (&models[w], &devices[w]);
                     let reference = references.as_ref().map(|r| &r[w]);
                     scope.spawn(move || {
-                        let seed = match models.len() {
+                        let seed = match total {
                             1 => m.seed,
-                            _ => mix(m.seed, w as u64),
+                            _ => mix(m.seed, (first + w) as u64),
                         };
                         let mut roll = rollout(
                             model,
@@ -504,6 +540,14 @@ impl<B: AutodiffBackend> HostCtx<B> {
                 })
                 .collect()
         });
+        let shards = match &self.exchange {
+            Some(ex) => {
+                let own = Rollout::merge(shards);
+                node_shards(ex.as_ref(), own, &self.device)
+                    .unwrap_or_else(|e| panic!("step {}: {e}", m.step + 1))
+            }
+            None => shards,
+        };
         if shards.len() == 1 {
             return shards.into_iter().next().expect("one shard");
         }
@@ -590,6 +634,30 @@ impl<B: AutodiffBackend> HostCtx<B> {
         }
         mine.expect("the step's entries include this one")
     }
+}
+
+/// Every node's rollout of a micro-batch in node order, this node's `own` among them and the
+/// others' values received ([`Rollout::remote`]: no tensors, not scored here).
+fn node_shards<K: Backend>(
+    ex: &dyn Exchange,
+    own: Rollout<K>,
+    device: &K::Device,
+) -> Result<Vec<Rollout<K>>, String> {
+    let bytes = serde_json::to_vec(&own.host()).map_err(|e| e.to_string())?;
+    let all = crate::nodes::gather(ex, &bytes).map_err(|e| e.to_string())?;
+    let old_on = own.old_logprobs.as_ref().map(|_| device);
+    let mut own = Some(own);
+    all.into_iter()
+        .enumerate()
+        .map(|(k, bytes)| {
+            if k == ex.rank() {
+                return Ok(own.take().expect("once"));
+            }
+            let host = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("node {k}'s rollout could not be read: {e}"))?;
+            Ok(Rollout::remote(host, old_on))
+        })
+        .collect()
 }
 
 /// The steps whose synced reference is kept under `dir`.
@@ -786,8 +854,20 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
                 device: several.then_some(device),
             })
             .collect();
-        let (grads, metrics) = parallel_gradients(&workers, &roll, &ctx.cfg, ctx.accumulation)
+        let (grads, mut metrics) = parallel_gradients(&workers, &roll, &ctx.cfg, ctx.accumulation)
             .unwrap_or_else(|e| panic!("loss of step {} failed: {e}", micro.step));
+        // Several nodes: every node's gradients and measured sums, added up.
+        let grads = match &ctx.exchange {
+            Some(ex) => {
+                let share = metrics.share.unwrap_or_default();
+                let (grads, sums) =
+                    crate::nodes::sum_gradients(ex.as_ref(), &self.policy, grads, share.to_vec())
+                        .unwrap_or_else(|e| panic!("step {}: {e}", micro.step + 1));
+                metrics.set_shares(ShareSums::from_slice(&sums), roll.completions.len());
+                grads
+            }
+            None => grads,
+        };
         let mut item = StepRecord::from(&metrics);
         // The micro-batch's share of the step's loss: `dapo` over the step's tokens is one
         // already.

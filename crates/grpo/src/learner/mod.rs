@@ -189,6 +189,21 @@ pub struct Rollout<B: Backend> {
     pub unfilled_groups: usize,
 }
 
+/// A rollout's values on the host, as one node sends them to the others.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HostRollout {
+    pub prompt_of: Vec<usize>,
+    pub prompts: Vec<String>,
+    pub completions: Vec<Vec<u32>>,
+    pub texts: Vec<String>,
+    pub masks: Vec<Vec<bool>>,
+    pub rewards: Vec<f32>,
+    pub per_reward: Vec<(String, Vec<f32>)>,
+    pub advantages: Vec<f32>,
+    pub resampled_groups: usize,
+    pub unfilled_groups: usize,
+}
+
 /// A rollout's scoring inputs, built once when it is made and read by every pass over it
 /// (the sampling policy's log-probs, the policy, the reference, each of `num_iterations`
 /// updates): the token layout (each prompt once per group when shared, completions padded to
@@ -312,6 +327,66 @@ pub struct StepMetrics {
     pub completion_tokens: usize,
     pub zero_std_groups: f32,
     pub grad_norm: f32,
+    /// On a node of a multi-node run (its rollout's other rows scored on other nodes): this
+    /// node's sums behind `loss`, `kl`, `entropy` and `clip_ratio`, which hold only once the
+    /// nodes' sums are added up ([`StepMetrics::set_shares`]). `None` on one node.
+    pub share: Option<ShareSums>,
+}
+
+/// The sums a node contributes to a step's measured values when its rollout's rows are
+/// scored on several nodes; summed over the nodes they give the one-node values
+/// ([`StepMetrics::set_shares`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ShareSums {
+    /// The loss over this node's rows, weighted by the whole rollout's loss weights.
+    pub loss: f32,
+    /// Per-row means of the KL estimate over counted tokens, summed over this node's rows.
+    pub kl_rows: f32,
+    /// Per-row means of the entropy, summed likewise.
+    pub entropy_rows: f32,
+    /// Counted tokens whose ratio was clipped.
+    pub clipped: f32,
+    /// Counted tokens.
+    pub counted: f32,
+}
+
+impl ShareSums {
+    /// Values in a vector's order, for summing across nodes.
+    pub const LEN: usize = 5;
+
+    pub fn to_vec(&self) -> Vec<f32> {
+        vec![
+            self.loss,
+            self.kl_rows,
+            self.entropy_rows,
+            self.clipped,
+            self.counted,
+        ]
+    }
+
+    /// The inverse of [`ShareSums::to_vec`] (`values` holds at least [`ShareSums::LEN`]).
+    pub fn from_slice(values: &[f32]) -> Self {
+        Self {
+            loss: values[0],
+            kl_rows: values[1],
+            entropy_rows: values[2],
+            clipped: values[3],
+            counted: values[4],
+        }
+    }
+}
+
+impl StepMetrics {
+    /// The values that depend on every node's rows, from all nodes' sums: the rollout has
+    /// `rows` completions in all.
+    pub fn set_shares(&mut self, total: ShareSums, rows: usize) {
+        let rows = rows.max(1) as f32;
+        self.loss = total.loss;
+        self.kl = total.kl_rows / rows;
+        self.entropy = total.entropy_rows / rows;
+        self.clip_ratio = total.clipped / total.counted.max(1.0);
+        self.share = None;
+    }
 }
 
 /// The images of `prompts`, concatenated in order, on `device` ([`Images::from_processed`]).
@@ -505,6 +580,54 @@ impl<B: Backend> Rollout<B> {
             part.advantages = Tensor::from_data(TensorData::new(values, [rows.len()]), &device);
         }
         self.advantages = advantages;
+    }
+
+    /// Whether some of its rows are scored elsewhere: a node's view of a multi-node rollout,
+    /// whose parts cover its own rows only ([`Rollout::remote`]).
+    pub fn is_partial(&self) -> bool {
+        self.batch.parts.iter().map(|p| p.rows.len()).sum::<usize>() < self.completions.len()
+    }
+
+    /// Its values on the host (no tensors): what another node needs of it.
+    pub fn host(&self) -> HostRollout {
+        HostRollout {
+            prompt_of: self.prompt_of.clone(),
+            prompts: self.prompts.clone(),
+            completions: self.completions.clone(),
+            texts: self.texts.clone(),
+            masks: self.masks.clone(),
+            rewards: self.rewards.clone(),
+            per_reward: self.per_reward.clone(),
+            advantages: self.advantages.clone(),
+            resampled_groups: self.resampled_groups,
+            unfilled_groups: self.unfilled_groups,
+        }
+    }
+
+    /// A rollout made on another node: its values, no scoring parts (this node scores none of
+    /// its rows). Merged with this node's own ([`Rollout::merge`]), the statistics of the whole
+    /// can be taken on every node. `old_on`: a device for placeholder sampling-policy
+    /// log-probs (zeros, never read) when this node's rollouts keep theirs.
+    pub fn remote(host: HostRollout, old_on: Option<&B::Device>) -> Self {
+        let rows = host.completions.len();
+        Self {
+            old_logprobs: old_on.map(|d| Tensor::zeros([rows, 1], d)),
+            prompt_of: host.prompt_of,
+            prompts: host.prompts,
+            completions: host.completions,
+            texts: host.texts,
+            masks: host.masks,
+            rewards: host.rewards,
+            per_reward: host.per_reward,
+            advantages: host.advantages,
+            batch: StepBatch {
+                parts: Vec::new(),
+                width: 1,
+            },
+            step_tokens: None,
+            resampled_groups: host.resampled_groups,
+            unfilled_groups: host.unfilled_groups,
+        }
     }
 
     /// The completion tokens that count.
@@ -860,6 +983,7 @@ fn measure<B: Backend>(
         completion_tokens: lens.iter().sum(),
         zero_std_groups: zero_std_fraction(&roll.rewards, cfg.num_generations),
         grad_norm: 0.0,
+        share: None,
     }
 }
 
@@ -935,7 +1059,7 @@ pub fn parallel_gradients<B: AutodiffBackend>(
     };
     let batch = &roll.batch;
     let chunk = cfg.memory.head_chunk;
-    check_options(cfg, policy, batch.parts.len())?;
+    check_options(cfg, policy, batch.parts.len(), roll.is_partial())?;
     let entropy_grad = cfg.loss.entropy_coef != 0.0;
     let step_tokens = roll.step_tokens.map(|n| n as f32);
     let lens = completion_lens(roll);
@@ -1045,8 +1169,10 @@ pub fn parallel_gradients<B: AutodiffBackend>(
     let entropy = batch.join(entropies);
     let selection = entropy_selection(&cfg.loss, &entropy, &mask);
     let ref_logp = (!refs.is_empty()).then(|| batch.join(refs));
-    let old = match roll.old_logprobs.clone() {
-        Some(o) => o,
+    // The parts' rows of the kept log-probs: on a node, the rollout's rows include others'.
+    let old = match &roll.old_logprobs {
+        Some(o) if roll.is_partial() => batch.join(batch.parts.iter().map(|p| p.of(o)).collect()),
+        Some(o) => o.clone(),
         None => logp.clone(),
     };
     let pt = per_token_loss(
@@ -1072,7 +1198,39 @@ pub fn parallel_gradients<B: AutodiffBackend>(
         let ew = entropy_weight(&cfg.loss, counted, 1, step_tokens);
         loss = loss - (entropy.clone() * effective_mask(&mask, selection.as_ref())).sum() * ew;
     }
-    Ok((grads, measure(roll, cfg, loss, &pt, Some(entropy), mask)))
+    let share = roll.is_partial().then(|| {
+        // This node's rows, in its parts' order (the order of the joined tensors).
+        let own: Vec<f32> = batch
+            .parts
+            .iter()
+            .flat_map(|p| weights[p.rows.clone()].iter().copied())
+            .collect();
+        let rows = own.len();
+        let own = Tensor::<B::InnerBackend, 2>::from_data(
+            TensorData::new(own, [rows, 1]),
+            &mask.device(),
+        );
+        let mut loss = (pt.loss.clone() * mask.clone() * own).sum();
+        if entropy_grad {
+            // No entropy selection on several nodes (`check_options`): every counted token.
+            let ew = entropy_weight(&cfg.loss, all_counted, 1, step_tokens);
+            loss = loss - (entropy.clone() * mask.clone()).sum() * ew;
+        }
+        let row_means = |v: Tensor<B::InnerBackend, 2>| {
+            ((v * mask.clone()).sum_dim(1) / mask.clone().sum_dim(1).clamp_min(1.0)).sum()
+        };
+        let scalar = |x: Tensor<B::InnerBackend, 1>| x.into_scalar().elem::<f32>();
+        ShareSums {
+            loss: scalar(loss),
+            kl_rows: pt.kl.clone().map_or(0.0, |k| scalar(row_means(k))),
+            entropy_rows: scalar(row_means(entropy.clone())),
+            clipped: scalar((pt.clipped.clone() * mask.clone()).sum()),
+            counted: scalar(mask.clone().sum()),
+        }
+    });
+    let mut metrics = measure(roll, cfg, loss, &pt, Some(entropy), mask);
+    metrics.share = share;
+    Ok((grads, metrics))
 }
 
 /// Log-probs and entropies from the final hidden states, the entropies in the graph when an
@@ -1096,6 +1254,7 @@ fn check_options<B: Backend>(
     cfg: &GrpoConfig,
     policy: &Qwen2VL<B>,
     parts: usize,
+    partial: bool,
 ) -> Result<(), Qwen2VLError> {
     if cfg.memory.recompute.any() && policy.adapter_dropout() > 0.0 {
         return Err(Qwen2VLError::Input(format!(
@@ -1111,10 +1270,11 @@ fn check_options<B: Backend>(
                 .into(),
         ));
     }
-    if cfg.loss.top_entropy_quantile < 1.0 && parts > 1 {
+    if cfg.loss.top_entropy_quantile < 1.0 && (parts > 1 || partial) {
         return Err(Qwen2VLError::Input(
             "top_entropy_quantile takes its quantile over the whole rollout's entropies, \
-             which memory micro_batch scores in several passes: turn one of the two off"
+             which memory micro_batch or several nodes score in several passes: turn one of \
+             the two off"
                 .into(),
         ));
     }
