@@ -531,6 +531,7 @@ fn two_nodes_train_as_one_node_with_all_their_devices() {
             "sft.steps=8".into(),
             "eval.before=false".into(),
             "eval.after=false".into(),
+            "checkpoint.every=1".into(),
         ]
         .into_iter()
         .flat_map(|s| ["--set".to_string(), s])
@@ -620,6 +621,32 @@ fn two_nodes_train_as_one_node_with_all_their_devices() {
             );
         }
     }
+
+    // Node 1 lost its newest checkpoint (as a node stopped mid-write would): both resume from
+    // the newest step both have, and again end with the same weights.
+    std::fs::remove_file(n1.join("grpo/checkpoint/state-2.json")).unwrap();
+    let mut more = settings("nodes");
+    more.extend([
+        "--devices".into(),
+        "flex,flex".into(),
+        "--set".into(),
+        "grpo.steps=3".into(),
+        "--resume".into(),
+    ]);
+    let outs = run_nodes([more.clone(), more]);
+    for (rank, out) in outs.iter().enumerate() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "resumed node {rank}: {err}");
+    }
+    let err = String::from_utf8_lossy(&outs[0].stderr);
+    assert!(
+        err.contains("resuming from step 1, the newest checkpoint every node has"),
+        "{err}"
+    );
+    assert!(
+        weights(&n0) == weights(&n1),
+        "the resumed nodes wrote different weights"
+    );
 
     // Node 1 asked for more steps: both stop before training, naming the difference.
     let mut other = settings("mismatch");

@@ -20,8 +20,8 @@ use qwen2vl::Qwen2VL;
 
 use super::record::StepScalar;
 use super::store::{
-    complete_checkpoints, latest_state, remove_checkpoint, remove_partial_writes, resume_point,
-    AtomicRecorder, RunState, SaveOnly, WriteLog,
+    check_checkpoint, complete_checkpoints, latest_state, remove_checkpoint, remove_partial_writes,
+    resume_point, AtomicRecorder, RunState, SaveOnly, WriteLog,
 };
 use super::strategy::{Fatal, GrpoStrategy};
 use super::tensorboard::EventWriter;
@@ -268,6 +268,38 @@ pub fn launch<B: AutodiffBackend>(
         point.state
     } else {
         None
+    };
+    // Several nodes resume together from the newest step every one of them has (a node that
+    // was stopped may have checkpointed a step the others had not).
+    let resume_state = match (ctx.exchange(), opts.resume) {
+        (Some(ex), true) => {
+            let mine = resume_state.as_ref().map_or(0, |s| s.step);
+            let mut steps = vec![0.0f32; ex.nodes()];
+            steps[ex.rank()] = mine as f32;
+            let common = ex
+                .sum(steps)
+                .map_err(|e| HostError::Config(e.to_string()))?
+                .into_iter()
+                .fold(mine, |m, s| m.min(s as usize));
+            if common == mine {
+                resume_state
+            } else if common == 0 {
+                eprintln!("another node has no checkpoint: every node starts from step 0");
+                None
+            } else {
+                eprintln!(
+                    "resuming from step {common}, the newest checkpoint every node has (this \
+                     node's newest is step {mine})"
+                );
+                Some(check_checkpoint(&opts.dir, common).map_err(|why| {
+                    HostError::Config(format!(
+                        "the other nodes resume from step {common}, whose checkpoint here is \
+                         not usable: {why}"
+                    ))
+                })?)
+            }
+        }
+        _ => resume_state,
     };
     if opts.resume && resume_state.is_none() {
         eprintln!(

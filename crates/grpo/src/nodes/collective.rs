@@ -124,8 +124,16 @@ impl Exchange for CollectiveExchange {
                 ExchangeError::Failed(format!("{what}: {e:?}"))
             };
             let out = (|| {
-                register::<Flex>(peer, Default::default(), config)
-                    .map_err(|e| failed("register", e))?;
+                register::<Flex>(peer, Default::default(), config).map_err(|e| {
+                    let mut e = failed("register", e);
+                    if e.to_string().contains("DoubleRegister") {
+                        e = ExchangeError::Failed(format!(
+                            "{e}: the orchestrator still holds this node from a run that \
+                             stopped; restart `medr1 orchestrator`, then every node"
+                        ));
+                    }
+                    e
+                })?;
                 let device = Default::default();
                 let t = Tensor::<Flex, 1>::from_data(TensorData::new(values, [n]), &device);
                 let summed =

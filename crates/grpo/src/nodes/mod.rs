@@ -22,8 +22,9 @@ pub enum ExchangeError {
     #[error("exchange between nodes: {0}")]
     Failed(String),
     #[error(
-        "no answer from the other nodes within {0} s (a node stopped, or one step takes that \
-         much longer on another node: raise --node-timeout)"
+        "no answer from the other nodes within {0} s: a node stopped (every node keeps its last \
+         checkpoint: start them all again with --resume), or a step takes that much longer on \
+         another node (raise --node-timeout)"
     )]
     Timeout(u64),
     #[error("the nodes do not run the same thing: {0}")]
