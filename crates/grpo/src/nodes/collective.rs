@@ -121,19 +121,16 @@ impl Exchange for CollectiveExchange {
         // On its own thread so that a node that never answers becomes an error here.
         std::thread::spawn(move || {
             let failed = |what: &str, e: burn_collective::CollectiveError| {
-                ExchangeError::Failed(format!("{what}: {e:?}"))
+                let mut why = format!("{what}: {e:?}");
+                if why.contains("DoubleRegister") {
+                    why += ": the orchestrator still holds this node from a run that stopped; \
+                            restart `medr1 orchestrator`, then every node";
+                }
+                ExchangeError::Failed(why)
             };
             let out = (|| {
-                register::<Flex>(peer, Default::default(), config).map_err(|e| {
-                    let mut e = failed("register", e);
-                    if e.to_string().contains("DoubleRegister") {
-                        e = ExchangeError::Failed(format!(
-                            "{e}: the orchestrator still holds this node from a run that \
-                             stopped; restart `medr1 orchestrator`, then every node"
-                        ));
-                    }
-                    e
-                })?;
+                register::<Flex>(peer, Default::default(), config)
+                    .map_err(|e| failed("register", e))?;
                 let device = Default::default();
                 let t = Tensor::<Flex, 1>::from_data(TensorData::new(values, [n]), &device);
                 let summed =
