@@ -432,6 +432,7 @@ pub fn launch<B: AutodiffBackend>(
         existing_checkpoints: existing.clone(),
         eval_every: opts.eval_every,
         workers,
+        exchange: ctx.exchange.clone(),
         max_grad_norm: opts.max_grad_norm,
         seed: opts.seed,
         train_dir: opts.dir.clone(),

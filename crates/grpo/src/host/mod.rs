@@ -856,18 +856,15 @@ impl<B: AutodiffBackend> TrainStep for GrpoPolicy<B> {
             .collect();
         let (grads, mut metrics) = parallel_gradients(&workers, &roll, &ctx.cfg, ctx.accumulation)
             .unwrap_or_else(|e| panic!("loss of step {} failed: {e}", micro.step));
-        // Several nodes: every node's gradients and measured sums, added up.
-        let grads = match &ctx.exchange {
-            Some(ex) => {
-                let share = metrics.share.unwrap_or_default();
-                let (grads, sums) =
-                    crate::nodes::sum_gradients(ex.as_ref(), &self.policy, grads, share.to_vec())
-                        .unwrap_or_else(|e| panic!("step {}: {e}", micro.step + 1));
-                metrics.set_shares(ShareSums::from_slice(&sums), roll.completions.len());
-                grads
-            }
-            None => grads,
-        };
+        // Several nodes: every node's measured sums, added up (their gradients are summed once
+        // per optimizer step, after its micro-batches: `GrpoStrategy`).
+        if let Some(ex) = &ctx.exchange {
+            let share = metrics.share.unwrap_or_default();
+            let sums = ex
+                .sum(share.to_vec())
+                .unwrap_or_else(|e| panic!("step {}: {e}", micro.step + 1));
+            metrics.set_shares(ShareSums::from_slice(&sums), roll.completions.len());
+        }
         let mut item = StepRecord::from(&metrics);
         // The micro-batch's share of the step's loss: `dapo` over the step's tokens is one
         // already.

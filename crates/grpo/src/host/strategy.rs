@@ -37,6 +37,9 @@ pub struct GrpoStrategy {
     pub eval_every: usize,
     /// Data-parallel workers, recorded with each checkpoint.
     pub workers: usize,
+    /// Several nodes: the optimizer step's gradients are summed over them once, after its
+    /// micro-batches ([`crate::nodes::sum_gradients`]).
+    pub exchange: Option<Arc<dyn crate::nodes::Exchange>>,
     pub max_grad_norm: f32,
     pub seed: u64,
     pub train_dir: PathBuf,
@@ -260,6 +263,11 @@ where
             }
             let mut grads = grads.unwrap_or_else(|| accumulator.grads());
             let model = learner.model();
+            if let Some(ex) = &self.exchange {
+                grads = crate::nodes::sum_gradients(ex.as_ref(), &model.policy, grads, Vec::new())
+                    .unwrap_or_else(|e| panic!("step {}: {e}", step + 1))
+                    .0;
+            }
             let grad_norm = clip_global_norm(&model.policy, &mut grads, self.max_grad_norm);
             let merged = StepRecord::merge(&records);
             let nan = f64::NAN;

@@ -72,6 +72,7 @@ impl NodeSpec {
 
 /// The exchange of one node: every call registers with the orchestrator, all-reduces and
 /// finishes; calls are one at a time.
+#[derive(Debug)]
 pub struct CollectiveExchange {
     spec: NodeSpec,
     config: CollectiveConfig,

@@ -33,7 +33,7 @@ pub enum ExchangeError {
 
 /// Sums `f32` vectors over the nodes of a run: every node calls [`Exchange::sum`] in the same
 /// order with vectors of the same length and gets the same sum back.
-pub trait Exchange: Send + Sync {
+pub trait Exchange: Send + Sync + std::fmt::Debug {
     /// This node's index, 0-based.
     fn rank(&self) -> usize;
     /// Nodes in the run.
@@ -239,19 +239,20 @@ pub fn node_prompts(
 
 /// Nodes of one process, for tests: each call's vectors are summed once every node (thread)
 /// has sent its own.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct LocalExchange {
     rank: usize,
     shared: std::sync::Arc<LocalShared>,
 }
 
+#[derive(Debug)]
 struct LocalShared {
     nodes: usize,
     state: std::sync::Mutex<LocalRound>,
     turn: std::sync::Condvar,
 }
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct LocalRound {
     round: u64,
     sum: Vec<f32>,
