@@ -205,6 +205,24 @@ fn flat<B: Backend>(m: &qwen2vl::Qwen2VL<B>) -> Vec<f32> {
         .collect()
 }
 
+/// The run resumed in `parts` logged the four steps of the uninterrupted run in `whole` alike
+/// (step, loss, reward, KL, gradient norm) and ended with the same weights (`b` and `a`).
+fn assert_resumed_as_whole<B: Backend>(
+    whole: &Path,
+    parts: &Path,
+    a: &qwen2vl::Qwen2VL<B>,
+    b: &qwen2vl::Qwen2VL<B>,
+) {
+    let (la, lb) = (lines(whole), lines(parts));
+    assert_eq!(la.len(), 4);
+    for (x, y) in la.iter().zip(&lb) {
+        for key in ["step", "loss", "reward_mean", "kl", "grad_norm"] {
+            assert_eq!(x[key], y[key], "{key} differs: {x} vs {y}");
+        }
+    }
+    assert_eq!(flat(a), flat(b), "final weights differ");
+}
+
 fn lines(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -284,14 +302,8 @@ fn resumed_matches_whole(
     let a = run_configured(&whole, 4, false, None, qwen25, adjust);
     run_configured(&parts, 2, false, None, qwen25, adjust);
     let b = run_configured(&parts, 4, true, None, qwen25, adjust);
-    let (la, lb) = (lines(&whole), lines(&parts));
-    assert_eq!(la.len(), 4);
-    for (x, y) in la.iter().zip(&lb) {
-        for key in ["step", "loss", "reward_mean", "kl", "grad_norm"] {
-            assert_eq!(x[key], y[key], "{key} differs: {x} vs {y}");
-        }
-    }
-    assert_eq!(flat(&a), flat(&b), "final weights differ");
+    assert_resumed_as_whole(&whole, &parts, &a, &b);
+    let la = lines(&whole);
     // The sampled completions too: the resumed run's file holds what the whole run's does
     // (its first launch's lines past the checkpoint, if any, dropped).
     let completions = |d: &Path| std::fs::read_to_string(d.join("completions.jsonl")).unwrap();
@@ -548,14 +560,7 @@ fn a_two_worker_run_logs_both_shards_and_resumes_exactly() {
         "{other}"
     );
     let b = run_evaluated(&parts, 4, true, None, false, 0, 2, adjust).unwrap();
-    let (la, lb) = (lines(&whole), lines(&parts));
-    assert_eq!(la.len(), 4);
-    for (x, y) in la.iter().zip(&lb) {
-        for key in ["step", "loss", "reward_mean", "kl", "grad_norm"] {
-            assert_eq!(x[key], y[key], "{key} differs: {x} vs {y}");
-        }
-    }
-    assert_eq!(flat(&a), flat(&b), "final weights differ");
+    assert_resumed_as_whole(&whole, &parts, &a, &b);
     // Two prompts of four completions per micro-batch, two micro-batches per step: the step
     // that generates logs 16 completions, 8 per shard's prompt pair.
     let logged = std::fs::read_to_string(whole.join("completions.jsonl")).unwrap();

@@ -16,7 +16,7 @@ use qwen2vl::{load_model, Qwen2VL};
 
 use crate::common::fixture_dir;
 use crate::grpo_learns::{byte_tokenizer, Alphanumeric};
-use crate::memory::{assert_same_gradients, collect};
+use crate::memory::{assert_same_gradients, assert_same_metrics, collect};
 
 /// Two prompts (with images), one per device: the sharded step against the one-device step
 /// over the same completions, under step-wide statistics (`scale_rewards = "batch"`) and a
@@ -249,25 +249,8 @@ fn node_shares_add_up_to_the_one_node_step() {
         assert!(compared > 50, "{what}: only {compared} gradients");
         let mut m = metrics.expect("two nodes");
         m.set_shares(ShareSums::from_slice(&sums), whole.completions.len());
-        assert!(
-            (m.loss - m_one.loss).abs() < 1e-5,
-            "{what}: loss {} vs {}",
-            m.loss,
-            m_one.loss
-        );
-        assert!(
-            (m.kl - m_one.kl).abs() < 1e-6,
-            "{what}: kl {} vs {}",
-            m.kl,
-            m_one.kl
-        );
-        assert!((m.entropy - m_one.entropy).abs() < 1e-5, "{what}: entropy");
-        assert!(
-            (m.clip_ratio - m_one.clip_ratio).abs() < 1e-6,
-            "{what}: clip ratio"
-        );
+        assert_same_metrics(&what, &m, &m_one, 1e-6);
         assert_eq!(m.reward_std, m_one.reward_std, "{what}");
-        assert_eq!(m.completion_tokens, m_one.completion_tokens, "{what}");
         assert_eq!(m.zero_std_groups, m_one.zero_std_groups, "{what}");
     }
 }
