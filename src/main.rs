@@ -108,6 +108,38 @@ enum Command {
     },
 }
 
+/// glibc's malloc returns every freed block above its mmap threshold (at most 32 MiB) to the
+/// kernel, which zeroes the pages again when the next step asks for them: on the CPU a training
+/// step allocates and frees its large tensors (logits, attention scores, activations kept for
+/// the backward pass, gradients) every time, and that zeroing and faulting was about 13% of a
+/// 107M-parameter step. Serving them from the heap instead and never trimming it keeps the
+/// freed memory for the next step: the process holds its peak (as a GPU caching allocator
+/// does), and a step is 17-20% faster (measured back to back on a 2-core CPU, 2026-12-06:
+/// shared 6.7 -> 5.6 s, unshared 16.1-17.7 -> 13.4 s, peak RSS +7-9%). mimalloc and jemalloc
+/// as the global allocator were measured slower. A user who sets glibc's malloc tunables
+/// (`GLIBC_TUNABLES=glibc.malloc...`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) keeps
+/// theirs.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    let chosen = tunables.contains("glibc.malloc.mmap_threshold")
+        || tunables.contains("glibc.malloc.trim_threshold")
+        || std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
+        || std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some();
+    if chosen {
+        return;
+    }
+    // SAFETY: mallopt only changes the allocator's parameters; called before any thread
+    // starts. A value it refuses leaves glibc's default (returns 0), which is only slower.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> ExitCode {
     // Output into a closed pipe (`medr1 ... | head`) ends the process quietly, as for other
     // command-line tools, instead of a panic in println!.
@@ -116,6 +148,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Verify {
