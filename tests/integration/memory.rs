@@ -265,33 +265,57 @@ fn memory_options_match(policy: &Qwen2VL<Ad>, what: &str) {
     }
 }
 
-/// The plain step's gradient is the gradient of [`policy_loss`], the loss's definition.
+/// The step's gradient is the gradient of [`policy_loss`], the loss's definition (the whole
+/// forward through autodiff): the step runs the LM head outside the graph and looks the token
+/// embeddings up as their own leaf, so this checks both against the plain graph, with the head
+/// tied to the table (the table's gradient from the head and the lookup together), a separate
+/// head, and a LoRA policy (table and head frozen).
 #[test]
 fn the_step_takes_the_gradient_of_the_policy_loss() {
-    let (policy, prompts, eos) = fixture_policy();
-    let (_, _, metrics, grads) = step(&policy, &prompts, eos, true, MemoryOptions::default());
-    let cfg = GrpoConfig {
-        num_generations: 4,
-        max_completion_length: 6,
-        loss: LossConfig {
-            beta: 0.04,
+    let (tied, prompts, eos) = fixture_policy();
+    let mut config = tied.config.clone();
+    config.tie_word_embeddings = false;
+    let separate = drawing(Some(17), || {
+        Qwen2VL::<Ad>::random(&config, &Default::default())
+    });
+    let lora = drawing(None, || {
+        tied.clone().with_lora(&LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            ..LoraConfig::default()
+        })
+    })
+    .unwrap();
+    for (what, policy, at_least) in [
+        ("tied head", &tied, 50),
+        ("separate head", &separate, 50),
+        ("LoRA", &lora, 10),
+    ] {
+        let (_, _, metrics, grads) = step(policy, &prompts, eos, true, MemoryOptions::default());
+        let cfg = GrpoConfig {
+            num_generations: 4,
+            max_completion_length: 6,
+            loss: LossConfig {
+                beta: 0.04,
+                ..Default::default()
+            },
+            num_iterations: 2,
+            eos_token_ids: vec![eos],
+            pad_token_id: PAD,
             ..Default::default()
-        },
-        num_iterations: 2,
-        eos_token_ids: vec![eos],
-        pad_token_id: PAD,
-        ..Default::default()
-    };
-    let roll = roll_out(&policy, &prompts, &cfg, 5);
-    let (loss, whole) = policy_loss(&policy, Some(&policy.valid()), &roll, &cfg).unwrap();
-    let whole_grads = GradientsParams::from_grads(loss.backward(), &policy);
-    assert_same_metrics("policy_loss", &metrics, &whole, 0.0);
-    let n = assert_same_gradients(
-        "policy_loss",
-        &collect(&policy, &grads),
-        &collect(&policy, &whole_grads),
-    );
-    assert!(n > 50, "only {n} parameters had gradients");
+        };
+        let roll = roll_out(policy, &prompts, &cfg, 5);
+        let reference = policy.valid().without_adapters();
+        let (loss, whole) = policy_loss(policy, Some(&reference), &roll, &cfg).unwrap();
+        let whole_grads = GradientsParams::from_grads(loss.backward(), policy);
+        assert_same_metrics(what, &metrics, &whole, 0.0);
+        let n = assert_same_gradients(
+            what,
+            &collect(policy, &grads),
+            &collect(policy, &whole_grads),
+        );
+        assert!(n > at_least, "{what}: only {n} parameters had gradients");
+    }
 }
 
 /// Micro-batches and a chunked head on the fixture model (its head tied to the embedding).

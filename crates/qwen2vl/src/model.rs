@@ -1,8 +1,11 @@
 //! `Qwen2VLForConditionalGeneration`: vision tower + text decoder + LM head.
 
-use burn::module::Module;
+use burn::module::{Module, ParamId};
 use burn::nn::Linear;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::optim::GradientsParams;
+use burn::tensor::{
+    backend::AutodiffBackend, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData,
+};
 
 use crate::config::Qwen2VLConfig;
 use crate::error::Qwen2VLError;
@@ -70,6 +73,58 @@ impl<B: Backend> Images<B> {
             pixel_values: Tensor::from_inner(self.pixel_values),
             grids: self.grids,
         }
+    }
+}
+
+/// Each batch's token embeddings, and the rows as their own leaf when the table trains
+/// ([`Qwen2VL::token_embeddings_sparse`]).
+pub type SparseLookup<B> = (Vec<Tensor<B, 3>>, Option<EmbeddingRows<B>>);
+
+/// The token-embedding rows one training pass looked up, as a leaf of the graph
+/// ([`Qwen2VL::token_embeddings_sparse`]), with the ids they came from.
+#[derive(Debug, Clone)]
+pub struct EmbeddingRows<B: Backend> {
+    rows: Tensor<B, 2>,
+    ids: Tensor<B, 1, Int>,
+    param: ParamId,
+    vocab: usize,
+}
+
+impl<A: AutodiffBackend> EmbeddingRows<A> {
+    /// The rows' gradient, taken out of `grads` (before
+    /// [`GradientsParams::from_grads`] consumes them); `None` when the loss did not reach
+    /// them.
+    pub fn take_grad(self, grads: &mut A::Gradients) -> Option<EmbeddingGrad<A::InnerBackend>> {
+        let rows = self.rows.grad_remove(grads)?;
+        Some(EmbeddingGrad {
+            rows,
+            ids: self.ids.inner(),
+            param: self.param,
+            vocab: self.vocab,
+        })
+    }
+}
+
+/// The gradient of the token-embedding rows one pass looked up ([`EmbeddingRows`]).
+#[derive(Debug, Clone)]
+pub struct EmbeddingGrad<B: Backend> {
+    rows: Tensor<B, 2>,
+    ids: Tensor<B, 1, Int>,
+    param: ParamId,
+    vocab: usize,
+}
+
+impl<B: Backend> EmbeddingGrad<B> {
+    /// Adds the rows into the embedding table's gradient in `params` (which holds the tied LM
+    /// head's part when the head is the table; zero when it holds none), row by row: what
+    /// the lookup's own backward pass would have added.
+    pub fn add_to(self, params: &mut GradientsParams) {
+        let table = params.remove::<B, 2>(self.param).unwrap_or_else(|| {
+            let d = self.rows.dims()[1];
+            Tensor::zeros([self.vocab, d], &self.rows.device())
+        });
+        let table = table.select_assign(0, self.ids, self.rows, IndexingUpdateOp::Add);
+        params.register::<B, 2>(self.param, table);
     }
 }
 
@@ -202,6 +257,52 @@ impl<B: Backend> Qwen2VL<B> {
         batches: &[&TokenBatch],
         device: &B::Device,
     ) -> Result<Vec<Tensor<B, 3>>, Qwen2VLError> {
+        let ids = self.lookup_ids(batches)?;
+        let total = ids.len();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, total]), device);
+        let table = self.text.embed_tokens.forward(ids);
+        Ok(self.split_lookup(batches, table))
+    }
+
+    /// [`Self::token_embeddings`] for a training pass whose table trains, with the lookup
+    /// outside the graph: the looked-up rows are a leaf of their own ([`EmbeddingRows`]), so
+    /// the backward pass gives their gradient, `[tokens, hidden]`, instead of scattering it
+    /// into a table-sized buffer (on the CPU backend a zeroed, copied and added 151,936-row
+    /// buffer per pass); [`EmbeddingRows::take_grad`] and [`EmbeddingGrad::add_to`] add those
+    /// rows into the table's gradient. When the table does not train, the plain lookup and no rows.
+    pub fn token_embeddings_sparse(
+        &self,
+        batches: &[&TokenBatch],
+        device: &B::Device,
+    ) -> Result<SparseLookup<B>, Qwen2VLError> {
+        let weight = &self.text.embed_tokens.weight;
+        if !weight.is_require_grad() {
+            return Ok((self.token_embeddings(batches, device)?, None));
+        }
+        let ids = self.lookup_ids(batches)?;
+        let total = ids.len();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [total]), device);
+        let rows = weight
+            .val()
+            .detach()
+            .select(0, ids.clone())
+            // A leaf of its own (the result of an op is not one, even outside the graph).
+            .detach()
+            .require_grad();
+        let parts = self.split_lookup(batches, rows.clone().unsqueeze_dim(0));
+        Ok((
+            parts,
+            Some(EmbeddingRows {
+                rows,
+                ids,
+                param: weight.id,
+                vocab: self.config.text.vocab_size,
+            }),
+        ))
+    }
+
+    /// Every batch validated, their token ids in order, each inside the vocabulary.
+    fn lookup_ids(&self, batches: &[&TokenBatch]) -> Result<Vec<i64>, Qwen2VLError> {
         for b in batches {
             b.validate()?;
         }
@@ -212,13 +313,14 @@ impl<B: Backend> Qwen2VL<B> {
                 "token id {bad} is outside the model's vocabulary of {vocab}"
             )));
         }
-        let ids: Vec<i64> = ids.map(|&i| i as i64).collect();
-        let total = ids.len();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, total]), device);
-        let table = self.text.embed_tokens.forward(ids);
+        Ok(ids.map(|&i| i as i64).collect())
+    }
+
+    /// One lookup's rows, `[1, tokens, hidden]`, cut into each batch's `[batch, len, hidden]`.
+    fn split_lookup(&self, batches: &[&TokenBatch], table: Tensor<B, 3>) -> Vec<Tensor<B, 3>> {
         let d = self.config.text.hidden_size;
         let mut start = 0;
-        Ok(batches
+        batches
             .iter()
             .map(|b| {
                 let n = b.batch * b.len;
@@ -229,7 +331,7 @@ impl<B: Backend> Qwen2VL<B> {
                 start += n;
                 part
             })
-            .collect())
+            .collect()
     }
 
     /// `text` (a batch's token embeddings) with each image placeholder replaced, in order, by

@@ -19,8 +19,8 @@ use burn::tensor::{
 };
 use medvqa::VqaRecord;
 use qwen2vl::generation::{
-    chunked_backward, chunked_scores, generate_grouped, GenerationConfig, HeadWeight, Recompute,
-    Sampling, ScoringBatch, ShapeBuckets,
+    chunked_backward, chunked_scores, generate_grouped, GenerationConfig, HeadScores, HeadWeight,
+    Recompute, Sampling, ScoringBatch, ShapeBuckets,
 };
 use qwen2vl::processor::{ProcessedImage, TextTokenizer};
 use qwen2vl::{Images, Qwen2VL, Qwen2VLError, TokenBatch};
@@ -1130,24 +1130,15 @@ pub fn parallel_gradients<B: AutodiffBackend>(
         };
         let images = part.images.clone().map(Images::into_autodiff);
         let recompute = cfg.memory.recompute;
-        let (grads, logp, entropy) = if chunk == 0 && !recompute.any() {
-            let hidden = part.tokens.hidden(policy, images.as_ref())?;
-            let (logp, entropy) = scores(&part.tokens, policy, hidden, entropy_grad);
-            let values = entropy.clone().detach().inner();
-            let grads =
-                GradientsParams::from_grads(loss_of(logp.clone(), entropy).backward(), policy);
-            (grads, logp.detach().inner(), values)
-        } else {
-            split_gradients(
-                policy,
-                part,
-                images.as_ref(),
-                chunk,
-                recompute,
-                entropy_grad,
-                loss_of,
-            )?
-        };
+        let (grads, logp, entropy) = split_gradients(
+            policy,
+            part,
+            images.as_ref(),
+            chunk,
+            recompute,
+            entropy_grad,
+            loss_of,
+        )?;
         let grads = if device == main_device {
             grads
         } else {
@@ -1281,11 +1272,15 @@ fn check_options<B: Backend>(
     Ok(())
 }
 
-/// One part's gradients taken in two halves: the trunk (the model up to its final hidden
-/// states, run with its graph or with activation checkpointing, [`Recompute`]) and the LM head
-/// with the loss (whole, or in chunks of `chunk` tokens, [`chunked_backward`]). The head's
-/// half gives the loss's gradient with respect to the hidden states, which the trunk's
-/// backward pass carries into the model (as the gradient of `sum(hidden * grad)`).
+/// The gradients of one part's loss and its log-probs and entropies (values), with the LM
+/// head outside the autodiff graph: the model's body runs with its graph (or checkpointed,
+/// `recompute`) up to the final hidden states; the head scores their values
+/// ([`HeadScores`], or `chunk` tokens at a time, [`chunked_scores`], recomputing the logits
+/// going backward); the loss's gradient with respect to the log-probs gives the hidden
+/// states' and the head's gradients; the body's backward pass takes the hidden states'. The
+/// token embeddings are looked up as their own leaf, their gradient added into the table's
+/// row by row. With an entropy bonus (which needs the entropies' gradient) and no chunk, the
+/// head runs through autodiff on a leaf of the hidden states instead.
 #[allow(clippy::type_complexity)]
 fn split_gradients<B: AutodiffBackend>(
     policy: &Qwen2VL<B>,
@@ -1308,13 +1303,15 @@ fn split_gradients<B: AutodiffBackend>(
         let (values, tape) = tokens.hidden_recomputed(policy, images, recompute)?;
         (None, Some(tape), values)
     } else {
-        let hidden = tokens.hidden(policy, images)?;
+        let (hidden, rows) = tokens.hidden_sparse(policy, images)?;
         let values = hidden.clone().detach().inner();
-        (Some(hidden), None, values)
+        (Some((hidden, rows)), None, values)
     };
     let [r, t, d] = values.dims();
     let mut accumulator = GradientsAccumulator::new();
-    let (dh, logp, entropy) = if chunk == 0 {
+    // The head's weight gradient, when it trains.
+    let mut head_grad = None;
+    let (dh, logp, entropy) = if chunk == 0 && entropy_grad {
         let leaf = Tensor::<B, 3>::from_inner(values).require_grad();
         let (logp, entropy) = scores(tokens, policy, leaf.clone(), entropy_grad);
         let logp_values = logp.clone().detach().inner();
@@ -1333,33 +1330,60 @@ fn split_gradients<B: AutodiffBackend>(
         let head = head.inner();
         let h = values.reshape([r * t, d]);
         let targets = tokens.targets(&h.device());
-        let (logp, entropy) = chunked_scores(&head, h.clone(), targets.clone(), true, chunk);
+        let (logp, entropy, kept) = if chunk == 0 {
+            let (logp, entropy, kept) = HeadScores::new(&head, h.clone(), targets.clone(), true);
+            (logp, entropy, Some(kept))
+        } else {
+            let (logp, entropy) = chunked_scores(&head, h.clone(), targets.clone(), true, chunk);
+            (logp, entropy, None)
+        };
         let logp = logp.reshape([r, t]);
         let entropy = entropy.expect("asked for").reshape([r, t]);
         let leaf = Tensor::<B, 2>::from_inner(logp.clone()).require_grad();
-        // The entropies as values: an entropy bonus is refused with a chunked head.
+        // The entropies as values: an entropy bonus with a chunked head is refused.
         let of_logp = loss_of(leaf.clone(), Tensor::from_inner(entropy.clone())).backward();
         let g = leaf
             .grad(&of_logp)
-            .expect("the loss depends on the log-probs");
-        let (dh, dw) = chunked_backward(&head, h, targets, g.reshape([r * t]), chunk);
+            .expect("the loss depends on the log-probs")
+            .reshape([r * t]);
+        let (dh, dw) = match kept {
+            Some(kept) => kept.backward(&head, g),
+            None => chunked_backward(&head, h, targets, g, chunk),
+        };
         if head_trains {
-            let mut grads = GradientsParams::new();
-            grads.register(head_id, dw);
-            accumulator.accumulate(policy, grads);
+            head_grad = Some((head_id, dw));
         }
         (dh.reshape([r, t, d]), logp, entropy)
     };
     match (graph, tape) {
-        (Some(hidden), _) => {
+        (Some((hidden, rows)), _) => {
             let through = (hidden * Tensor::<B, 3>::from_inner(dh)).sum();
-            let grads = GradientsParams::from_grads(through.backward(), policy);
-            accumulator.accumulate(policy, grads);
+            let mut grads = through.backward();
+            let rows = rows.and_then(|rows| rows.take_grad(&mut grads));
+            let mut params = GradientsParams::from_grads(grads, policy);
+            // The head's part first, so that a tied table's rows are added into it in place
+            // of a table-sized buffer of their own.
+            if let Some((id, dw)) = head_grad.take() {
+                let dw = match params.remove::<B::InnerBackend, 2>(id) {
+                    Some(body) => body + dw,
+                    None => dw,
+                };
+                params.register(id, dw);
+            }
+            if let Some(rows) = rows {
+                rows.add_to(&mut params);
+            }
+            accumulator.accumulate(policy, params);
         }
         (None, Some(tape)) => tokens.backward_recomputed(policy, tape, dh, |g| {
             accumulator.accumulate(policy, GradientsParams::from_grads(g, policy))
         })?,
         (None, None) => unreachable!("one of the two"),
+    }
+    if let Some((id, dw)) = head_grad {
+        let mut grads = GradientsParams::new();
+        grads.register(id, dw);
+        accumulator.accumulate(policy, grads);
     }
     Ok((accumulator.grads(), logp, entropy))
 }

@@ -8,9 +8,11 @@
 
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, Bool, Int, Tensor, TensorData};
 
+use std::cell::RefCell;
+
 use super::scoring::{Layout, ScoringBatch};
 use crate::error::Qwen2VLError;
-use crate::model::{next_positions, Images, Qwen2VL};
+use crate::model::{next_positions, EmbeddingRows, Images, Qwen2VL};
 use crate::positions::{rope_index, TokenBatch};
 use crate::text::{causal_padding_mask, position_axes, Keys, RopeTables};
 use crate::vision::BlockTables;
@@ -203,6 +205,9 @@ struct Context<B: Backend> {
     prompt_of: Option<Tensor<B, 1, Int>>,
     /// Grouped, with completion tokens to run: their positions and mask after the prompts.
     after: Option<(RopeTables<B>, Tensor<B, 4>)>,
+    /// Set for a pass whose token embeddings are looked up as their own leaf
+    /// ([`Qwen2VL::token_embeddings_sparse`]): the merge leaves the rows here.
+    embedding_rows: Option<RefCell<Option<EmbeddingRows<B>>>>,
 }
 
 /// One block of a checkpointed pass, as the backward pass finds it.
@@ -292,6 +297,7 @@ impl ScoringBatch {
             bias,
             prompt_of,
             after,
+            embedding_rows: None,
         })
     }
 
@@ -413,7 +419,15 @@ impl ScoringBatch {
             _ => None,
         };
         let batches: Vec<&TokenBatch> = std::iter::once(rows).chain(completions).collect();
-        let mut texts = model.token_embeddings(&batches, &device)?.into_iter();
+        let texts = match &context.embedding_rows {
+            Some(cell) => {
+                let (texts, rows) = model.token_embeddings_sparse(&batches, &device)?;
+                *cell.borrow_mut() = rows;
+                texts
+            }
+            None => model.token_embeddings(&batches, &device)?,
+        };
+        let mut texts = texts.into_iter();
         let text = texts.next().expect("the rows' embeddings");
         debug_assert_eq!(context.grids.is_empty(), image_embeds.is_none());
         let rows = model.place_images(rows, text, image_embeds, &device)?;
@@ -438,6 +452,26 @@ impl ScoringBatch {
             flow = self.run_block(model, &context, block, flow)?;
         }
         Ok(flow.into_hidden())
+    }
+
+    /// [`Self::hidden`] with the token embeddings looked up as their own leaf when the table
+    /// trains ([`Qwen2VL::token_embeddings_sparse`]): after the backward pass,
+    /// [`EmbeddingRows::take_grad`] and [`crate::model::EmbeddingGrad::add_to`] add their
+    /// gradient into the table's. The same values and,
+    /// once added, the same gradients as [`Self::hidden`].
+    pub fn hidden_sparse<B: Backend>(
+        &self,
+        model: &Qwen2VL<B>,
+        images: Option<&Images<B>>,
+    ) -> Result<(Tensor<B, 3>, Option<EmbeddingRows<B>>), Qwen2VLError> {
+        let mut context = self.context(model, images)?;
+        context.embedding_rows = Some(RefCell::new(None));
+        let (blocks, mut flow) = self.plan(model, images, &context);
+        for block in blocks {
+            flow = self.run_block(model, &context, block, flow)?;
+        }
+        let rows = context.embedding_rows.and_then(RefCell::into_inner);
+        Ok((flow.into_hidden(), rows))
     }
 
     /// [`Self::hidden`] as values, with activation checkpointing: the blocks `recompute`

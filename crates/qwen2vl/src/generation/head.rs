@@ -114,6 +114,67 @@ pub fn chunked_scores<B: Backend>(
     (Tensor::cat(logps, 0), entropy)
 }
 
+/// d/dz of `g * logp_t` for each row: `g * (onehot_t - p)` from the softmax `p`
+/// (`[rows, vocab]`), the targets and `g` (both `[rows, 1]`).
+fn logits_grad<B: Backend>(p: Tensor<B, 2>, t: Tensor<B, 2, Int>, g: Tensor<B, 2>) -> Tensor<B, 2> {
+    (p * g.clone().neg()).scatter(1, t, g, IndexingUpdateOp::Add)
+}
+
+/// The LM head over all rows at once, outside any graph, with its softmax kept for
+/// [`Self::backward`]: the log-probs of `targets` and, when asked, the entropies, as
+/// [`chunked_scores`] gives them in one chunk. Its backward pass computes the weight's
+/// gradient in the weight's own layout in one product (through autodiff, a tied head's came
+/// out as a transposed view that every later use copied into place, single-threaded) and
+/// needs no second log-softmax pass.
+pub struct HeadScores<B: Backend> {
+    probs: Tensor<B, 2>,
+    hidden: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+}
+
+impl<B: Backend> HeadScores<B> {
+    /// `hidden` `[rows, hidden]`, `targets` `[rows]`: the log-probs `[rows]`, the entropies
+    /// `[rows]` when asked, and what the backward pass needs.
+    pub fn new(
+        head: &HeadWeight<B>,
+        hidden: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+        with_entropy: bool,
+    ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Self) {
+        let rows = hidden.dims()[0];
+        let targets = targets.reshape([rows, 1]);
+        let logp = log_softmax(head.logits(hidden.clone()), 1);
+        let probs = logp.clone().exp();
+        let entropy = with_entropy.then(|| {
+            (probs.clone() * logp.clone())
+                .sum_dim(1)
+                .neg()
+                .reshape([rows])
+        });
+        let picked = logp.gather(1, targets.clone()).reshape([rows]);
+        let kept = Self {
+            probs,
+            hidden,
+            targets,
+        };
+        (picked, entropy, kept)
+    }
+
+    /// The gradients of the hidden states (`[rows, hidden]`) and of the head's weight (its
+    /// own layout) given `grad` (`[rows]`), the gradient of some loss with respect to the
+    /// log-probs [`Self::new`] returned.
+    pub fn backward(
+        self,
+        head: &HeadWeight<B>,
+        grad: Tensor<B, 1>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let rows = self.hidden.dims()[0];
+        let dz = logits_grad(self.probs, self.targets, grad.reshape([rows, 1]));
+        let dh = head.input_grad(dz.clone());
+        (dh, head.weight_grad(self.hidden, dz))
+    }
+}
+
 /// The gradients of the hidden states (`[rows, hidden]`) and of the head's weight (its own
 /// layout) given `grad` (`[rows]`), the gradient of some loss with respect to the log-probs
 /// [`chunked_scores`] returns, recomputing the logits `chunk` rows at a time (0: all at once).
@@ -132,8 +193,7 @@ pub fn chunked_backward<B: Backend>(
         let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
         let g = grad.clone().narrow(0, start, len).reshape([len, 1]);
         let p = log_softmax(head.logits(h.clone()), 1).exp();
-        // d/dz of g * logp_t: g * (onehot_t - p).
-        let dz = (p * g.clone().neg()).scatter(1, t, g, IndexingUpdateOp::Add);
+        let dz = logits_grad(p, t, g);
         dh.push(head.input_grad(dz.clone()));
         let w = head.weight_grad(h, dz);
         dw = Some(match dw {

@@ -9,7 +9,7 @@ mod scoring;
 
 pub use blocks::{Recompute, Tape};
 pub use generate::{generate, generate_grouped, Generation, GenerationConfig, CACHE_BUCKET};
-pub use head::{chunked_backward, chunked_scores, HeadWeight};
+pub use head::{chunked_backward, chunked_scores, HeadScores, HeadWeight};
 pub use pick::{log_sum_exp, pick, sample_sorted, Picked};
 pub use sampling::{argmax, log_softmax_at, sample, Rng, Sampling};
 pub use scoring::{
