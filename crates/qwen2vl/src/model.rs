@@ -269,7 +269,8 @@ impl<B: Backend> Qwen2VL<B> {
     /// the backward pass gives their gradient, `[tokens, hidden]`, instead of scattering it
     /// into a table-sized buffer (on the CPU backend a zeroed, copied and added 151,936-row
     /// buffer per pass); [`EmbeddingRows::take_grad`] and [`EmbeddingGrad::add_to`] add those
-    /// rows into the table's gradient. When the table does not train, the plain lookup and no rows.
+    /// rows into the table's gradient. When the table does not train: the plain lookup, no
+    /// rows.
     pub fn token_embeddings_sparse(
         &self,
         batches: &[&TokenBatch],

@@ -6,9 +6,9 @@
 //! [`ScoringBatch::backward_recomputed`]). Both run the same block functions on the same
 //! inputs, so the values and gradients are the plain pass's.
 
-use burn::tensor::{backend::AutodiffBackend, backend::Backend, Bool, Int, Tensor, TensorData};
-
 use std::cell::RefCell;
+
+use burn::tensor::{backend::AutodiffBackend, backend::Backend, Bool, Int, Tensor, TensorData};
 
 use super::scoring::{Layout, ScoringBatch};
 use crate::error::Qwen2VLError;
@@ -457,8 +457,8 @@ impl ScoringBatch {
     /// [`Self::hidden`] with the token embeddings looked up as their own leaf when the table
     /// trains ([`Qwen2VL::token_embeddings_sparse`]): after the backward pass,
     /// [`EmbeddingRows::take_grad`] and [`crate::model::EmbeddingGrad::add_to`] add their
-    /// gradient into the table's. The same values and,
-    /// once added, the same gradients as [`Self::hidden`].
+    /// gradient into the table's. The same values and, once added, the same gradients as
+    /// [`Self::hidden`].
     pub fn hidden_sparse<B: Backend>(
         &self,
         model: &Qwen2VL<B>,
