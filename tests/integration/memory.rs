@@ -165,16 +165,9 @@ fn roll_out(
     .unwrap()
 }
 
-/// Gradients and metrics of one step of `policy` with `memory`, and the sampling policy's
-/// log-probs of the rollout.
-fn step(
-    policy: &Qwen2VL<Ad>,
-    prompts: &[PromptInput],
-    eos: u32,
-    share_prompt: bool,
-    memory: MemoryOptions,
-) -> (Vec<Vec<u32>>, Vec<f32>, StepMetrics, GradientsParams) {
-    let cfg = GrpoConfig {
+/// The configuration [`step`] trains with.
+fn step_config(eos: u32, share_prompt: bool, memory: MemoryOptions) -> GrpoConfig {
+    GrpoConfig {
         num_generations: 4,
         max_completion_length: 6,
         loss: LossConfig {
@@ -187,7 +180,19 @@ fn step(
         share_prompt,
         memory,
         ..Default::default()
-    };
+    }
+}
+
+/// Gradients and metrics of one step of `policy` with `memory`, and the sampling policy's
+/// log-probs of the rollout.
+fn step(
+    policy: &Qwen2VL<Ad>,
+    prompts: &[PromptInput],
+    eos: u32,
+    share_prompt: bool,
+    memory: MemoryOptions,
+) -> (Vec<Vec<u32>>, Vec<f32>, StepMetrics, GradientsParams) {
+    let cfg = step_config(eos, share_prompt, memory);
     let reference = policy.valid().without_adapters();
     let roll = roll_out(policy, prompts, &cfg, 5);
     // Only the completions' own tokens: slots past a completion are masked everywhere.
@@ -265,19 +270,15 @@ fn memory_options_match(policy: &Qwen2VL<Ad>, what: &str) {
     }
 }
 
-/// The step's gradient is the gradient of [`policy_loss`], the loss's definition (the whole
-/// forward through autodiff): the step runs the LM head outside the graph and looks the token
-/// embeddings up as their own leaf, so this checks both against the plain graph, with the head
-/// tied to the table (the table's gradient from the head and the lookup together), a separate
-/// head, and a LoRA policy (table and head frozen).
-#[test]
-fn the_step_takes_the_gradient_of_the_policy_loss() {
-    let (tied, prompts, eos) = fixture_policy();
+/// The fixture's architecture with a separate LM head (random weights) and the fixture with
+/// LoRA adapters (table and head frozen).
+fn head_variants(tied: &Qwen2VL<Ad>) -> (Qwen2VL<Ad>, Qwen2VL<Ad>) {
     let mut config = tied.config.clone();
     config.tie_word_embeddings = false;
     let separate = drawing(Some(17), || {
         Qwen2VL::<Ad>::random(&config, &Default::default())
     });
+    assert!(separate.lm_head.is_some());
     let lora = drawing(None, || {
         tied.clone().with_lora(&LoraConfig {
             r: 2,
@@ -286,24 +287,25 @@ fn the_step_takes_the_gradient_of_the_policy_loss() {
         })
     })
     .unwrap();
+    (separate, lora)
+}
+
+/// The step's gradient is the gradient of [`policy_loss`], the loss's definition (the whole
+/// forward through autodiff): the step runs the LM head outside the graph and looks the token
+/// embeddings up as their own leaf, so this checks both against the plain graph, with the head
+/// tied to the table (the table's gradient from the head and the lookup together), a separate
+/// head, and a LoRA policy (table and head frozen).
+#[test]
+fn the_step_takes_the_gradient_of_the_policy_loss() {
+    let (tied, prompts, eos) = fixture_policy();
+    let (separate, lora) = head_variants(&tied);
     for (what, policy, at_least) in [
         ("tied head", &tied, 50),
         ("separate head", &separate, 50),
         ("LoRA", &lora, 10),
     ] {
         let (_, _, metrics, grads) = step(policy, &prompts, eos, true, MemoryOptions::default());
-        let cfg = GrpoConfig {
-            num_generations: 4,
-            max_completion_length: 6,
-            loss: LossConfig {
-                beta: 0.04,
-                ..Default::default()
-            },
-            num_iterations: 2,
-            eos_token_ids: vec![eos],
-            pad_token_id: PAD,
-            ..Default::default()
-        };
+        let cfg = step_config(eos, true, MemoryOptions::default());
         let roll = roll_out(policy, &prompts, &cfg, 5);
         let reference = policy.valid().without_adapters();
         let (loss, whole) = policy_loss(policy, Some(&reference), &roll, &cfg).unwrap();
@@ -332,19 +334,8 @@ fn micro_batches_and_a_chunked_head_are_exact_with_a_tied_head() {
 fn micro_batches_and_a_chunked_head_are_exact_with_a_separate_or_frozen_head() {
     let device = Default::default();
     let (tied, _) = load_model::<Ad>(&fixture_dir().join("hf_model"), &device).unwrap();
-    let mut config = tied.config.clone();
-    config.tie_word_embeddings = false;
-    let separate = drawing(Some(17), || Qwen2VL::<Ad>::random(&config, &device));
-    assert!(separate.lm_head.is_some());
+    let (separate, lora) = head_variants(&tied);
     memory_options_match(&separate, "separate head");
-    let lora = drawing(None, || {
-        tied.clone().with_lora(&LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            ..LoraConfig::default()
-        })
-    })
-    .unwrap();
     memory_options_match(&lora, "LoRA policy");
     // Adapters on the second vision block and the decoder: the patch embedding and the first
     // block are frozen with nothing before them that trains (checkpointing stops there), the

@@ -447,9 +447,19 @@ impl ScoringBatch {
         images: Option<&Images<B>>,
     ) -> Result<Tensor<B, 3>, Qwen2VLError> {
         let context = self.context(model, images)?;
-        let (blocks, mut flow) = self.plan(model, images, &context);
+        self.run_through(model, images, &context)
+    }
+
+    /// Every block of the pass straight through: the final hidden states.
+    fn run_through<B: Backend>(
+        &self,
+        model: &Qwen2VL<B>,
+        images: Option<&Images<B>>,
+        context: &Context<B>,
+    ) -> Result<Tensor<B, 3>, Qwen2VLError> {
+        let (blocks, mut flow) = self.plan(model, images, context);
         for block in blocks {
-            flow = self.run_block(model, &context, block, flow)?;
+            flow = self.run_block(model, context, block, flow)?;
         }
         Ok(flow.into_hidden())
     }
@@ -466,12 +476,9 @@ impl ScoringBatch {
     ) -> Result<(Tensor<B, 3>, Option<EmbeddingRows<B>>), Qwen2VLError> {
         let mut context = self.context(model, images)?;
         context.embedding_rows = Some(RefCell::new(None));
-        let (blocks, mut flow) = self.plan(model, images, &context);
-        for block in blocks {
-            flow = self.run_block(model, &context, block, flow)?;
-        }
+        let hidden = self.run_through(model, images, &context)?;
         let rows = context.embedding_rows.and_then(RefCell::into_inner);
-        Ok((flow.into_hidden(), rows))
+        Ok((hidden, rows))
     }
 
     /// [`Self::hidden`] as values, with activation checkpointing: the blocks `recompute`
