@@ -36,9 +36,9 @@ pub fn pick<B: Backend>(
 ) -> Picked {
     let [rows, vocab] = logits.dims();
     let device = logits.device();
-    let lse = log_sum_exp(logits.clone());
+    let penalized = seen.is_some() && sampling.penalizes();
     let scores = match seen {
-        Some(seen) if sampling.penalizes() => {
+        Some(seen) if penalized => {
             let p = sampling.repetition_penalty;
             let negative = logits.clone().lower_elem(0.0);
             let penalized = logits
@@ -49,44 +49,70 @@ pub fn pick<B: Backend>(
         }
         _ => logits.clone(),
     };
+    // The banned ids, each once and within the vocabulary, and the row that bans them.
+    let mut ban = vec![0.0f32; vocab];
+    for &id in banned {
+        if let Some(v) = ban.get_mut(id as usize) {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    let banned: Vec<i64> = (0..vocab)
+        .filter(|&i| ban[i] == f32::NEG_INFINITY)
+        .map(|i| i as i64)
+        .collect();
     let allowed = if banned.is_empty() {
         scores
     } else {
-        let mut ban = vec![0.0f32; vocab];
-        for &id in banned {
-            if let Some(v) = ban.get_mut(id as usize) {
-                *v = f32::NEG_INFINITY;
-            }
-        }
-        let ban = Tensor::<B, 2>::from_data(TensorData::new(ban, [1, vocab]), &device);
-        scores + ban
+        scores + Tensor::<B, 2>::from_data(TensorData::new(ban, [1, vocab]), &device)
     };
-    let chosen: Tensor<B, 2, Int> = if sampling.is_greedy() {
-        allowed.argmax(1)
+    let (chosen, lse): (Tensor<B, 2, Int>, Tensor<B, 2>) = if sampling.is_greedy() {
+        (allowed.argmax(1), log_sum_exp(logits.clone()))
     } else if sampling.top_k == 0 && sampling.top_p >= 1.0 {
-        // Inverse CDF: the first token whose cumulative probability reaches u * total.
+        // Inverse CDF over unnormalised weights exp((allowed - max) / T), the most likely
+        // allowed token weighing exactly 1. The draw is kept above 0 so that a token of no
+        // weight is never the first to reach it.
         let u: Vec<f32> = active
             .iter()
-            .map(|&a| if a { rng.next_f64() as f32 } else { 0.5 })
+            .map(|&a| {
+                if a {
+                    (rng.next_f64() as f32).max(f32::MIN_POSITIVE)
+                } else {
+                    0.5
+                }
+            })
             .collect();
         let u = Tensor::<B, 2>::from_data(TensorData::new(u, [rows, 1]), &device);
-        let mut probs =
-            burn::tensor::activation::softmax(allowed.div_scalar(sampling.temperature), 1);
+        let max = allowed.clone().max_dim(1);
+        let shifted = allowed - max.clone();
+        let untempered = sampling.temperature == 1.0 && !penalized;
+        let mut weights = if untempered {
+            shifted.exp()
+        } else {
+            shifted.div_scalar(sampling.temperature).exp()
+        };
+        // Untempered and unpenalized, the weights are the model's own: their total gives the
+        // log-sum-exp of the allowed tokens, and the banned ones are added to it.
+        let lse = if untempered {
+            let allowed_lse = weights.clone().sum_dim(1).log() + max;
+            if banned.is_empty() {
+                allowed_lse
+            } else {
+                let ids = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(banned.clone(), [banned.len()]),
+                    &device,
+                );
+                log_add_exp(allowed_lse, log_sum_exp(logits.clone().select(1, ids)))
+            }
+        } else {
+            log_sum_exp(logits.clone())
+        };
         if sampling.min_p > 0.0 {
-            // The tokens below min_p times the row's most likely count for nothing (the total
-            // below renormalises).
-            let floor = probs
-                .clone()
-                .max_dim(1)
-                .mul_scalar(sampling.min_p)
-                .expand([rows, vocab]);
-            let below = probs.clone().lower(floor);
-            probs = probs.mask_fill(below, 0.0);
+            // Below min_p times the most likely (whose weight is 1), a token counts for
+            // nothing (the total below renormalises).
+            let below = weights.clone().lower_elem(sampling.min_p);
+            weights = weights.mask_fill(below, 0.0);
         }
-        let cdf = probs.cumsum(1);
-        let total = cdf.clone().narrow(1, vocab - 1, 1);
-        let below = cdf.lower(u.mul(total)).int().sum_dim(1);
-        below.clamp_max(vocab as i64 - 1)
+        (inverse_cdf(weights, u), lse)
     } else {
         let k = if sampling.top_k > 0 {
             sampling.top_k.min(vocab)
@@ -105,13 +131,69 @@ pub fn pick<B: Backend>(
                 indices[r * k + sample_sorted(row, sampling, rng)]
             })
             .collect();
-        Tensor::from_data(TensorData::new(tokens, [rows, 1]), &device)
+        (
+            Tensor::from_data(TensorData::new(tokens, [rows, 1]), &device),
+            log_sum_exp(logits.clone()),
+        )
     };
     let logprobs = host_f32(logits.gather(1, chosen.clone()) - lse);
     Picked {
         tokens: host_i64(chosen).into_iter().map(|t| t as u32).collect(),
         logprobs,
     }
+}
+
+/// Per row of `weights` (`[rows, vocab]`, none negative, some positive), the first token whose
+/// cumulative weight reaches `u` (`[rows, 1]`, in (0, 1]) times the row's total: `[rows, 1]`.
+///
+/// Searched in two levels so that nothing of the vocabulary's size but one sum is made: the
+/// vocabulary in blocks (the largest power of two up to 256 that divides it; 128 for
+/// Qwen2-VL's), the block where the cumulative sum of the block sums reaches the target, then
+/// the token within that block. A token of no weight is never chosen: rounding cannot carry the
+/// search past the last block, or the last token within a block, that weighs anything.
+fn inverse_cdf<B: Backend>(weights: Tensor<B, 2>, u: Tensor<B, 2>) -> Tensor<B, 2, Int> {
+    let [rows, vocab] = weights.dims();
+    let width = 1usize << vocab.trailing_zeros().min(8);
+    let blocks = vocab / width;
+    let grouped = weights.reshape([rows, blocks, width]);
+    let sums = grouped.clone().sum_dim(2).reshape([rows, blocks]);
+    let (block, target) = {
+        let cdf = sums.cumsum(1);
+        let total = cdf.clone().narrow(1, blocks - 1, 1);
+        let target = u.mul(total.clone());
+        let block = first_reaching(cdf.clone(), target.clone(), total);
+        // What the blocks before it weigh.
+        let before = cdf
+            .gather(1, block.clone().sub_scalar(1).clamp_min(0))
+            .mask_fill(block.clone().equal_elem(0), 0.0);
+        (block, target - before)
+    };
+    let within = grouped
+        .gather(
+            1,
+            block.clone().reshape([rows, 1, 1]).expand([rows, 1, width]),
+        )
+        .reshape([rows, width])
+        .cumsum(1);
+    let total = within.clone().narrow(1, width - 1, 1);
+    block.mul_scalar(width as i64) + first_reaching(within, target, total)
+}
+
+/// Per row of `cdf` (`[rows, n]`, non-decreasing, ending at `total`): the first position whose
+/// value reaches `target`, never past the first that reaches `total`.
+fn first_reaching<B: Backend>(
+    cdf: Tensor<B, 2>,
+    target: Tensor<B, 2>,
+    total: Tensor<B, 2>,
+) -> Tensor<B, 2, Int> {
+    let last = cdf.clone().lower(total).int().sum_dim(1);
+    cdf.lower(target).int().sum_dim(1).min_pair(last)
+}
+
+/// `log(exp a + exp b)` elementwise, stable.
+fn log_add_exp<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = a.clone().max_pair(b.clone());
+    ((a - max.clone()).exp() + (b - max.clone()).exp()).log() + max
 }
 
 /// `log sum exp` of each row, `[rows, 1]`, stable (the row's maximum taken out first).
@@ -327,6 +409,56 @@ mod tests {
                 "{s:?}: chi-square {chi:.1} with {df} degrees of freedom, counts {counts:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_two_level_search_finds_the_token_the_cumulative_weights_reach() {
+        // 80 tokens: 5 blocks of 16. Tokens of no weight start and end the first block, fill
+        // the second, end the third, start the fourth and end the last.
+        let mut w = [0.0f32; 80];
+        for (i, x) in w.iter_mut().enumerate() {
+            *x = match i {
+                0..=3 | 12..=31 | 44..=49 | 78.. => 0.0,
+                _ => 0.25 + (i % 5) as f32,
+            };
+        }
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        let positive = |t: usize| w[t] > 0.0;
+        // The last draw stands for a target that rounding carried past the total.
+        let us: Vec<f32> = (0..=200)
+            .map(|k| k as f32 / 200.0)
+            .map(|u| u.max(f32::MIN_POSITIVE))
+            .chain([1.0 + 4.0 * f32::EPSILON])
+            .collect();
+        let device = Default::default();
+        let rows = us.len();
+        let weights =
+            Tensor::<Flex, 2>::from_data(TensorData::new(w.repeat(rows), [rows, w.len()]), &device);
+        let u = Tensor::<Flex, 2>::from_data(TensorData::new(us.clone(), [rows, 1]), &device);
+        let chosen = host_i64(inverse_cdf(weights, u));
+        for (&u, &t) in us.iter().zip(&chosen) {
+            let t = t as usize;
+            assert!(positive(t), "u = {u}: token {t} weighs nothing");
+            let u = u.min(1.0);
+            // The exact answer, unless u lies within rounding of a boundary.
+            let target = u as f64 * total;
+            let mut cum = 0.0;
+            let exact = (0..w.len())
+                .find(|&i| {
+                    cum += w[i] as f64;
+                    cum >= target
+                })
+                .unwrap();
+            let (lo, hi) = (
+                w[..t].iter().map(|&x| x as f64).sum::<f64>(),
+                w[..=t].iter().map(|&x| x as f64).sum::<f64>(),
+            );
+            let near = (target - lo).abs() < 1e-4 || (target - hi).abs() < 1e-4;
+            assert!(t == exact || near, "u = {u}: token {t}, exactly {exact}");
+        }
+        // The extremes: the first and the last token that weigh anything.
+        assert_eq!(chosen[0], 4);
+        assert_eq!(chosen[rows - 2..], [77, 77]);
     }
 
     #[test]
