@@ -7,8 +7,7 @@
 
 use burn::module::ParamId;
 use burn::tensor::{
-    activation::log_softmax, backend::AutodiffBackend, backend::Backend, IndexingUpdateOp, Int,
-    Tensor,
+    activation::softmax, backend::AutodiffBackend, backend::Backend, IndexingUpdateOp, Int, Tensor,
 };
 
 use crate::model::Qwen2VL;
@@ -79,6 +78,41 @@ impl<B: Backend> Qwen2VL<B> {
     }
 }
 
+/// The pieces of a log-softmax along `dim`: `z` shifted by its (detached) maximum, the
+/// exponentials of that, and their sums, so that `log_softmax(z) = shifted - log(total)` and
+/// `softmax(z) = exp / total`. A caller that wants a few log-probs, or the probabilities, makes
+/// them from these with fewer passes over `z` than through a whole log-softmax.
+pub(crate) fn softmax_parts<B: Backend, const D: usize>(
+    z: Tensor<B, D>,
+    dim: usize,
+) -> (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>) {
+    let shifted = z.clone() - z.detach().max_dim(dim);
+    let exp = shifted.clone().exp();
+    let total = exp.clone().sum_dim(dim);
+    (shifted, exp, total)
+}
+
+/// Log-probs `[rows]` of `targets` (`[rows, 1]`) and, when asked, the entropies `[rows]`
+/// (`log total - sum p shifted`) and the probabilities `[rows, vocab]` of logits `z`.
+#[allow(clippy::type_complexity)]
+fn picked_scores<B: Backend>(
+    z: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+    with_entropy: bool,
+    with_probs: bool,
+) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Option<Tensor<B, 2>>) {
+    let rows = z.dims()[0];
+    let (shifted, exp, total) = softmax_parts(z, 1);
+    let log_total = total.clone().log();
+    let probs = (with_entropy || with_probs).then(|| exp / total);
+    let entropy = with_entropy.then(|| {
+        let p = probs.clone().expect("made above");
+        (log_total.clone() - (p * shifted.clone()).sum_dim(1)).reshape([rows])
+    });
+    let picked = (shifted.gather(1, targets) - log_total).reshape([rows]);
+    (picked, entropy, probs.filter(|_| with_probs))
+}
+
 /// Row ranges of at most `chunk` rows (0: one range).
 fn chunks(rows: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     let step = if chunk == 0 { rows.max(1) } else { chunk };
@@ -103,12 +137,9 @@ pub fn chunked_scores<B: Backend>(
     for (start, len) in chunks(rows, chunk) {
         let h = hidden.clone().narrow(0, start, len);
         let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
-        let logp = log_softmax(head.logits(h), 1);
-        if with_entropy {
-            let p = logp.clone().exp();
-            entropies.push((p * logp.clone()).sum_dim(1).neg().reshape([len]));
-        }
-        logps.push(logp.gather(1, t).reshape([len]));
+        let (logp, entropy, _) = picked_scores(head.logits(h), t, with_entropy, false);
+        entropies.extend(entropy);
+        logps.push(logp);
     }
     let entropy = with_entropy.then(|| Tensor::cat(entropies, 0));
     (Tensor::cat(logps, 0), entropy)
@@ -143,17 +174,14 @@ impl<B: Backend> HeadScores<B> {
     ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Self) {
         let rows = hidden.dims()[0];
         let targets = targets.reshape([rows, 1]);
-        let logp = log_softmax(head.logits(hidden.clone()), 1);
-        let probs = logp.clone().exp();
-        let entropy = with_entropy.then(|| {
-            (probs.clone() * logp.clone())
-                .sum_dim(1)
-                .neg()
-                .reshape([rows])
-        });
-        let picked = logp.gather(1, targets.clone()).reshape([rows]);
+        let (picked, entropy, probs) = picked_scores(
+            head.logits(hidden.clone()),
+            targets.clone(),
+            with_entropy,
+            true,
+        );
         let kept = Self {
-            probs,
+            probs: probs.expect("asked for"),
             hidden,
             targets,
         };
@@ -192,7 +220,7 @@ pub fn chunked_backward<B: Backend>(
         let h = hidden.clone().narrow(0, start, len);
         let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
         let g = grad.clone().narrow(0, start, len).reshape([len, 1]);
-        let p = log_softmax(head.logits(h.clone()), 1).exp();
+        let p = softmax(head.logits(h.clone()), 1);
         let dz = logits_grad(p, t, g);
         dh.push(head.input_grad(dz.clone()));
         let w = head.weight_grad(h, dz);
@@ -211,7 +239,7 @@ pub fn chunked_backward<B: Backend>(
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::{Distribution, ElementConversion, TensorData};
+    use burn::tensor::{activation::log_softmax, Distribution, ElementConversion, TensorData};
 
     type A = Autodiff<Flex>;
 

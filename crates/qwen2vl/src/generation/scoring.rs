@@ -3,7 +3,7 @@
 
 use burn::tensor::{activation::log_softmax, backend::Backend, Int, Tensor, TensorData};
 
-use super::head::chunked_scores;
+use super::head::{chunked_scores, softmax_parts};
 use crate::error::Qwen2VLError;
 use crate::model::{Images, Qwen2VL};
 use crate::positions::TokenBatch;
@@ -388,15 +388,20 @@ fn target_scores<B: Backend>(
     entropy: Option<EntropyOf>,
 ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
     let [n, tc, _] = hidden.dims();
+    let Some(of) = entropy else {
+        // The targets' log-probs alone: shifted logits less the log of their exponentials'
+        // sum, without the whole log-softmax.
+        let (shifted, _, total) = softmax_parts(model.logits(hidden), 2);
+        let logp = shifted.gather(2, targets) - total.log();
+        return (logp.reshape([n, tc]), None);
+    };
     let logp = log_softmax(model.logits(hidden), 2);
-    let entropy = entropy.map(|of| {
-        let lp = match of {
-            EntropyOf::Values => logp.clone().detach(),
-            EntropyOf::Graph => logp.clone(),
-        };
-        lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc])
-    });
-    (logp.gather(2, targets).reshape([n, tc]), entropy)
+    let lp = match of {
+        EntropyOf::Values => logp.clone().detach(),
+        EntropyOf::Graph => logp.clone(),
+    };
+    let entropy = lp.clone().exp().mul(lp).sum_dim(2).neg().reshape([n, tc]);
+    (logp.gather(2, targets).reshape([n, tc]), Some(entropy))
 }
 
 #[cfg(test)]
