@@ -227,6 +227,112 @@ pub fn account(
     Account { lines }
 }
 
+/// The matrix work of one GRPO step, in floating-point operations (a multiply-add counts
+/// two): the linear layers, the attention products (causal: each token against the keys up to
+/// it; a vision patch against its image's or its window's) and the LM head (one logits row per
+/// completion token). Elementwise work (norms, activations, softmax, the optimizer) is left
+/// out. What sharing the prompt can gain is bounded by the ratio of two such counts: the
+/// completion tokens' work, the LM head's above all, is the same either way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Work {
+    /// Prefill and decoding (vision included).
+    pub rollout: f64,
+    /// One forward scoring pass: the reference's, or the policy's.
+    pub scoring_forward: f64,
+    /// The policy's backward pass.
+    pub backward: f64,
+    /// A reference model scores the completions (`beta > 0`).
+    pub reference: bool,
+}
+
+impl Work {
+    pub fn step(&self) -> f64 {
+        let forwards = if self.reference { 2.0 } else { 1.0 };
+        self.rollout + forwards * self.scoring_forward + self.backward
+    }
+}
+
+/// The work of a step of `config` on `shape`, trained as `training`.
+pub fn work(config: &Qwen2VLConfig, shape: StepShape, training: Training) -> Work {
+    let t = &config.text;
+    let rows = (shape.prompts * shape.num_generations) as f64;
+    let prompt_rows = if shape.share_prompt {
+        shape.prompts as f64
+    } else {
+        rows
+    };
+    let (p, c) = (shape.prompt_tokens as f64, shape.completion_tokens as f64);
+    let (d, q, kv) = (
+        t.hidden_size as f64,
+        (t.num_attention_heads * t.head_dim) as f64,
+        (t.num_key_value_heads * t.head_dim) as f64,
+    );
+    let layers = t.num_hidden_layers as f64;
+    let linear = 2.0 * layers * (2.0 * d * q + 2.0 * d * kv + 3.0 * d * t.intermediate_size as f64);
+    // Scores and the weighted sum of values: 4 q flops per key, in every layer.
+    let attention = |keys: f64| 4.0 * q * layers * keys;
+    let head = 2.0 * d * t.vocab_size as f64;
+    // Keys summed over n tokens that follow `before` keys: n before + n (n + 1) / 2.
+    let keys = |before: f64, n: f64| n * before + n * (n + 1.0) / 2.0;
+
+    let v = &config.vision;
+    let n = shape.patches as f64;
+    let (e, mlp) = (v.embed_dim as f64, v.mlp_dim() as f64);
+    let mlp_in = match v.window_tokens() {
+        None => 1.0,
+        Some(_) => 2.0,
+    };
+    let merge = (v.spatial_merge_size * v.spatial_merge_size) as f64;
+    let merged = e * merge;
+    let window_keys = v
+        .window_tokens()
+        .map(|w| ((w * v.spatial_merge_size).pow(2) as f64).min(n));
+    let vision_attention: f64 = (0..v.depth)
+        .map(|i| match window_keys {
+            Some(k) if !v.full_attention(i) => 4.0 * e * n * k,
+            _ => 4.0 * e * n * n,
+        })
+        .sum();
+    let vision_linear = n
+        * 2.0
+        * (config.patch_dim() as f64 * e
+            + v.depth as f64 * (4.0 * e * e + (mlp_in + 1.0) * e * mlp))
+        + n / merge * 2.0 * (merged * merged + v.hidden_size as f64 * merged);
+    let images = prompt_rows * (shape.patches > 0) as u8 as f64;
+
+    // Scoring: the prompt rows' tokens, then every row's completion after its prompt.
+    let score_linear = (prompt_rows * p + rows * c) * linear;
+    let score_attention = attention(prompt_rows * keys(0.0, p) + rows * keys(p, c));
+    let score_head = rows * c * head;
+    let score_vision = images * (vision_linear + vision_attention);
+    let scoring_forward = score_linear + score_attention + score_head + score_vision;
+    // Backward: the inputs' gradients everywhere, the weights' where they train.
+    let (decoder_grads, head_grads) = if training.lora {
+        (1.0, 1.0)
+    } else {
+        (2.0, 2.0)
+    };
+    let vision_grads = if training.vision_trains { 2.0 } else { 0.0 };
+    let backward = decoder_grads * score_linear
+        + 2.0 * score_attention
+        + head_grads * score_head
+        + vision_grads * images * (vision_linear + vision_attention);
+    // Rollout: the prompt rows prefilled, the first token's logits from the prompt's last
+    // position, then c - 1 decoding steps per row.
+    let decode = (c - 1.0).max(0.0);
+    let rollout = prompt_rows * p * linear
+        + attention(prompt_rows * keys(0.0, p) + rows * keys(p, decode))
+        + rows * decode * linear
+        + rows * c * head
+        + images * (vision_linear + vision_attention);
+    Work {
+        rollout,
+        scoring_forward,
+        backward,
+        reference: training.reference,
+    }
+}
+
 /// A data-parallel step over `devices` devices (`medr1 train --devices`): the main device's
 /// account and another's. Each scores its share of the prompts (`shape.prompts / devices`,
 /// whole groups); the main one alone holds the optimizer state and, besides its own
@@ -488,5 +594,98 @@ mod tests {
         assert!(!frozen.lines.iter().any(|l| l.what == vis));
         assert_eq!(line(&frozen, "vision activations (frozen: none kept)"), 0.0);
         assert_eq!(line(&frozen, dec), line(&plain, dec));
+    }
+
+    /// The 2B model's matrix work counted by hand: per decoder token two flops per weight of
+    /// the 28 layers' projections (1536 wide, 256 for k and v, MLP 8960), per completion token
+    /// the tied head's 151,936 x 1536 on top; per vision patch the patch embedding (1176 x
+    /// 1280) and 32 blocks (4 x 1280² + 2 x 1280 x 5120), the merger once per 4 patches
+    /// (5120² + 1536 x 5120), attention 4 x 1280 flops per key.
+    #[test]
+    fn the_2b_work_matches_the_hand_count() {
+        let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();
+        let training = Training {
+            trained: 2_208_985_600,
+            lora: false,
+            reference: true,
+            vision_trains: true,
+            bytes: 4,
+        };
+        let one = StepShape {
+            prompts: 1,
+            num_generations: 1,
+            prompt_tokens: 1,
+            patches: 0,
+            completion_tokens: 1,
+            share_prompt: true,
+        };
+        let w = work(&config, one, training);
+        let linear =
+            2.0 * 28.0 * (2.0 * 1536.0 * 1536.0 + 2.0 * 1536.0 * 256.0 + 3.0 * 1536.0 * 8960.0);
+        let head = 2.0 * 1536.0 * 151_936.0;
+        // Two tokens, the second attending to both: three keys.
+        let attention = 4.0 * 1536.0 * 28.0 * 3.0;
+        assert_eq!(w.scoring_forward, 2.0 * linear + attention + head);
+        assert_eq!(w.backward, 2.0 * w.scoring_forward);
+        // The prompt's token prefilled, the completion's token from its logits.
+        assert_eq!(w.rollout, linear + 4.0 * 1536.0 * 28.0 + head);
+        assert_eq!(w.step(), w.rollout + 4.0 * w.scoring_forward);
+
+        let image = StepShape {
+            patches: 784,
+            ..one
+        };
+        let patch = 2.0
+            * (1176.0 * 1280.0 + 32.0 * (4.0 * 1280.0 * 1280.0 + 2.0 * 1280.0 * 5120.0))
+            + 2.0 * (5120.0 * 5120.0 + 1536.0 * 5120.0) / 4.0;
+        let vision = 784.0 * patch + 32.0 * 4.0 * 1280.0 * 784.0 * 784.0;
+        let with = work(&config, image, training);
+        assert!((with.scoring_forward - w.scoring_forward - vision).abs() < 1.0);
+        assert!((with.rollout - w.rollout - vision).abs() < 1.0);
+        // LoRA on the decoder: the inputs' gradients only, none through the vision tower.
+        let lora = work(
+            &config,
+            image,
+            Training {
+                lora: true,
+                vision_trains: false,
+                ..training
+            },
+        );
+        assert_eq!(lora.backward, linear * 2.0 + 2.0 * attention + head);
+    }
+
+    /// Sharing removes the repeated prompts' work and nothing else: with one generation it
+    /// gains nothing, never the number of repeats, and the longer the completions the less.
+    #[test]
+    fn sharing_gains_only_the_repeated_prompts_work() {
+        let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();
+        let training = Training {
+            trained: 2_208_985_600,
+            lora: false,
+            reference: true,
+            vision_trains: true,
+            bytes: 4,
+        };
+        let ratio = |shape: StepShape| {
+            let unshared = StepShape {
+                share_prompt: false,
+                ..shape
+            };
+            work(&config, unshared, training).step() / work(&config, shape, training).step()
+        };
+        let single = StepShape {
+            num_generations: 1,
+            ..med_r1()
+        };
+        assert_eq!(ratio(single), 1.0);
+        let no_think = ratio(med_r1());
+        let think = ratio(StepShape {
+            completion_tokens: 128,
+            ..med_r1()
+        });
+        assert!(no_think > think && think > 1.0, "{no_think} {think}");
+        // Never the number of repeats: the completions' work is the same either way.
+        assert!(no_think < 4.0);
     }
 }

@@ -24,7 +24,7 @@ use qwen2vl::generation::{Recompute, Sampling};
 use qwen2vl::processor::{byte_tokenizer_json, ProcessedImage, TextTokenizer};
 use qwen2vl::{LoraConfig, Qwen2VL, Qwen2VLConfig};
 
-use crate::accounting::{per_device, Account, StepShape, Training};
+use crate::accounting::{per_device, work, Account, StepShape, Training, Work};
 use crate::backend::{dispatch_dtype, BackendTask, DeviceKind};
 
 #[derive(Args, Debug, Clone)]
@@ -344,6 +344,27 @@ impl BackendTask for Task {
             );
         }
         let (accounted, other_device) = step_account(&a, &config, &prompts, trainable);
+        let work = step_work(&a, &config, &prompts, trainable);
+        let gflop = |w: &Work| {
+            if a.rollout_only {
+                w.rollout / 1e9
+            } else {
+                w.step() / 1e9
+            }
+        };
+        let shared_s = if a.rollout_only {
+            r
+        } else {
+            median(&shared.step_s)
+        };
+        println!(
+            "matrix work: {:.1} GFLOP ({:.1} GFLOP/s); repeating the prompt: {:.1} GFLOP, \
+             {:.2}x (what sharing can gain at most)",
+            gflop(&work.shared),
+            gflop(&work.shared) / shared_s,
+            gflop(&work.unshared),
+            gflop(&work.unshared) / gflop(&work.shared)
+        );
         match shared.peak_rss_mib {
             Some(m) => println!("peak host memory (RSS): {:.2} GiB", m / 1024.0),
             None => println!("peak host memory: not available on this platform"),
@@ -380,6 +401,8 @@ impl BackendTask for Task {
                 "accounted_gib": accounted.json(),
                 "devices": a.devices,
                 "accounted_gib_other_device": other_device.map(|o| o.json()),
+                "work_gflop": gflop(&work.shared),
+                "work_unshared_gflop": gflop(&work.unshared),
             });
             if !a.rollout_only {
                 out["step_s"] = median(&shared.step_s).into();
@@ -402,15 +425,35 @@ impl BackendTask for Task {
     }
 }
 
-/// The memory account of the step `a` describes, printed.
-fn step_account(
+/// The matrix work of the step `a` describes, with the prompt shared and repeated.
+struct StepWork {
+    shared: Work,
+    unshared: Work,
+}
+
+fn step_work(
     a: &BenchArgs,
     config: &Qwen2VLConfig,
     prompts: &[PromptInput],
     trained: usize,
-) -> (Account, Option<Account>) {
-    let (accounted, other) = per_device(
-        config,
+) -> StepWork {
+    let (shape, training) = step_shape(a, prompts, trained);
+    StepWork {
+        shared: work(config, shape, training),
+        unshared: work(
+            config,
+            StepShape {
+                share_prompt: false,
+                ..shape
+            },
+            training,
+        ),
+    }
+}
+
+/// The shapes of the step `a` describes (prompt shared) and what it trains.
+fn step_shape(a: &BenchArgs, prompts: &[PromptInput], trained: usize) -> (StepShape, Training) {
+    (
         StepShape {
             prompts: a.batch,
             num_generations: a.num_generations,
@@ -427,9 +470,18 @@ fn step_account(
             vision_trains: a.lora_r == 0,
             bytes: if a.bf16 { 2 } else { 4 },
         },
-        a.memory(),
-        a.devices,
-    );
+    )
+}
+
+/// The memory account of the step `a` describes, printed.
+fn step_account(
+    a: &BenchArgs,
+    config: &Qwen2VLConfig,
+    prompts: &[PromptInput],
+    trained: usize,
+) -> (Account, Option<Account>) {
+    let (shape, training) = step_shape(a, prompts, trained);
+    let (accounted, other) = per_device(config, shape, training, a.memory(), a.devices);
     println!(
         "memory options: score micro-batch {}, LM-head chunk {}, checkpointing {}; \
          accounted (the step's state and one scoring pass's peak):",
