@@ -79,8 +79,8 @@ pub struct BenchArgs {
     /// `memory.checkpoint_vision`).
     #[arg(long, value_enum, default_value_t = Checkpointing::None)]
     pub checkpoint: Checkpointing,
-    /// Print the memory account of the step and exit, without building the model (to size a
-    /// machine for a configuration that does not fit this one).
+    /// Print the memory account and the matrix work of the step and exit, without building the
+    /// model (to size a machine for a configuration that does not fit this one).
     #[arg(long)]
     pub account_only: bool,
     /// Print the results as one JSON object on the last line.
@@ -227,62 +227,72 @@ impl BackendTask for Task {
         let reference = (!a.rollout_only).then(|| model.valid().without_adapters());
         let mut optim = OptimizerOptions::default().adamw().init();
         let mut seed = 0;
-        // `steps` timed GRPO steps after a warm-up; the rollout is timed within each.
-        let mut measure = |share_prompt: bool, model: &mut Option<Qwen2VL<Autodiff<B>>>| {
+        // One GRPO step, its rollout timed within it: (rollout_s, step_s).
+        let mut step = |share_prompt: bool, model: &mut Option<Qwen2VL<Autodiff<B>>>| {
             let cfg = cfg(share_prompt);
-            let mut timing = Timing::default();
-            reset_peak_rss();
-            for i in 0..=a.steps {
-                seed += 1;
-                let t = Instant::now();
-                let policy = model.take().expect("the policy");
-                let roll = rollout(
-                    &policy.valid(),
-                    &prompts,
-                    &tokenizer,
-                    &rewards,
+            seed += 1;
+            let t = Instant::now();
+            let policy = model.take().expect("the policy");
+            let roll = rollout(
+                &policy.valid(),
+                &prompts,
+                &tokenizer,
+                &rewards,
+                &cfg,
+                seed,
+                &device,
+            )?;
+            let rollout_s = t.elapsed().as_secs_f64();
+            let policy = if a.rollout_only {
+                policy
+            } else {
+                let (policy, _) = update(
+                    policy,
+                    reference.as_ref(),
+                    &mut optim,
+                    &roll,
                     &cfg,
-                    seed,
-                    &device,
+                    StepSize {
+                        learning_rate: 1e-6,
+                        max_grad_norm: 1.0,
+                    },
                 )?;
-                let rollout_s = t.elapsed().as_secs_f64();
-                let policy = if a.rollout_only {
-                    policy
-                } else {
-                    let (policy, _) = update(
-                        policy,
-                        reference.as_ref(),
-                        &mut optim,
-                        &roll,
-                        &cfg,
-                        StepSize {
-                            learning_rate: 1e-6,
-                            max_grad_norm: 1.0,
-                        },
-                    )?;
-                    // Wait for the device before stopping the clock.
-                    let _ = policy.text.norm.gamma.val().into_data();
-                    policy
-                };
-                let step_s = t.elapsed().as_secs_f64();
-                *model = Some(policy);
-                if i > 0 {
-                    timing.rollout_s.push(rollout_s);
-                    timing.step_s.push(step_s);
-                }
-            }
-            timing.peak_rss_mib = peak_rss_gib().map(|g| g * 1024.0);
-            anyhow::Ok(timing)
+                // Wait for the device before stopping the clock.
+                let _ = policy.text.norm.gamma.val().into_data();
+                policy
+            };
+            *model = Some(policy);
+            anyhow::Ok((rollout_s, t.elapsed().as_secs_f64()))
         };
         let lora_params = model.adapter_params();
         let mut held = Some(model);
-        let shared = measure(true, &mut held)?;
-        let step_peak = gpu.as_ref().map(GpuMemory::take_peak_gib);
-        let unshared = if a.no_unshared {
-            None
-        } else {
-            Some(measure(false, &mut held)?)
+        // Each mode is warmed up and timed over its first step with the peak memory taken
+        // before the other mode runs (freed memory is kept: a later peak would be the larger
+        // mode's). The other timed steps alternate between the modes, so that a change in the
+        // machine's speed during the run reaches both alike.
+        let mut first = |share_prompt: bool, held: &mut Option<_>| {
+            reset_peak_rss();
+            step(share_prompt, held)?;
+            let timed = step(share_prompt, held)?;
+            anyhow::Ok((timed, peak_rss_gib().map(|g| g * 1024.0)))
         };
+        let mut shared = Timing::default();
+        let mut unshared = (!a.no_unshared).then(Timing::default);
+        let (timed, peak) = first(true, &mut held)?;
+        shared.push(timed);
+        shared.peak_rss_mib = peak;
+        let step_peak = gpu.as_ref().map(GpuMemory::take_peak_gib);
+        if let Some(u) = unshared.as_mut() {
+            let (timed, peak) = first(false, &mut held)?;
+            u.push(timed);
+            u.peak_rss_mib = peak;
+        }
+        for _ in 1..a.steps {
+            shared.push(step(true, &mut held)?);
+            if let Some(u) = unshared.as_mut() {
+                u.push(step(false, &mut held)?);
+            }
+        }
         model = held.take().expect("the policy");
         drop(model);
 
@@ -345,26 +355,12 @@ impl BackendTask for Task {
         }
         let (accounted, other_device) = step_account(&a, &config, &prompts, trainable);
         let work = step_work(&a, &config, &prompts, trainable);
-        let gflop = |w: &Work| {
-            if a.rollout_only {
-                w.rollout / 1e9
-            } else {
-                w.step() / 1e9
-            }
-        };
         let shared_s = if a.rollout_only {
             r
         } else {
             median(&shared.step_s)
         };
-        println!(
-            "matrix work: {:.1} GFLOP ({:.1} GFLOP/s); repeating the prompt: {:.1} GFLOP, \
-             {:.2}x (what sharing can gain at most)",
-            gflop(&work.shared),
-            gflop(&work.shared) / shared_s,
-            gflop(&work.unshared),
-            gflop(&work.unshared) / gflop(&work.shared)
-        );
+        work.print(&a, Some(shared_s));
         match shared.peak_rss_mib {
             Some(m) => println!("peak host memory (RSS): {:.2} GiB", m / 1024.0),
             None => println!("peak host memory: not available on this platform"),
@@ -401,8 +397,8 @@ impl BackendTask for Task {
                 "accounted_gib": accounted.json(),
                 "devices": a.devices,
                 "accounted_gib_other_device": other_device.map(|o| o.json()),
-                "work_gflop": gflop(&work.shared),
-                "work_unshared_gflop": gflop(&work.unshared),
+                "work_gflop": work.gflop(&a, true),
+                "work_unshared_gflop": work.gflop(&a, false),
             });
             if !a.rollout_only {
                 out["step_s"] = median(&shared.step_s).into();
@@ -429,6 +425,29 @@ impl BackendTask for Task {
 struct StepWork {
     shared: Work,
     unshared: Work,
+}
+
+impl StepWork {
+    /// The rollout's work with `--rollout-only`, else the whole step's, shared or repeated.
+    fn gflop(&self, a: &BenchArgs, shared: bool) -> f64 {
+        let w = if shared { &self.shared } else { &self.unshared };
+        if a.rollout_only {
+            w.rollout / 1e9
+        } else {
+            w.step() / 1e9
+        }
+    }
+
+    /// The work line, with the rate reached when the shared step took `seconds`.
+    fn print(&self, a: &BenchArgs, seconds: Option<f64>) {
+        let (shared, unshared) = (self.gflop(a, true), self.gflop(a, false));
+        let rate = seconds.map_or(String::new(), |s| format!(" ({:.1} GFLOP/s)", shared / s));
+        println!(
+            "matrix work: {shared:.1} GFLOP{rate}; repeating the prompt: {unshared:.1} GFLOP, \
+             {:.2}x (what sharing can gain at most)",
+            unshared / shared
+        );
+    }
 }
 
 fn step_work(
@@ -539,6 +558,11 @@ struct Timing {
 }
 
 impl Timing {
+    fn push(&mut self, (rollout_s, step_s): (f64, f64)) {
+        self.rollout_s.push(rollout_s);
+        self.step_s.push(step_s);
+    }
+
     /// Each step's time after its rollout.
     fn update_s(&self) -> Vec<f64> {
         self.step_s
@@ -629,6 +653,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let (prompts, _) = synthetic_prompts(&args, &config);
         let (accounted, other) = step_account(&args, &config, &prompts, trained);
+        let work = step_work(&args, &config, &prompts, trained);
+        work.print(&args, None);
         if args.json {
             println!(
                 "{}",
@@ -636,6 +662,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "accounted_gib": accounted.json(),
                     "devices": args.devices,
                     "accounted_gib_other_device": other.map(|o| o.json()),
+                    "work_gflop": work.gflop(&args, true),
+                    "work_unshared_gflop": work.gflop(&args, false),
                 })
             );
         }

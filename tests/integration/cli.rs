@@ -271,6 +271,17 @@ fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
     }
     assert_eq!(json["num_generations"], 3);
     assert!(json["update_s"].as_f64().unwrap() > 0.0, "{last}");
+    // The matrix work: repeating the prompt 3 times costs more, never 3 times as much.
+    assert!(out.contains("matrix work:"), "{out}");
+    let work = |j: &serde_json::Value, key: &str| j[key].as_f64().unwrap_or_else(|| panic!("{j}"));
+    let (shared, unshared) = (
+        work(&json, "work_gflop"),
+        work(&json, "work_unshared_gflop"),
+    );
+    assert!(
+        shared > 0.0 && unshared > shared && unshared < 3.0 * shared,
+        "{last}"
+    );
     // The memory options run, and the account follows them.
     let (ok, out, err) = bench(&[
         "--num-generations",
@@ -314,6 +325,8 @@ fn bench_reports_rollout_and_train_step_speed_with_device_and_dtype() {
     assert!(!out.contains("GRPO step"), "{out}");
     let alone: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(alone["accounted_gib"], options["accounted_gib"]);
+    assert_eq!(alone["work_gflop"], json["work_gflop"]);
+    assert_eq!(alone["work_unshared_gflop"], json["work_unshared_gflop"]);
     let (ok, _, err) = medr1(&[
         "bench",
         "--model-config",
