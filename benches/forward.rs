@@ -64,15 +64,22 @@ fn bench_head(c: &mut Criterion) {
         &device,
     );
     group.bench_function(format!("target log-probs, {rows} rows"), |b| {
-        b.iter(|| chunked_scores(&head, h.clone(), targets.clone(), false, 0).0.into_data())
-    });
-    let grad = Tensor::<Flex, 1>::ones([rows], &device);
-    group.bench_function(format!("scores, entropies and backward, {rows} rows"), |b| {
         b.iter(|| {
-            let (_, _, kept) = HeadScores::new(&head, h.clone(), targets.clone(), true);
-            kept.backward(&head, grad.clone()).1.into_data()
+            chunked_scores(&head, h.clone(), targets.clone(), false, 0)
+                .0
+                .into_data()
         })
     });
+    let grad = Tensor::<Flex, 1>::ones([rows], &device);
+    group.bench_function(
+        format!("scores, entropies and backward, {rows} rows"),
+        |b| {
+            b.iter(|| {
+                let (_, _, kept) = HeadScores::new(&head, h.clone(), targets.clone(), true);
+                kept.backward(&head, grad.clone()).1.into_data()
+            })
+        },
+    );
     group.finish();
 }
 
