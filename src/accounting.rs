@@ -596,6 +596,17 @@ mod tests {
         assert_eq!(line(&frozen, dec), line(&plain, dec));
     }
 
+    /// Full f32 fine-tuning of the 2B model with a reference.
+    fn full_2b() -> Training {
+        Training {
+            trained: 2_208_985_600,
+            lora: false,
+            reference: true,
+            vision_trains: true,
+            bytes: 4,
+        }
+    }
+
     /// The 2B model's matrix work counted by hand: per decoder token two flops per weight of
     /// the 28 layers' projections (1536 wide, 256 for k and v, MLP 8960), per completion token
     /// the tied head's 151,936 x 1536 on top; per vision patch the patch embedding (1176 x
@@ -604,13 +615,7 @@ mod tests {
     #[test]
     fn the_2b_work_matches_the_hand_count() {
         let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();
-        let training = Training {
-            trained: 2_208_985_600,
-            lora: false,
-            reference: true,
-            vision_trains: true,
-            bytes: 4,
-        };
+        let training = full_2b();
         let one = StepShape {
             prompts: 1,
             num_generations: 1,
@@ -660,13 +665,7 @@ mod tests {
     #[test]
     fn sharing_gains_only_the_repeated_prompts_work() {
         let config = Qwen2VLConfig::from_json_str(QWEN2VL_2B, "2b").unwrap();
-        let training = Training {
-            trained: 2_208_985_600,
-            lora: false,
-            reference: true,
-            vision_trains: true,
-            bytes: 4,
-        };
+        let training = full_2b();
         let ratio = |shape: StepShape| {
             let unshared = StepShape {
                 share_prompt: false,

@@ -49,20 +49,21 @@ pub fn pick<B: Backend>(
         }
         _ => logits.clone(),
     };
-    // The banned ids, each once and within the vocabulary, and the row that bans them.
-    let mut ban = vec![0.0f32; vocab];
-    for &id in banned {
-        if let Some(v) = ban.get_mut(id as usize) {
-            *v = f32::NEG_INFINITY;
-        }
-    }
-    let banned: Vec<i64> = (0..vocab)
-        .filter(|&i| ban[i] == f32::NEG_INFINITY)
-        .map(|i| i as i64)
+    // The banned ids within the vocabulary, each once.
+    let mut banned: Vec<i64> = banned
+        .iter()
+        .filter(|&&id| (id as usize) < vocab)
+        .map(|&id| id as i64)
         .collect();
+    banned.sort_unstable();
+    banned.dedup();
     let allowed = if banned.is_empty() {
         scores
     } else {
+        let mut ban = vec![0.0f32; vocab];
+        for &id in &banned {
+            ban[id as usize] = f32::NEG_INFINITY;
+        }
         scores + Tensor::<B, 2>::from_data(TensorData::new(ban, [1, vocab]), &device)
     };
     let (chosen, lse): (Tensor<B, 2, Int>, Tensor<B, 2>) = if sampling.is_greedy() {
@@ -320,6 +321,17 @@ mod tests {
         p
     }
 
+    /// The log-sum-exp of [`LOGITS`].
+    fn lse() -> f64 {
+        let m = LOGITS.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+        LOGITS
+            .iter()
+            .map(|&v| (v as f64 - m).exp())
+            .sum::<f64>()
+            .ln()
+            + m
+    }
+
     /// Counts of `draws` picks (in batches of rows) under `s`.
     fn counts(s: &Sampling, draws: usize) -> Vec<usize> {
         let device = Default::default();
@@ -337,15 +349,7 @@ mod tests {
             TensorData::new(held, [rows, LOGITS.len()]),
             &device,
         );
-        let lse = {
-            let m = LOGITS.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-            LOGITS
-                .iter()
-                .map(|&v| (v as f64 - m).exp())
-                .sum::<f64>()
-                .ln()
-                + m
-        };
+        let lse = lse();
         for _ in 0..draws / rows {
             let logits = Tensor::<Flex, 2>::from_data(
                 TensorData::new(full.clone(), [rows, LOGITS.len()]),
@@ -408,6 +412,32 @@ mod tests {
                 chi < critical[df],
                 "{s:?}: chi-square {chi:.1} with {df} degrees of freedom, counts {counts:?}"
             );
+        }
+    }
+
+    #[test]
+    fn log_probs_stay_the_models_whatever_is_banned() {
+        // An id banned twice and one past the vocabulary: never drawn, or nothing.
+        let device = Default::default();
+        let rows = 200;
+        let logits = Tensor::<Flex, 2>::from_data(
+            TensorData::new(LOGITS.repeat(rows), [rows, LOGITS.len()]),
+            &device,
+        );
+        for s in [Sampling::full(1.0), Sampling::full(0.5)] {
+            let p = pick(
+                logits.clone(),
+                &[3, 1, 3, 99],
+                None,
+                &s,
+                &vec![true; rows],
+                &mut Rng::new(5),
+            );
+            for (&t, &lp) in p.tokens.iter().zip(&p.logprobs) {
+                assert!(t != 1 && t != 3, "{s:?}: banned token {t} drawn");
+                let want = LOGITS[t as usize] as f64 - lse();
+                assert!((lp as f64 - want).abs() < 1e-5, "{s:?}: {lp} vs {want}");
+            }
         }
     }
 
