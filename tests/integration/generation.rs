@@ -283,3 +283,62 @@ fn the_repetition_penalty_covers_the_prompt_and_what_was_generated() {
         "the penalty changed nothing"
     );
 }
+
+/// `pick` over `logits` (`[rows, vocab]`) on `B`, three placeholders banned, from a fixed seed.
+#[cfg(feature = "wgpu")]
+fn picks<B: burn::tensor::backend::Backend>(
+    logits: &[f32],
+    rows: usize,
+    sampling: &Sampling,
+    device: &B::Device,
+) -> qwen2vl::generation::Picked {
+    let vocab = logits.len() / rows;
+    let logits = Tensor::<B, 2>::from_data(TensorData::new(logits.to_vec(), [rows, vocab]), device);
+    let mut rng = qwen2vl::generation::Rng::new(17);
+    qwen2vl::generation::pick(logits, &BANNED, None, sampling, &vec![true; rows], &mut rng)
+}
+
+#[cfg(feature = "wgpu")]
+const BANNED: [u32; 3] = [7, 300, 4095];
+
+/// Sampling from the whole distribution (`debug-wgpu.toml`: top-k 0, the inverse CDF searched
+/// block by block) draws on WGPU what it draws on Flex from the same generator, never a banned
+/// token, with the same log-probs: 4,096 tokens (16 blocks of 256), untempered and tempered.
+#[cfg(feature = "wgpu")]
+#[test]
+fn whole_distribution_sampling_on_wgpu_draws_what_flex_draws() {
+    let (rows, vocab) = (256, 4096);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| (i as f32 * 0.37).sin() * 3.0)
+        .collect();
+    let wgpu = crate::common::wgpu_device();
+    for sampling in [Sampling::full(1.0), Sampling::full(0.7)] {
+        let on_flex = picks::<Flex>(&logits, rows, &sampling, &Default::default());
+        let on_wgpu = picks::<burn::backend::Wgpu>(&logits, rows, &sampling, &wgpu);
+        assert!(on_wgpu.tokens.iter().all(|t| !BANNED.contains(t)));
+        // Float rounding may move a draw that falls on a boundary; nothing more.
+        let differ = on_flex
+            .tokens
+            .iter()
+            .zip(&on_wgpu.tokens)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            differ <= rows / 100,
+            "{sampling:?}: {differ} of {rows} draws differ"
+        );
+        for ((a, b), (la, lb)) in on_flex
+            .tokens
+            .iter()
+            .zip(&on_wgpu.tokens)
+            .zip(on_flex.logprobs.iter().zip(&on_wgpu.logprobs))
+        {
+            if a == b {
+                assert!(
+                    (la - lb).abs() < 1e-4,
+                    "{sampling:?}: token {a}: {la} vs {lb}"
+                );
+            }
+        }
+    }
+}
