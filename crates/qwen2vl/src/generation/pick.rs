@@ -2,8 +2,9 @@
 //! bytes per row) come back to the host per decoding step, never the `[rows, vocab]` logits.
 //!
 //! - greedy: argmax;
-//! - temperature only (top-k 0, top-p 1): inverse-CDF sampling in vocabulary order, one
-//!   uniform draw per row from the seeded host generator, no sort;
+//! - temperature only (top-k 0, top-p 1): inverse-CDF sampling in vocabulary order (searched
+//!   block by block, `inverse_cdf`), one uniform draw per row from the seeded host
+//!   generator, no sort;
 //! - top-k and/or top-p: the `k` most likely tokens (the whole vocabulary when only top-p is
 //!   set) sorted on the device and read back, then [`sample_sorted`] on the host, which keeps
 //!   the order of transformers' logits warpers (temperature, top-k, top-p).
