@@ -93,7 +93,8 @@ pub(crate) fn softmax_parts<B: Backend, const D: usize>(
 }
 
 /// Log-probs `[rows]` of `targets` (`[rows, 1]`) and, when asked, the entropies `[rows]`
-/// (`log total - sum p shifted`) and the probabilities `[rows, vocab]` of logits `z`.
+/// (`log total - sum p shifted`) and the probabilities `[rows, vocab]` of logits `z` (made
+/// for either).
 #[allow(clippy::type_complexity)]
 fn picked_scores<B: Backend>(
     z: Tensor<B, 2>,
@@ -110,7 +111,7 @@ fn picked_scores<B: Backend>(
         (log_total.clone() - (p * shifted.clone()).sum_dim(1)).reshape([rows])
     });
     let picked = (shifted.gather(1, targets) - log_total).reshape([rows]);
-    (picked, entropy, probs.filter(|_| with_probs))
+    (picked, entropy, probs)
 }
 
 /// Row ranges of at most `chunk` rows (0: one range).

@@ -87,15 +87,17 @@ pub fn pick<B: Backend>(
         let max = allowed.clone().max_dim(1);
         let shifted = allowed - max.clone();
         let untempered = sampling.temperature == 1.0 && !penalized;
-        let mut weights = if untempered {
+        let weights = if untempered {
             shifted.exp()
         } else {
             shifted.div_scalar(sampling.temperature).exp()
         };
-        // Untempered and unpenalized, the weights are the model's own: their total gives the
-        // log-sum-exp of the allowed tokens, and the banned ones are added to it.
+        let mut blocks = Blocks::of(weights);
+        // Untempered and unpenalized, the weights are the model's own: their total (from the
+        // block sums the search uses) gives the log-sum-exp of the allowed tokens, and the
+        // banned ones are added to it.
         let lse = if untempered {
-            let allowed_lse = weights.clone().sum_dim(1).log() + max;
+            let allowed_lse = blocks.total().log() + max;
             if banned.is_empty() {
                 allowed_lse
             } else {
@@ -111,10 +113,11 @@ pub fn pick<B: Backend>(
         if sampling.min_p > 0.0 {
             // Below min_p times the most likely (whose weight is 1), a token counts for
             // nothing (the total below renormalises).
+            let weights = blocks.grouped.reshape([rows, vocab]);
             let below = weights.clone().lower_elem(sampling.min_p);
-            weights = weights.mask_fill(below, 0.0);
+            blocks = Blocks::of(weights.mask_fill(below, 0.0));
         }
-        (inverse_cdf(weights, u), lse)
+        (inverse_cdf(blocks, u), lse)
     } else {
         let k = if sampling.top_k > 0 {
             sampling.top_k.min(vocab)
@@ -145,23 +148,43 @@ pub fn pick<B: Backend>(
     }
 }
 
-/// Per row of `weights` (`[rows, vocab]`, none negative, some positive), the first token whose
-/// cumulative weight reaches `u` (`[rows, 1]`, in (0, 1]) times the row's total: `[rows, 1]`.
+/// Sampling weights (`[rows, vocab]`, none negative, some positive in each row) in blocks of
+/// the largest power of two up to 256 that divides the vocabulary (128 for Qwen2-VL's), with
+/// each block's sum: made once per draw, for the search and for the rows' totals.
+struct Blocks<B: Backend> {
+    /// `[rows, blocks, width]`.
+    grouped: Tensor<B, 3>,
+    /// `[rows, blocks]`.
+    sums: Tensor<B, 2>,
+}
+
+impl<B: Backend> Blocks<B> {
+    fn of(weights: Tensor<B, 2>) -> Self {
+        let [rows, vocab] = weights.dims();
+        let width = 1usize << vocab.trailing_zeros().min(8);
+        let grouped = weights.reshape([rows, vocab / width, width]);
+        let sums = grouped.clone().sum_dim(2).reshape([rows, vocab / width]);
+        Self { grouped, sums }
+    }
+
+    /// Each row's total weight, `[rows, 1]`.
+    fn total(&self) -> Tensor<B, 2> {
+        self.sums.clone().sum_dim(1)
+    }
+}
+
+/// Per row, the first token whose cumulative weight reaches `u` (`[rows, 1]`, in (0, 1]) times
+/// the row's total: `[rows, 1]`.
 ///
-/// Searched in two levels so that nothing of the vocabulary's size but one sum is made: the
-/// vocabulary in blocks (the largest power of two up to 256 that divides it; 128 for
-/// Qwen2-VL's), the block where the cumulative sum of the block sums reaches the target, then
-/// the token within that block. A token of no weight is never chosen: rounding cannot carry the
-/// search past the last block, or the last token within a block, that weighs anything.
-fn inverse_cdf<B: Backend>(weights: Tensor<B, 2>, u: Tensor<B, 2>) -> Tensor<B, 2, Int> {
-    let [rows, vocab] = weights.dims();
-    let width = 1usize << vocab.trailing_zeros().min(8);
-    let blocks = vocab / width;
-    let grouped = weights.reshape([rows, blocks, width]);
-    let sums = grouped.clone().sum_dim(2).reshape([rows, blocks]);
+/// Searched in two levels so that nothing of the vocabulary's size but the block sums is made:
+/// the block where the cumulative sum of the block sums reaches the target, then the token
+/// within that block. A token of no weight is never chosen: rounding cannot carry the search
+/// past the last block, or the last token within a block, that weighs anything.
+fn inverse_cdf<B: Backend>(blocks: Blocks<B>, u: Tensor<B, 2>) -> Tensor<B, 2, Int> {
+    let [rows, n, width] = blocks.grouped.dims();
     let (block, target) = {
-        let cdf = sums.cumsum(1);
-        let total = cdf.clone().narrow(1, blocks - 1, 1);
+        let cdf = blocks.sums.cumsum(1);
+        let total = cdf.clone().narrow(1, n - 1, 1);
         let target = u.mul(total.clone());
         let block = first_reaching(cdf.clone(), target.clone(), total);
         // What the blocks before it weigh.
@@ -170,7 +193,8 @@ fn inverse_cdf<B: Backend>(weights: Tensor<B, 2>, u: Tensor<B, 2>) -> Tensor<B, 
             .mask_fill(block.clone().equal_elem(0), 0.0);
         (block, target - before)
     };
-    let within = grouped
+    let within = blocks
+        .grouped
         .gather(
             1,
             block.clone().reshape([rows, 1, 1]).expand([rows, 1, width]),
@@ -466,7 +490,7 @@ mod tests {
         let weights =
             Tensor::<Flex, 2>::from_data(TensorData::new(w.repeat(rows), [rows, w.len()]), &device);
         let u = Tensor::<Flex, 2>::from_data(TensorData::new(us.clone(), [rows, 1]), &device);
-        let chosen = host_i64(inverse_cdf(weights, u));
+        let chosen = host_i64(inverse_cdf(Blocks::of(weights), u));
         for (&u, &t) in us.iter().zip(&chosen) {
             let t = t as usize;
             assert!(positive(t), "u = {u}: token {t} weighs nothing");
